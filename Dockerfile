@@ -1,0 +1,12 @@
+# The worker and trainer image for docker-compose.yml (users with a Docker engine).
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY stream ./stream
+COPY models ./models
+COPY training ./training
+RUN pip install --no-cache-dir .
+ENV INTENTSTREAM_STATE_DIR=/var/lib/intentstream \
+    INTENTSTREAM_MODEL_DIR=/models
+ENTRYPOINT ["intentstream"]
+CMD ["worker"]

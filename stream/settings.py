@@ -1,0 +1,175 @@
+"""One settings object for every part of intentstream, read from INTENTSTREAM_* environment variables.
+
+Each field documents itself (``help``) so that the README table, ``intentstream settings`` and the
+docker-compose check all come from this one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PREFIX = "INTENTSTREAM_"
+# Variables with our prefix that belong to the launcher (run.sh), not to the settings object.
+NOT_SETTINGS = frozenset({"INTENTSTREAM_VENV"})
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names the variable and what to do."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Kafka
+    kafka_bootstrap: str = _f("127.0.0.1:9092", "Kafka bootstrap servers, comma separated (host:port).")
+    kafka_controller_port: int = _f(
+        9093, "Controller port of the local KRaft broker (`intentstream kafka start`).", minimum=1
+    )
+    kafka_cache_dir: Path = _f(
+        Path("~/.cache/intentstream"), "Cache of the Kafka jars resolved from Maven Central (local broker)."
+    )
+    kafka_security_protocol: str = _f(
+        "PLAINTEXT", "Kafka security protocol.", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    )
+    kafka_sasl_mechanism: str = _f("", "SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) when SASL is on.")
+    kafka_sasl_username: str = _f("", "SASL user name.")
+    kafka_sasl_password: str = _f("", "SASL password (never logged).")
+    kafka_ssl_cafile: str = _f("", "CA bundle (PEM) to verify the brokers when SSL is on.")
+    kafka_ssl_certfile: str = _f("", "Client certificate (PEM) for mutual TLS.")
+    kafka_ssl_keyfile: str = _f("", "Client private key (PEM) for mutual TLS.")
+    # Topics
+    topic_clickstream: str = _f("clickstream", "Input topic of clickstream events (key = user_id).")
+    topic_dlq: str = _f("clickstream-dlq", "Dead-letter topic: every rejected input record, with its reason.")
+    topic_intent: str = _f("purchase-intent", "Output topic of purchase-intent events (key = user_id).")
+    topic_churn: str = _f("churn-alerts", "Output topic of churn alerts (key = user_id).")
+    partitions: int = _f(4, "Partitions of the input and output topics (the unit of worker parallelism).", minimum=1)
+    replication_factor: int = _f(1, "Replication factor of the topics the project creates.", minimum=1)
+    # Worker
+    app_id: str = _f("intentstream", "Faust app id: consumer group and prefix of the state changelog topics.")
+    state_dir: Path = _f(Path("var"), "Local state folder: broker data, worker RocksDB tables, logs.")
+    model_dir: Path = _f(Path("var/models"), "Model directory: one sub-folder per versioned artifact.")
+    device: str = _f("auto", "Scoring device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    window_size: int = _f(64, "Events kept per user in the rolling window.", minimum=1)
+    batch_max_events: int = _f(256, "Score a batch once it holds this many events ...", minimum=1)
+    batch_max_ms: float = _f(20.0, "... or once its oldest event has waited this long (ms).", minimum=0)
+    queue_max_events: int = _f(4096, "Bound of the scoring queue; a full queue slows consumption.", minimum=1)
+    processing_guarantee: str = _f(
+        "at_least_once", "Faust processing guarantee.", choices=("at_least_once", "exactly_once")
+    )
+    emit_policy: str = _f("on_change", "When to emit intent events.", choices=("on_change", "every_event"))
+    emit_delta: float = _f(0.15, "on_change: emit when the score moved at least this much ...", minimum=0)
+    emit_cooldown_s: float = _f(300.0, "... but at most once per user per this many seconds of event time.", minimum=0)
+    session_gap_s: float = _f(1800.0, "A session closes after this much event time without an event.", minimum=1)
+    churn_cooldown_s: float = _f(7 * 86400.0, "Quiet time after a churn alert unless the user returns.", minimum=0)
+    allowed_lateness_s: float = _f(
+        3600.0, "Events older than the user's newest event by more than this go to the DLQ.", minimum=0
+    )
+    max_record_bytes: int = _f(65536, "Input records larger than this are rejected to the DLQ.", minimum=256)
+    web_host: str = _f("127.0.0.1", "Address of the worker's HTTP endpoints (loopback unless you mean it).")
+    web_port: int = _f(6066, "Port of the worker's HTTP endpoints (/health, /metrics, /users/{id}/score).", minimum=1)
+    log_level: str = _f("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    # ---- derived -------------------------------------------------------------------------------------
+    @property
+    def broker_port(self) -> int:
+        """Port the local broker listens on: the port of the first bootstrap address."""
+        return int(self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+
+    @property
+    def output_topics(self) -> tuple[str, ...]:
+        return (self.topic_dlq, self.topic_intent, self.topic_churn)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``); ``overrides`` win over the environment."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            var = PREFIX + f.name.upper()
+            if f.name in overrides:
+                raw: Any = overrides[f.name]
+            elif var in env:
+                raw = env[var]
+            else:
+                continue
+            values[f.name] = _parse(f, var, raw)
+        unknown = sorted(
+            k for k in env if k.startswith(PREFIX) and k[len(PREFIX) :].lower() not in _NAMES and k not in NOT_SETTINGS
+        )
+        if unknown:
+            raise SettingsError(f"{unknown[0]}: unknown setting; known ones are listed by `intentstream settings`")
+        settings = cls(**values)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        for addr in self.kafka_bootstrap.split(","):
+            host, sep, port = addr.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise SettingsError(f"{PREFIX}KAFKA_BOOTSTRAP: {addr!r} is not host:port (example: 127.0.0.1:9092)")
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
+            raise SettingsError(f"{PREFIX}KAFKA_SASL_MECHANISM: required when the security protocol is SASL")
+        if self.device not in ("auto", "cpu", "cuda") and not (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        ):
+            raise SettingsError(f"{PREFIX}DEVICE: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings as plain JSON-able values, secrets masked (safe to log)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "kafka_sasl_password" and value:
+                value = "***"
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+_NAMES = {f.name for f in dataclasses.fields(Settings)}
+
+
+def _parse(f: dataclasses.Field[Any], var: str, raw: Any) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "Path": Path}[f.type]
+    meta = f.metadata
+    if kind is int:
+        try:
+            value: Any = int(str(raw).strip().replace("_", ""))
+        except ValueError:
+            raise SettingsError(f"{var}: expected a whole number, got {raw!r}") from None
+    elif kind is float:
+        try:
+            value = float(str(raw).strip())
+        except ValueError:
+            raise SettingsError(f"{var}: expected a number, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SettingsError(f"{var}: expected a finite number, got {raw!r}")
+    elif kind is Path:
+        if not str(raw).strip():
+            raise SettingsError(f"{var}: expected a path, got an empty value")
+        value = Path(str(raw)).expanduser()
+    else:
+        value = str(raw).strip()
+        if meta["choices"] and f.name in ("log_level", "kafka_security_protocol"):
+            value = value.upper()
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        raise SettingsError(f"{var}: must be at least {meta['minimum']:g}, got {raw!r}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise SettingsError(f"{var}: expected one of {', '.join(meta['choices'])}, got {raw!r}")
+    return value
+
+
+def settings_table() -> str:
+    """The markdown table of all settings, for the README."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else ""
+        rows.append(f"| `{PREFIX}{f.name.upper()}` | `{f.default}` | {f.metadata['help']}{choices} |")
+    return "\n".join(rows)
