@@ -173,3 +173,17 @@ def settings_table() -> str:
         choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else ""
         rows.append(f"| `{PREFIX}{f.name.upper()}` | `{f.default}` | {f.metadata['help']}{choices} |")
     return "\n".join(rows)
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--table", action="store_true", help="print the markdown table of all settings instead")
+
+
+def run(args: Any, settings: Settings) -> int:
+    import orjson
+
+    if args.table:
+        print(settings_table())
+    else:
+        print(orjson.dumps(settings.public_dict(), option=orjson.OPT_INDENT_2).decode())
+    return 0

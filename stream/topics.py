@@ -48,3 +48,13 @@ async def ensure_topics_async(settings: Settings, extra: dict[str, int] | None =
 
 def ensure_topics(settings: Settings, extra: dict[str, int] | None = None) -> list[str]:
     return asyncio.run(ensure_topics_async(settings, extra))
+
+
+def add_arguments(parser):
+    pass
+
+
+def run(args, settings: Settings) -> int:
+    created = ensure_topics(settings)
+    print(f"topics: created {', '.join(created)}" if created else "topics: all present")
+    return 0
