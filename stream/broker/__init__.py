@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def start(settings: Settings, timeout_s: float = START_TIMEOUT_S) -> BrokerStatu
         return current
     home = _home(settings)
     if current.pid:  # alive but not answering: it may still be starting
-        return _wait_ready(settings, current.pid, home, timeout_s)
+        return _wait_ready(settings, lambda: _read_pid(home) is not None, home, timeout_s)
     host = settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[0]
     if host not in ("127.0.0.1", "localhost"):
         raise BrokerError(
@@ -217,15 +218,16 @@ def start(settings: Settings, timeout_s: float = START_TIMEOUT_S) -> BrokerStatu
     )
     log.close()
     (home / "broker.pid").write_text(str(proc.pid))
-    return _wait_ready(settings, proc.pid, home, timeout_s)
+    # Poll the child itself: right after fork its /proc cmdline is still ours, not kafka.Kafka.
+    return _wait_ready(settings, lambda: proc.poll() is None, home, timeout_s)
 
 
-def _wait_ready(settings: Settings, pid: int, home: Path, timeout_s: float) -> BrokerStatus:
+def _wait_ready(settings: Settings, alive: Callable[[], bool], home: Path, timeout_s: float) -> BrokerStatus:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if answers_metadata(settings.kafka_bootstrap, timeout_s=2.0):
             return status(settings)
-        if _read_pid(home) is None:
+        if not alive():
             tail = _log_tail(home)
             raise BrokerError(f"the broker exited while starting ({tail}); full log: {home / 'broker.log'}")
         time.sleep(0.5)
