@@ -1,0 +1,199 @@
+"""Versioned model artifacts: ``<model_dir>/v<NNNN>-<arch>/{weights.safetensors, manifest.json}``.
+
+Weights are safetensors (loading them executes no code); the manifest carries the sha256 of the weights,
+the model and featurizer configs, calibration, band thresholds, the training data hash and metrics.
+Publishing writes a hidden temporary folder and renames it, so a reader never sees half an artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.features import FEATURIZER_VERSION, FeaturizerConfig
+from models.model import IntentModel, ModelConfig
+
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+FORMAT_VERSION = 1
+_DIR_RE = re.compile(r"^v(\d{4,})-(gru|cnn|hybrid)$")
+
+
+class ArtifactError(ValueError):
+    """An artifact that must not be served; the message says why in one line."""
+
+
+@dataclass
+class LoadedModel:
+    model: IntentModel
+    manifest: dict[str, Any]
+    path: Path
+    featurizer: FeaturizerConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.featurizer = FeaturizerConfig.from_dict(self.manifest["featurizer"])
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> str:
+        return f"v{int(self.manifest['version']):04d}"
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def calibration(self) -> dict[str, list[float]]:
+        return self.manifest.get("calibration", {})
+
+    @property
+    def thresholds(self) -> dict[str, dict[str, float]]:
+        return self.manifest["thresholds"]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def list_versions(model_dir: Path) -> list[tuple[int, Path]]:
+    """Artifact folders, newest first."""
+    if not model_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in model_dir.iterdir() if (m := _DIR_RE.match(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def save_artifact(
+    model: IntentModel,
+    model_dir: Path,
+    *,
+    featurizer: FeaturizerConfig,
+    calibration: dict[str, list[float]],
+    thresholds: dict[str, dict[str, float]],
+    horizon_s: float,
+    churn_days: float,
+    data_hash: str,
+    metrics: dict[str, Any],
+    name: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a new version (the next number in ``model_dir``) atomically and return its folder."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    arch = model.config.arch
+    tmp = model_dir / f".tmp-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        for attempt in range(100):  # another trainer may publish at the same moment: take the next number
+            existing = list_versions(model_dir)
+            version = (existing[0][0] if existing else 0) + 1 + attempt
+            manifest = {
+                "format": FORMAT_VERSION,
+                "name": name or f"intent-{arch}",
+                "version": version,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "arch": arch,
+                "model": model.config.to_dict(),
+                "featurizer": featurizer.to_dict(),
+                "weights": WEIGHTS,
+                "sha256": sha256_file(tmp / WEIGHTS),
+                "calibration": calibration,
+                "thresholds": thresholds,
+                "horizon_s": horizon_s,
+                "churn_days": churn_days,
+                "data_hash": data_hash,
+                "metrics": metrics,
+                **(extra or {}),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            final = model_dir / f"v{version:04d}-{arch}"
+            try:
+                os.rename(tmp, final)  # atomic; fails if the name was taken meanwhile
+                return final
+            except OSError:
+                continue
+        raise ArtifactError(f"could not find a free version number in {model_dir}")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_artifact(path: Path, device: str | torch.device = "cpu", expect_window: int | None = None) -> LoadedModel:
+    """Load one artifact after checking its manifest and sha256; raise ArtifactError otherwise."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path.name}: no {MANIFEST}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path.name}: {MANIFEST} is not valid JSON ({exc})") from None
+    for key in ("format", "name", "version", "model", "featurizer", "sha256", "thresholds"):
+        if key not in manifest:
+            raise ArtifactError(f"{path.name}: manifest lacks {key!r}")
+    if manifest["format"] != FORMAT_VERSION:
+        raise ArtifactError(f"{path.name}: artifact format {manifest['format']} is not {FORMAT_VERSION}")
+    feat = manifest["featurizer"]
+    if feat.get("version") != FEATURIZER_VERSION:
+        raise ArtifactError(
+            f"{path.name}: featurizer version {feat.get('version')} differs from the engine's {FEATURIZER_VERSION}"
+        )
+    if expect_window is not None and feat.get("window") != expect_window:
+        raise ArtifactError(f"{path.name}: featurizer window {feat.get('window')} differs from {expect_window}")
+    weights = path / manifest.get("weights", WEIGHTS)
+    if not weights.is_file():
+        raise ArtifactError(f"{path.name}: weights file {weights.name} is missing")
+    actual = sha256_file(weights)
+    if actual != manifest["sha256"]:
+        raise ArtifactError(f"{path.name}: sha256 mismatch (manifest {manifest['sha256'][:12]}…, file {actual[:12]}…)")
+    try:
+        config = ModelConfig.from_dict(manifest["model"])
+        model = IntentModel(config)
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except Exception as exc:  # wrong shapes, unknown keys, bad config
+        raise ArtifactError(f"{path.name}: weights do not fit the model config ({type(exc).__name__})") from None
+    model.to(device).eval()
+    return LoadedModel(model=model, manifest=manifest, path=path)
+
+
+def load_newest(
+    model_dir: Path, device: str | torch.device = "cpu", expect_window: int | None = None
+) -> tuple[LoadedModel | None, list[str]]:
+    """The newest artifact that loads, and one line per newer artifact that was refused."""
+    refused: list[str] = []
+    for _, path in list_versions(model_dir):
+        try:
+            return load_artifact(path, device, expect_window), refused
+        except ArtifactError as exc:
+            refused.append(str(exc))
+    return None, refused
+
+
+def untrained_model(arch: str = "gru", seed: int = 0) -> IntentModel:
+    """A deterministic untrained model with the real interface, for tests of the pipeline only."""
+    torch.manual_seed(seed)
+    return IntentModel(ModelConfig(arch=arch)).eval()
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ArtifactError(f"INTENTSTREAM_DEVICE={setting} but no CUDA device is available; use auto or cpu")
+    return torch.device(setting)

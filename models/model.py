@@ -1,0 +1,139 @@
+"""Sequence models over a user's events: GRU, causal temporal CNN, and CNN+GRU hybrid.
+
+Three heads at every position: purchase-within-horizon logit, churn logit, and log expected order value.
+All three architectures are causal, so one pass over a user's sequence predicts at every event (cheap
+training), and the engine can score a new event without re-running history:
+
+- ``gru``: the hidden state after the user's last event is kept in the engine's table; a new event costs
+  one GRU step (``forward(x_new, h0=h)``).
+- ``cnn``: dilated causal convolutions whose receptive field (63 events) fits in the window; the engine
+  passes the window as context (``context_len``) and reads outputs at the new positions.
+- ``hybrid``: the CNN over the window feeds a GRU whose hidden state is kept like ``gru``'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.features import N_NUMERIC, N_TYPES
+
+HEADS = ("purchase", "churn", "order_value")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "gru"  # gru | cnn | hybrid
+    d_model: int = 64
+    d_type: int = 8
+    d_category: int = 8
+    category_buckets: int = 64
+    gru_hidden: int = 64
+    cnn_kernel: int = 3
+    cnn_dilations: tuple[int, ...] = (1, 2, 4, 8, 16)  # receptive field 1 + 2 * 31 = 63 events
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("gru", "cnn", "hybrid"):
+            raise ValueError(f"arch: expected gru, cnn or hybrid, got {self.arch!r}")
+
+    @property
+    def receptive_field(self) -> int:
+        return 1 + (self.cnn_kernel - 1) * sum(self.cnn_dilations)
+
+    @property
+    def context_len(self) -> int:
+        """Earlier events the model must see to score a new one (0 when a hidden state carries history)."""
+        return self.receptive_field - 1 if self.arch in ("cnn", "hybrid") else 0
+
+    @property
+    def has_state(self) -> bool:
+        return self.arch in ("gru", "hybrid")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cnn_dilations"] = list(self.cnn_dilations)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        return cls(**{**d, "cnn_dilations": tuple(d["cnn_dilations"])})
+
+
+class CausalConvBlock(nn.Module):
+    def __init__(self, channels: int, kernel: int, dilation: int, dropout: float):
+        super().__init__()
+        self.pad = (kernel - 1) * dilation
+        self.conv = nn.Conv1d(channels, channels, kernel, dilation=dilation)
+        self.norm = nn.LayerNorm(channels)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, T]
+        y = self.conv(F.pad(x, (self.pad, 0)))  # left padding only: position t sees t and earlier
+        y = self.norm(F.gelu(y).transpose(1, 2)).transpose(1, 2)
+        return x + self.dropout(y)
+
+
+class IntentModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        self.type_emb = nn.Embedding(N_TYPES, c.d_type)
+        self.category_emb = nn.Embedding(c.category_buckets + 1, c.d_category)
+        self.input = nn.Linear(c.d_type + c.d_category + N_NUMERIC, c.d_model)
+        self.convs = nn.ModuleList(
+            [CausalConvBlock(c.d_model, c.cnn_kernel, d, c.dropout) for d in c.cnn_dilations]
+            if c.arch in ("cnn", "hybrid")
+            else []
+        )
+        self.gru = nn.GRU(c.d_model, c.gru_hidden, batch_first=True) if c.has_state else None
+        d_out = c.gru_hidden if c.has_state else c.d_model
+        self.head = nn.Sequential(nn.Linear(d_out, d_out), nn.GELU(), nn.Dropout(c.dropout), nn.Linear(d_out, 3))
+
+    def forward(
+        self,
+        type_idx: torch.Tensor,  # [B, T] int64
+        category_idx: torch.Tensor,  # [B, T] int64
+        numeric: torch.Tensor,  # [B, T, N_NUMERIC]
+        h0: torch.Tensor | None = None,  # [B, gru_hidden] hidden state after the events before x
+        context_len: int = 0,  # leading positions that are context only (cnn/hybrid): no output, no GRU step
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (outputs [B, T - context_len, 3], hidden states [B, T - context_len, gru_hidden] or None).
+
+        outputs[..., 0] purchase logit, [..., 1] churn logit, [..., 2] log expected order value.
+        The hidden state after position t is states[:, t]: the engine keeps the one at each user's last event.
+        """
+        x = torch.cat([self.type_emb(type_idx), self.category_emb(category_idx), numeric], dim=-1)
+        x = F.gelu(self.input(x))
+        if self.convs:
+            x = x.transpose(1, 2)
+            for block in self.convs:
+                x = block(x)
+            x = x.transpose(1, 2)
+        x = x[:, context_len:]
+        states = None
+        if self.gru is not None:
+            x, _ = self.gru(x, None if h0 is None else h0.unsqueeze(0).contiguous())
+            states = x  # one layer: the output at t is the hidden state after t
+        return self.head(x), states
+
+
+def probabilities(outputs: torch.Tensor, calibration: dict[str, list[float]] | None = None) -> torch.Tensor:
+    """Calibrated purchase and churn probabilities and expected order value from raw outputs [..., 3].
+
+    ``calibration``: Platt parameters per head fitted on validation, {"purchase": [a, b], "churn": [a, b]}.
+    """
+    cal = calibration or {}
+    a_p, b_p = cal.get("purchase", [1.0, 0.0])
+    a_c, b_c = cal.get("churn", [1.0, 0.0])
+    return torch.stack(
+        [
+            torch.sigmoid(a_p * outputs[..., 0] + b_p),
+            torch.sigmoid(a_c * outputs[..., 1] + b_c),
+            torch.exp(outputs[..., 2].clamp(max=15.0)),
+        ],
+        dim=-1,
+    )

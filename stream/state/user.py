@@ -1,0 +1,125 @@
+"""A user's state and its binary codec (the value of the engine's table, keyed by user_id).
+
+Layout: a fixed header (struct ``HEADER``), the model hidden state (float32 x n_hidden), then the window
+records (models.features.RECORD_DTYPE, oldest first). No JSON, no pickle: decoding is a few slices.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from models.features import FLAG_FIRST, FLAG_NEW_SESSION, FLAG_SAME_ITEM, RECORD_DTYPE, FeaturizerConfig, encode_event
+from stream.contract import Event
+
+CODEC_VERSION = 1
+# version, count, session_start, last_score, last_band, last_emit_ts, churn_alert_ts, model version, n_hidden
+HEADER = struct.Struct("<BQqfbqq16sH")
+BANDS = ("low", "medium", "high")
+NO_BAND = -1
+
+
+class Accept(Enum):
+    APPENDED = "appended"  # newest event of the user: appended to the window
+    INSERTED = "inserted"  # late but within the window and the allowed lateness: inserted in time order
+    DUPLICATE = "duplicate"  # same event_id already in the window (a producer retry): ignored
+    TOO_LATE = "too_late"  # older than the allowed lateness or than the whole window: to the DLQ
+
+
+@dataclass(slots=True)
+class UserState:
+    records: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=RECORD_DTYPE))
+    count: int = 0  # events accepted from this user, ever
+    session_start: int = 0  # event time of the first event of the current session
+    last_score: float = -1.0  # last emitted purchase score (-1: none yet)
+    last_band: int = NO_BAND  # index into BANDS of the last emitted band
+    last_emit_ts: int = 0  # event time of the last emitted intent event
+    churn_alert_ts: int = 0  # event time of the last churn alert (0: none since the user's last event)
+    model_version: str = ""  # model that produced ``hidden``
+    hidden: np.ndarray | None = None  # float32 [n_hidden], None when the model keeps no state
+
+    @property
+    def last_ts(self) -> int:
+        return int(self.records["ts"][-1]) if len(self.records) else 0
+
+    def accept(self, event: Event, config: FeaturizerConfig, allowed_lateness_ms: int) -> Accept:
+        """Add ``event`` to the window (documented rule in docs/engine.md: append, insert late, or refuse)."""
+        from models.features import event_hash
+
+        records = self.records
+        if len(records) and (records["event_hash"] == event_hash(event.event_id)).any():
+            return Accept.DUPLICATE
+        if not len(records) or event.ts >= records["ts"][-1]:
+            prev = records[-1] if len(records) else None
+            rec = np.array([encode_event(event, prev, self.count, config)], dtype=RECORD_DTYPE)
+            if prev is None or rec["flags"][0] & FLAG_NEW_SESSION:
+                self.session_start = event.ts
+            self.records = np.concatenate([records[-(config.window - 1) :] if config.window > 1 else records[:0], rec])
+            self.count += 1
+            return Accept.APPENDED
+        # Late: it must fit inside the window (its predecessor must still be there) and the lateness bound.
+        if event.ts < records["ts"][-1] - allowed_lateness_ms or event.ts < records["ts"][0]:
+            return Accept.TOO_LATE
+        pos = int(np.searchsorted(records["ts"], event.ts, side="right"))
+        rec = np.array([encode_event(event, records[pos - 1], 0, config)], dtype=RECORD_DTYPE)
+        merged = np.concatenate([records[:pos], rec, records[pos:]])
+        relink(merged, pos, config)
+        self.records = merged[-config.window :]
+        self.count += 1
+        return Accept.INSERTED
+
+    # ---- codec -----------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        hidden = b"" if self.hidden is None else self.hidden.astype("<f4", copy=False).tobytes()
+        header = HEADER.pack(
+            CODEC_VERSION,
+            self.count,
+            self.session_start,
+            self.last_score,
+            self.last_band,
+            self.last_emit_ts,
+            self.churn_alert_ts,
+            self.model_version.encode()[:16],
+            0 if self.hidden is None else len(self.hidden),
+        )
+        return header + hidden + self.records.tobytes()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> UserState:
+        version, count, session_start, last_score, last_band, last_emit, churn_ts, model, n_hidden = HEADER.unpack_from(
+            blob
+        )
+        if version != CODEC_VERSION:
+            raise ValueError(f"user state codec version {version} is not {CODEC_VERSION}")
+        offset = HEADER.size
+        hidden = None
+        if n_hidden:
+            hidden = np.frombuffer(blob, dtype="<f4", count=n_hidden, offset=offset).copy()
+            offset += 4 * n_hidden
+        records = np.frombuffer(blob, dtype=RECORD_DTYPE, offset=offset).copy()
+        return cls(
+            records, count, session_start, last_score, last_band, last_emit, churn_ts,
+            model.rstrip(b"\0").decode(), hidden,
+        )  # fmt: skip
+
+
+def relink(records: np.ndarray, start: int, config: FeaturizerConfig) -> None:
+    """Recompute, in place, what records[start:] derive from their predecessor (after an insertion)."""
+    base = int(records["count"][0])
+    first = int(records["flags"][0]) & FLAG_FIRST
+    records["count"] = base + np.arange(len(records))
+    if first:  # the window still starts at the user's first event
+        records["count"] = np.arange(len(records))
+    for i in range(max(start, 1), len(records)):
+        prev, cur = records[i - 1], records[i]
+        gap = max(0.0, (int(cur["ts"]) - int(prev["ts"])) / 1000.0)
+        flags = 0
+        if gap > config.session_gap_s or cur["session"] != prev["session"]:
+            flags |= FLAG_NEW_SESSION
+        if cur["item"] and cur["item"] == prev["item"]:
+            flags |= FLAG_SAME_ITEM
+        records["gap_s"][i] = gap
+        records["flags"][i] = flags

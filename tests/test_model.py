@@ -1,0 +1,113 @@
+"""Models: causal structure, the incremental step equals the full pass, artifacts round-trip and refuse tampering."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.artifact import ArtifactError, load_artifact, load_newest, save_artifact, untrained_model
+from models.features import FeaturizerConfig, encode_events, model_inputs
+from tests.test_features import random_events
+
+
+def _inputs(n=80, seed=3):
+    events = [e for e in random_events(n_users=1, n_events=n, seed=seed)]
+    rec, _ = encode_events(events, FeaturizerConfig())
+    x = model_inputs(rec[None, :], FeaturizerConfig())
+    return x["type"], x["category"], x["numeric"]
+
+
+@pytest.mark.parametrize("arch", ["gru", "cnn", "hybrid"])
+def test_step_by_step_equals_the_full_window_pass(arch):
+    model = untrained_model(arch)
+    t, c, x = _inputs()
+    ctx = model.config.context_len
+    with torch.no_grad():
+        full, _ = model(t, c, x)
+        h = None
+        steps = []
+        for i in range(t.shape[1]):
+            lo = max(0, i - ctx)
+            pad = ctx - (i - lo)  # left zero padding, as at the start of a sequence in training
+            ti, ci, xi = t[:, lo : i + 1], c[:, lo : i + 1], x[:, lo : i + 1]
+            if pad:  # pad to a fixed context with the same zeros the causal conv would see
+                out, states = model(t[:, : i + 1], c[:, : i + 1], x[:, : i + 1], h0=h, context_len=i)
+            else:
+                out, states = model(ti, ci, xi, h0=h, context_len=ctx)
+            steps.append(out[:, -1])
+            h = None if states is None else states[:, -1]
+    stepped = torch.stack(steps, dim=1)
+    assert torch.allclose(stepped, full, atol=1e-5), (stepped - full).abs().max()
+
+
+@pytest.mark.parametrize("arch", ["gru", "cnn", "hybrid"])
+def test_outputs_are_causal(arch):
+    model = untrained_model(arch)
+    t, c, x = _inputs()
+    x2 = x.clone()
+    x2[:, 50:] += 1.0  # change the future
+    with torch.no_grad():
+        a, _ = model(t, c, x)
+        b, _ = model(t, c, x2)
+    assert torch.allclose(a[:, :50], b[:, :50], atol=1e-6)
+    assert not torch.allclose(a[:, 50:], b[:, 50:])
+
+
+def _save(tmp_path, arch="gru"):
+    return save_artifact(
+        untrained_model(arch),
+        tmp_path,
+        featurizer=FeaturizerConfig(),
+        calibration={"purchase": [1.0, 0.0], "churn": [1.0, 0.0]},
+        thresholds={"purchase": {"medium": 0.2, "high": 0.5}, "churn": {"alert": 0.5}},
+        horizon_s=3600,
+        churn_days=14,
+        data_hash="test",
+        metrics={},
+    )
+
+
+def test_artifact_round_trip_and_versions(tmp_path):
+    first = _save(tmp_path)
+    second = _save(tmp_path, "cnn")
+    assert (first.name, second.name) == ("v0001-gru", "v0002-cnn")
+    loaded = load_artifact(first)
+    ref = untrained_model("gru")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v)
+    newest, refused = load_newest(tmp_path)
+    assert newest is not None and newest.version == "v0002" and refused == []
+
+
+def test_tampered_weights_are_refused_and_the_previous_version_serves(tmp_path):
+    good = _save(tmp_path)
+    bad = _save(tmp_path)
+    weights = bad / "weights.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        load_artifact(bad)
+    newest, refused = load_newest(tmp_path)
+    assert newest is not None and newest.path == good
+    assert len(refused) == 1 and "sha256 mismatch" in refused[0]
+
+
+def test_mismatched_featurizer_is_refused(tmp_path):
+    path = _save(tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["featurizer"]["version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="featurizer version 99"):
+        load_artifact(path)
+    with pytest.raises(ArtifactError, match="window"):
+        load_artifact(_save(tmp_path), expect_window=32)
+
+
+def test_weights_load_without_pickle(tmp_path):
+    path = _save(tmp_path)
+    assert (path / "weights.safetensors").read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle stream
+    assert np.frombuffer((path / "weights.safetensors").read_bytes()[:8], "<u8")[0] > 0  # safetensors header len
