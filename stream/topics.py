@@ -58,3 +58,35 @@ def run(args, settings: Settings) -> int:
     created = ensure_topics(settings)
     print(f"topics: created {', '.join(created)}" if created else "topics: all present")
     return 0
+
+
+async def init_group_offsets(settings: Settings, group_id: str, topic: str) -> int:
+    """Commit the earliest offset for every partition of ``topic`` that ``group_id`` has no offset for.
+
+    Why: a Faust worker with tables starts fetching while its tables recover and discards what it fetched;
+    after recovery it seeks back to the committed offsets, but a brand-new group has none, so records
+    already in the topic would be skipped. Committing "earliest" first makes that seek land at the start.
+    Returns the number of partitions initialised (0 when the group already has offsets or is running).
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.errors import KafkaError
+
+    consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), group_id=group_id, enable_auto_commit=False)  # type: ignore[arg-type]
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return 0
+        consumer.assign(tps)
+        missing = [tp for tp in tps if await consumer.committed(tp) is None]
+        if not missing:
+            return 0
+        earliest = await consumer.beginning_offsets(missing)
+        try:
+            await consumer.commit({tp: earliest[tp] for tp in missing})
+        except KafkaError:  # the group is active: its members own the offsets
+            return 0
+        return len(missing)
+    finally:
+        await consumer.stop()

@@ -123,6 +123,8 @@ def test_state_codec_round_trip(hidden):
         last_score=0.25,
         last_band=2,
         last_emit_ts=9,
+        churn_risk=0.5,
+        closed_ts=10,
         churn_alert_ts=11,
         model_version="v0003",
         hidden=hidden,

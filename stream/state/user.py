@@ -16,8 +16,9 @@ from models.features import FLAG_FIRST, FLAG_NEW_SESSION, FLAG_SAME_ITEM, RECORD
 from stream.contract import Event
 
 CODEC_VERSION = 1
-# version, count, session_start, last_score, last_band, last_emit_ts, churn_alert_ts, model version, n_hidden
-HEADER = struct.Struct("<BQqfbqq16sH")
+# version, count, session_start, score, last_score, last_band, last_emit_ts, churn_risk, closed_ts,
+# churn_alert_ts, model version, n_hidden
+HEADER = struct.Struct("<BQqffbqfqq16sH")
 BANDS = ("low", "medium", "high")
 NO_BAND = -1
 
@@ -34,10 +35,13 @@ class UserState:
     records: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=RECORD_DTYPE))
     count: int = 0  # events accepted from this user, ever
     session_start: int = 0  # event time of the first event of the current session
+    score: float = -1.0  # purchase score at the user's last event (-1: not scored yet)
     last_score: float = -1.0  # last emitted purchase score (-1: none yet)
     last_band: int = NO_BAND  # index into BANDS of the last emitted band
     last_emit_ts: int = 0  # event time of the last emitted intent event
-    churn_alert_ts: int = 0  # event time of the last churn alert (0: none since the user's last event)
+    churn_risk: float = 0.0  # churn probability scored at the user's last event
+    closed_ts: int = 0  # last_ts of the last session judged closed (and checked for churn)
+    churn_alert_ts: int = 0  # last_ts of the last session that raised a churn alert (0: never)
     model_version: str = ""  # model that produced ``hidden``
     hidden: np.ndarray | None = None  # float32 [n_hidden], None when the model keeps no state
 
@@ -78,9 +82,12 @@ class UserState:
             CODEC_VERSION,
             self.count,
             self.session_start,
+            self.score,
             self.last_score,
             self.last_band,
             self.last_emit_ts,
+            self.churn_risk,
+            self.closed_ts,
             self.churn_alert_ts,
             self.model_version.encode()[:16],
             0 if self.hidden is None else len(self.hidden),
@@ -89,8 +96,9 @@ class UserState:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> UserState:
-        version, count, session_start, last_score, last_band, last_emit, churn_ts, model, n_hidden = HEADER.unpack_from(
-            blob
+        fields = HEADER.unpack_from(blob)
+        version, count, session_start, score, last_score, last_band, last_emit, risk, closed, alert, model, n_hidden = (
+            fields
         )
         if version != CODEC_VERSION:
             raise ValueError(f"user state codec version {version} is not {CODEC_VERSION}")
@@ -101,7 +109,7 @@ class UserState:
             offset += 4 * n_hidden
         records = np.frombuffer(blob, dtype=RECORD_DTYPE, offset=offset).copy()
         return cls(
-            records, count, session_start, last_score, last_band, last_emit, churn_ts,
+            records, count, session_start, score, last_score, last_band, last_emit, risk, closed, alert,
             model.rstrip(b"\0").decode(), hidden,
         )  # fmt: skip
 

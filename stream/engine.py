@@ -1,0 +1,236 @@
+"""The engine's logic for one batch of input records, free of Faust so it can be tested and reused:
+ingest (validate) -> state (window, dedup, lateness) -> score (one forward pass) -> emit (intents, churn).
+
+The Faust agent (stream/app.py) feeds it batches and writes back what it returns: output records and
+the new state of every user the batch touched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.artifact import LoadedModel
+from stream import contract, emit
+from stream.churn import PartitionSessions
+from stream.contract import Event
+from stream.scoring import UserBatch, score_batch
+from stream.settings import Settings
+from stream.state.user import BANDS, Accept, UserState
+
+MAX_FUTURE_MS = 86_400_000  # event times more than a day ahead of the wall clock are rejected
+
+
+@dataclass(slots=True)
+class InRecord:
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int  # the record's Kafka timestamp (its production time for our producers)
+
+
+@dataclass(slots=True)
+class Output:
+    topic: str
+    key: bytes | None
+    value: bytes
+    source: InRecord  # the input record it answers (its partition keeps outputs co-partitioned)
+
+
+@dataclass
+class BatchResult:
+    outputs: list[Output] = field(default_factory=list)
+    states: dict[str, tuple[bytes, InRecord]] = field(default_factory=dict)  # user -> (state, last record)
+    scored: int = 0
+    duplicates: int = 0
+    dlq_reasons: list[str] = field(default_factory=list)
+    intents: int = 0
+    alerts: int = 0
+    model_seconds: float = 0.0
+    latencies_ms: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Touched:
+    state: UserState
+    batch: UserBatch
+    churn_risk_before: float
+    last_record: InRecord
+    items: list[tuple[InRecord, Event]] = field(default_factory=list)
+    rescore: bool = False  # a late event was inserted: score the final window instead of the new records
+
+
+class Engine:
+    def __init__(self, settings: Settings, model: LoadedModel, device: torch.device):
+        self.settings = settings
+        self.model = model
+        self.device = device
+        self.sessions: dict[int, PartitionSessions] = {}
+        self.gap_ms = int(settings.session_gap_s * 1000)
+        self.lateness_ms = int(settings.allowed_lateness_s * 1000)
+
+    def restore_partition(self, partition: int, items: Iterable[tuple[str, bytes]]) -> int:
+        """Rebuild a partition's watermark and open sessions from its users' states (after a restart or a
+        rebalance): the watermark is the newest event time in the partition, and every user whose last
+        session was not yet judged is queued again. Returns the number of users read."""
+        sessions = self.sessions[partition] = PartitionSessions()
+        n = 0
+        for user_id, blob in items:
+            n += 1
+            st = UserState.from_bytes(blob)
+            last_ts = st.last_ts
+            sessions.watermark = max(sessions.watermark, last_ts)
+            if st.closed_ts != last_ts:
+                sessions.touch(user_id, last_ts, self.gap_ms)
+        return n
+
+    def swap_model(self, model: LoadedModel) -> None:
+        """Takes effect at the next batch; users' hidden states from the old model are rebuilt lazily."""
+        self.model = model
+
+    def process(self, records: list[InRecord], get_state: Callable[[str, InRecord], bytes | None]) -> BatchResult:
+        s, model = self.settings, self.model
+        result = BatchResult()
+        now_ms = int(time.time() * 1000)
+        touched: dict[str, _Touched] = {}
+        closed: list[tuple[str, int, InRecord]] = []  # (user, last_ts of the closed session, record that closed it)
+
+        def load(user_id: str, rec: InRecord) -> _Touched:
+            t = touched.get(user_id)
+            if t is None:
+                blob = get_state(user_id, rec)
+                st = UserState.from_bytes(blob) if blob else UserState()
+                valid_hidden = st.hidden if st.model_version == model.version else None
+                t = _Touched(st, UserBatch(prior=st.records, hidden=valid_hidden), st.churn_risk, rec)
+                touched[user_id] = t
+            return t
+
+        for rec in records:
+            event = contract.validate(
+                rec.value, rec.key, max_bytes=s.max_record_bytes, max_ts_ms=now_ms + MAX_FUTURE_MS
+            )
+            if isinstance(event, str):
+                self._dlq(result, rec, event, now_ms)
+                continue
+            sessions = self.sessions.setdefault(rec.partition, PartitionSessions())
+            for user_id in sessions.advance(event.ts):  # sessions closed by this record's event time
+                t = load(user_id, rec)
+                st = t.state
+                if st.last_ts + self.gap_ms > sessions.watermark:
+                    sessions.touch(user_id, st.last_ts, self.gap_ms)  # came back since: still open
+                elif st.closed_ts != st.last_ts:
+                    closed.append((user_id, st.last_ts, rec))
+                    st.closed_ts = st.last_ts
+                    t.last_record = rec
+            t = load(event.user_id, rec)
+            outcome = t.state.accept(event, model.featurizer, self.lateness_ms)
+            if outcome is Accept.DUPLICATE:
+                result.duplicates += 1
+                continue
+            if outcome is Accept.TOO_LATE:
+                self._dlq(result, rec, "ts: later than the allowed lateness or older than the user's window", now_ms)
+                continue
+            if outcome is Accept.INSERTED:
+                t.rescore = True
+            else:
+                t.batch.new.append(tuple(t.state.records[-1].item()))
+            t.items.append((rec, event))
+            t.last_record = rec
+            sessions.touch(event.user_id, t.state.last_ts, self.gap_ms)
+
+        scored = [(uid, t) for uid, t in touched.items() if t.items]
+        for _, t in scored:
+            if t.rescore:
+                t.batch.rescore_window = t.state.records
+        if scored:
+            started = time.perf_counter()
+            user_scores = score_batch(model, [t.batch for _, t in scored], self.device)
+            result.model_seconds = time.perf_counter() - started
+            scored_at = int(time.time() * 1000)
+            risk_at: dict[tuple[str, int], float] = {}
+            for (uid, t), us in zip(scored, user_scores, strict=True):
+                self._emit_intents(result, uid, t, us.probs, scored_at)
+                for (_, ev), p in zip(t.items, self._per_item(t, us.probs), strict=True):
+                    risk_at[(uid, ev.ts)] = float(p[1])
+                t.state.hidden = us.hidden
+                t.state.model_version = model.version
+                last = self._per_item(t, us.probs)[-1]
+                t.state.score, t.state.churn_risk = float(last[0]), float(last[1])
+        else:
+            risk_at = {}
+        for user_id, last_ts, rec in closed:
+            t = touched[user_id]
+            risk = risk_at.get((user_id, last_ts), t.churn_risk_before)
+            self._maybe_alert(result, user_id, t, last_ts, risk, rec)
+        for uid, t in touched.items():
+            result.states[uid] = (t.state.to_bytes(), t.last_record)
+        return result
+
+    @staticmethod
+    def _per_item(t: _Touched, probs: np.ndarray) -> np.ndarray:
+        # A rescored window gives one output (the user's current state) for all of its items.
+        return np.repeat(probs[-1:], len(t.items), axis=0) if t.batch.rescore_window is not None else probs
+
+    def _dlq(self, result: BatchResult, rec: InRecord, reason: str, now_ms: int) -> None:
+        value = contract.dlq_record(reason, rec.key, rec.value, rec.topic, rec.partition, rec.offset, now_ms)
+        result.outputs.append(Output(self.settings.topic_dlq, rec.key, value, rec))
+        result.dlq_reasons.append(reason)
+
+    def _emit_intents(self, result: BatchResult, uid: str, t: _Touched, probs: np.ndarray, scored_at: int) -> None:
+        s, model, st = self.settings, self.model, t.state
+        thresholds = model.thresholds["purchase"]
+        for (rec, ev), p in zip(t.items, self._per_item(t, probs), strict=True):
+            result.scored += 1
+            latency = scored_at - rec.timestamp_ms
+            result.latencies_ms.append(latency)
+            score = float(p[0])
+            band = emit.band_of(score, thresholds)
+            if not emit.should_emit(st, score, band, ev.ts, s.emit_policy, s.emit_delta, int(s.emit_cooldown_s * 1000)):
+                continue
+            upto = st.records[st.records["ts"] <= ev.ts]  # the window as of this event
+            value = contract.intent_record(
+                user_id=uid,
+                score=score,
+                band=BANDS[band],
+                expected_order_value=float(p[2]),
+                model_name=model.name,
+                model_version=model.version,
+                event_id=ev.event_id,
+                event_ts=ev.ts,
+                produced_at_ms=rec.timestamp_ms,
+                scored_at_ms=scored_at,
+                reasons=emit.intent_reasons(upto),
+            )
+            result.outputs.append(Output(s.topic_intent, rec.key, value, rec))
+            result.intents += 1
+            st.last_score, st.last_band, st.last_emit_ts = score, band, ev.ts
+
+    def _maybe_alert(
+        self, result: BatchResult, uid: str, t: _Touched, last_ts: int, risk: float, rec: InRecord
+    ) -> None:
+        st, model = t.state, self.model
+        threshold = model.thresholds["churn"]["alert"]
+        if risk < threshold or st.churn_alert_ts == last_ts:
+            return
+        if st.churn_alert_ts and last_ts - st.churn_alert_ts < self.settings.churn_cooldown_s * 1000:
+            return
+        value = contract.churn_record(
+            user_id=uid,
+            risk=risk,
+            last_seen_ts=last_ts,
+            session_id=None,
+            model_name=model.name,
+            model_version=model.version,
+            alerted_at_ms=int(time.time() * 1000),
+            watermark_ts=self.sessions[rec.partition].watermark,
+            reasons=emit.churn_reasons(st),
+        )
+        result.outputs.append(Output(self.settings.topic_churn, uid.encode(), value, rec))
+        result.alerts += 1
+        st.churn_alert_ts = last_ts
