@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -40,6 +40,8 @@ MAX_QUANTITY = 10_000
 MIN_TS_MS = 946_684_800_000
 MAX_TS_MS = 4_102_444_800_000
 DEFAULT_MAX_RECORD_BYTES = 65_536
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
 
 
 @dataclass(slots=True)
@@ -127,7 +129,8 @@ def parse_ts(value: Any) -> int:
             raise _Bad("ts: not a timestamp (epoch milliseconds or ISO-8601 with a zone)") from None
         if parsed.tzinfo is None:
             raise _Bad("ts: ISO-8601 timestamp without a time zone")
-        ms = int(parsed.timestamp() * 1000)
+        # Integer arithmetic: timestamp() * 1000 is a float and loses a millisecond now and then.
+        ms = (parsed - _EPOCH) // _ONE_MS
     elif value is None:
         raise _Bad("ts: missing")
     else:
@@ -177,6 +180,7 @@ def _fast_path(obj: dict[str, Any], key: bytes | None, check_key: bool, max_ts_m
     returns None and goes through ``_validate_obj``, which finds the precise reason."""
     get = obj.get
     event_id, user_id, etype, ts = get("event_id"), get("user_id"), get("type"), get("ts")
+    schema = get("schema", SCHEMA_VERSION)
     if not (
         type(event_id) is str
         and type(user_id) is str
@@ -187,7 +191,8 @@ def _fast_path(obj: dict[str, Any], key: bytes | None, check_key: bool, max_ts_m
         and etype in TYPE_CODE
         and MIN_TS_MS <= ts < MAX_TS_MS
         and (max_ts_ms is None or ts <= max_ts_ms)
-        and get("schema", SCHEMA_VERSION) == SCHEMA_VERSION
+        and type(schema) is int  # True == 1 and 1.0 == 1, yet both are rejected by _validate_obj
+        and schema == SCHEMA_VERSION
     ):
         return None
     if check_key and (key is None or key != user_id.encode()):
