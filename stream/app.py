@@ -8,6 +8,7 @@ commits after our outputs are flushed, and table routing for ``GET /users/{id}/s
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import weakref
@@ -22,6 +23,7 @@ from faust.web import Request, Response, View
 
 from models.artifact import LoadedModel, list_versions, load_artifact, load_newest, resolve_device
 from stream import metrics
+from stream.contract import EVENT_TYPES
 from stream.engine import Engine, InRecord
 from stream.settings import Settings
 from stream.state.user import BANDS, UserState
@@ -201,6 +203,8 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
             return self.json(
                 {
                     "status": "ok",
+                    # false while rebalancing or restoring tables from their changelogs
+                    "ready": bool(app.tables.recovery.completed.is_set() and not app.rebalancing),
                     "model": {"name": engine.model.name, "version": engine.model.version},
                     "device": str(device),
                     "partitions": sorted(
@@ -222,6 +226,13 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         if blob is None:
             return web.json({"user_id": user_id, "error": "unknown user"}, status=404)
         st = UserState.from_bytes(blob)
+        detail = {}
+        if request.query.get("window"):
+            detail["window"] = {
+                "sha256": hashlib.sha256(st.records.tobytes()).hexdigest(),
+                "ts": st.records["ts"].tolist(),
+                "type": [EVENT_TYPES[t] for t in st.records["type"]],
+            }
         return web.json(
             {
                 "user_id": user_id,
@@ -234,6 +245,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                 "last_seen": st.last_ts,
                 "model_version": st.model_version or None,
                 "served_by": f"{settings.web_host}:{settings.web_port}",
+                **detail,
             }
         )
 

@@ -1,0 +1,233 @@
+"""Test helpers: synthetic events, a real worker process, producing to and reading from the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from models.artifact import save_artifact, untrained_model
+from models.features import FeaturizerConfig
+from stream.settings import Settings
+from stream.topics import kafka_client_kwargs
+
+BASE_TS = 1_767_600_000_000  # 2026-01-05
+FUNNEL = ["page_view", "search", "product_view", "product_view", "add_to_cart", "checkout_start", "purchase"]
+
+
+def make_events(
+    n_users: int, sessions: int = 3, per_session: int = 6, seed: int = 0, start_ts: int = BASE_TS
+) -> list[dict]:
+    """Contract events sorted by time; sessions separated by hours so that they close (gap > 30 min)."""
+    rng = random.Random(seed)
+    events = []
+    for u in range(n_users):
+        t = start_ts + rng.randrange(3_600_000)
+        for s in range(sessions):
+            for i in range(per_session):
+                t += rng.choice([2_000, 15_000, 60_000, 180_000])
+                events.append(
+                    {
+                        "event_id": f"e-{seed}-{u}-{s}-{i}",
+                        "user_id": f"user-{u}",
+                        "type": FUNNEL[min(i, len(FUNNEL) - 1)] if rng.random() < 0.7 else "product_view",
+                        "ts": t,
+                        "session_id": f"s-{u}-{s}",
+                        "item_id": f"item-{rng.randrange(20)}",
+                        "category": rng.choice(["shoes", "books", "toys"]),
+                        "price": round(rng.uniform(5, 200), 2),
+                    }
+                )
+            t += rng.choice([2, 5, 30]) * 3_600_000
+    events.sort(key=lambda e: (e["ts"], e["event_id"]))
+    return events
+
+
+def write_model(model_dir: Path, arch: str = "gru", seed: int = 0, churn_alert: float = 0.0) -> Path:
+    """An untrained (deterministic) artifact: tests of the pipeline, never shipped as a default."""
+    return save_artifact(
+        untrained_model(arch, seed),
+        model_dir,
+        featurizer=FeaturizerConfig(),
+        calibration={},
+        thresholds={"purchase": {"medium": 0.3, "high": 0.6}, "churn": {"alert": churn_alert}},
+        horizon_s=3600,
+        churn_days=14,
+        data_hash="untrained-test",
+        metrics={},
+        name=f"untrained-{arch}",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings_env(settings: Settings, **extra: object) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTENTSTREAM_")}
+    for key, value in {**settings.public_dict(), **extra}.items():
+        if key != "kafka_sasl_password":
+            env[f"INTENTSTREAM_{key.upper()}"] = str(value)
+    return env
+
+
+class Worker:
+    """A real `intentstream worker` process."""
+
+    def __init__(self, settings: Settings, log_dir: Path, **extra: object):
+        self.port = free_port()
+        self.env = settings_env(settings, web_port=self.port, **extra)
+        self.log_path = log_dir / f"worker-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Worker:
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "worker"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def get(self, path: str, timeout: float = 5.0) -> dict:
+        """GET a JSON endpoint; a 404 answer (e.g. an unknown user) is returned as its JSON body."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return {"status": 404, **json.loads(err.read() or b"{}")}
+            raise
+
+    def partitions(self) -> list[int]:
+        """Partitions this worker owns, once it is ready (tables restored); [] before."""
+        try:
+            health = self.get("/health")
+        except OSError:
+            return []
+        return health["partitions"] if health["ready"] else []
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = 15, timeout: float = 60) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_assigned(workers: list[Worker], partitions: int, timeout: float = 90) -> None:
+    def covered() -> bool:
+        for w in workers:
+            assert w.alive(), f"worker died:\n{w.tail()}"
+        got = [p for w in workers for p in w.partitions()]
+        return sorted(got) == list(range(partitions)) and all(w.partitions() for w in workers)
+
+    wait_for(covered, timeout, f"{len(workers)} worker(s) to own all {partitions} partitions")
+
+
+def produce(settings: Settings, records: list[tuple[bytes | None, bytes]], rate: float | None = None) -> None:
+    async def run() -> None:
+        producer = AIOKafkaProducer(**kafka_client_kwargs(settings), acks="all", enable_idempotence=True)
+        await producer.start()
+        try:
+            started = time.monotonic()
+            for i, (key, value) in enumerate(records):
+                await producer.send(settings.topic_clickstream, key=key, value=value)
+                if rate:
+                    ahead = i / rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        await producer.flush()
+                        await asyncio.sleep(ahead)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+
+
+def encode(events: list[dict]) -> list[tuple[bytes | None, bytes]]:
+    return [(e["user_id"].encode(), orjson.dumps(e)) for e in events]
+
+
+def consume(
+    settings: Settings, topics: list[str], until: Callable[[dict[str, list]], bool], timeout: float = 90
+) -> dict[str, list]:
+    """Read ``topics`` from the start until ``until(records by topic)`` holds (or fail after ``timeout``)."""
+
+    async def run() -> dict[str, list]:
+        consumer = AIOKafkaConsumer(
+            *topics, **kafka_client_kwargs(settings), auto_offset_reset="earliest", enable_auto_commit=False
+        )
+        await consumer.start()
+        got: dict[str, list] = {t: [] for t in topics}
+        try:
+            deadline = time.monotonic() + timeout
+            while not until(got):
+                if time.monotonic() > deadline:
+                    counts = {t: len(v) for t, v in got.items()}
+                    raise AssertionError(f"timed out after {timeout:.0f} s; got {counts}")
+                batch = await consumer.getmany(timeout_ms=500)
+                for tp, msgs in batch.items():
+                    got[tp.topic].extend(msgs)
+        finally:
+            await consumer.stop()
+        return got
+
+    return asyncio.run(run())
+
+
+def read_to_end(settings: Settings, topics: list[str]) -> dict[str, list]:
+    """Every record now in ``topics``: read up to the end offsets taken at the start."""
+
+    async def run() -> dict[str, list]:
+        from aiokafka import TopicPartition
+
+        consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), enable_auto_commit=False)
+        await consumer.start()
+        try:
+            await consumer._client.set_topics(topics)  # fetch these topics' metadata for partitions_for_topic
+            tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
+            assert tps, f"none of {topics} exists"
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            got: dict[str, list] = {t: [] for t in topics}
+            while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+                batch = await consumer.getmany(timeout_ms=500)
+                for tp, msgs in batch.items():
+                    got[tp.topic].extend(m for m in msgs if m.offset < end[tp])
+            return got
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(run())

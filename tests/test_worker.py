@@ -1,0 +1,208 @@
+"""The scoring worker end to end, on the real local broker with real worker processes and RocksDB state."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from models.features import FeaturizerConfig
+from stream.contract import validate
+from stream.settings import Settings
+from stream.state.user import UserState
+from tests.helpers import (
+    BASE_TS,
+    Worker,
+    consume,
+    encode,
+    make_events,
+    produce,
+    read_to_end,
+    wait_assigned,
+    wait_for,
+    write_model,
+)
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+BAD_RECORDS: list[tuple[bytes | None, bytes]] = [
+    (b"user-1", b"{not json"),
+    (b"user-1", b"[1, 2]"),
+    (b"user-2", orjson.dumps({"event_id": "x1", "user_id": "user-2", "type": "teleport", "ts": 1_767_600_000_000})),
+    (b"user-2", orjson.dumps({"event_id": "x2", "user_id": "user-2", "type": "search", "ts": "yesterday"})),
+    (b"user-3", orjson.dumps({"user_id": "user-3", "type": "search", "ts": 1_767_600_000_000})),
+    (b"someone-else", orjson.dumps({"event_id": "x3", "user_id": "user-3", "type": "search", "ts": 1_767_600_000_000})),
+    (b"\xff\xfe", orjson.dumps({"event_id": "x4", "user_id": "user-3", "type": "search", "ts": 1_767_600_000_000})),
+    (b"user-4", b"x" * 70_000),
+    (
+        b"user-4",
+        orjson.dumps({"event_id": "x5", "user_id": "user-4", "type": "purchase", "ts": 1_767_600_000_000, "price": -3}),
+    ),
+]
+
+
+def expected_windows(events: list[dict], settings: Settings) -> dict[str, str]:
+    """What each user's window must hold: the events through the same featurizer, offline."""
+    config = FeaturizerConfig(window=settings.window_size)
+    states: dict[str, UserState] = {}
+    for e in events:
+        ev = validate(orjson.dumps(e), check_key=False)
+        assert not isinstance(ev, str)
+        states.setdefault(ev.user_id, UserState()).accept(ev, config, int(settings.allowed_lateness_s * 1000))
+    return {u: hashlib.sha256(st.records.tobytes()).hexdigest() for u, st in states.items()}
+
+
+def worker_windows(worker: Worker, users: list[str]) -> dict[str, str]:
+    return {u: worker.get(f"/users/{u}/score?window=1")["window"]["sha256"] for u in users}
+
+
+def test_intents_dlq_and_state_that_survives_restart_and_sigkill(fresh: Settings, tmp_path: Path):
+    write_model(fresh.model_dir)
+    events = make_events(n_users=30, seed=1)
+    worker = Worker(fresh, tmp_path, emit_policy="every_event").start()
+    try:
+        wait_assigned([worker], fresh.partitions)
+        produce(fresh, encode(events) + BAD_RECORDS)
+        got = consume(
+            fresh,
+            [fresh.topic_intent, fresh.topic_dlq],
+            until=lambda g: len(g[fresh.topic_intent]) >= len(events) and len(g[fresh.topic_dlq]) >= len(BAD_RECORDS),
+        )
+        assert worker.alive(), worker.tail()
+        intents = [orjson.loads(m.value) for m in got[fresh.topic_intent]]
+        # every event scored exactly once, keyed by its user, with the contract's fields
+        assert sorted(i["event_id"] for i in intents) == sorted(e["event_id"] for e in events)
+        for m, i in zip(got[fresh.topic_intent], intents, strict=True):
+            assert m.key == i["user_id"].encode()
+            assert 0.0 <= i["score"] <= 1.0 and i["band"] in ("low", "medium", "high")
+            assert i["model"] == {"name": "untrained-gru", "version": "v0001"}
+            assert i["schema"] == 1 and i["latency_ms"] >= 0 and isinstance(i["reasons"], list) and i["reasons"]
+        # every bad record in the DLQ with its reason, original bytes and source
+        dlq = [orjson.loads(m.value) for m in got[fresh.topic_dlq]]
+        assert len(dlq) == len(BAD_RECORDS)
+        reasons = sorted(d["reason"] for d in dlq)
+        assert any(r.startswith("json:") for r in reasons)
+        assert "type: unknown event type 'teleport'" in reasons
+        assert "key: does not match user_id" in reasons and "key: not valid UTF-8" in reasons
+        assert "record: 70000 bytes exceeds the 65536-byte limit" in reasons
+        assert all(d["source"]["topic"] == fresh.topic_clickstream for d in dlq)
+
+        users = sorted({e["user_id"] for e in events})
+        expected = expected_windows(events, fresh)
+        assert worker_windows(worker, users) == expected
+
+        worker.stop(signal.SIGTERM)  # clean stop, then a restart on the same state folder
+        worker = Worker(fresh, tmp_path, emit_policy="every_event").start()
+        wait_assigned([worker], fresh.partitions)
+        assert worker_windows(worker, users) == expected
+
+        more = make_events(n_users=30, seed=2, start_ts=BASE_TS + 40 * 86_400_000)  # later events, then SIGKILL
+        produce(fresh, encode(more))
+        wait_for(lambda: worker.get("/users/user-0/score").get("events", 0) >= 36, 60, "the second wave scored")
+        worker.stop(signal.SIGKILL)
+        worker = Worker(fresh, tmp_path, emit_policy="every_event").start()
+        wait_assigned([worker], fresh.partitions)
+        expected = expected_windows(events + more, fresh)
+        wait_for(lambda: worker_windows(worker, users) == expected, 60, "windows equal to a run without a crash")
+    finally:
+        worker.stop()
+
+
+def test_two_workers_share_partitions_and_each_answers_for_any_user(fresh: Settings, tmp_path: Path):
+    write_model(fresh.model_dir)
+    events = make_events(n_users=20, sessions=1, seed=3)
+    a = Worker(fresh, tmp_path).start()
+    b = Worker(fresh, tmp_path).start()
+    try:
+        wait_assigned([a, b], fresh.partitions, timeout=120)
+        assert set(a.partitions()).isdisjoint(b.partitions())
+        produce(fresh, encode(events))
+        users = sorted({e["user_id"] for e in events})
+        wait_for(lambda: all(a.get(f"/users/{u}/score").get("events") == 6 for u in users), 60, "all scored")
+        for u in users:
+            from_a, from_b = a.get(f"/users/{u}/score"), b.get(f"/users/{u}/score")
+            assert from_a == from_b  # the non-owner forwards the request to the owner (table routing)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_churn_alerts_are_the_same_at_two_replay_speeds(kafka: Settings, tmp_path: Path):
+    import uuid
+
+    events = make_events(n_users=25, sessions=4, seed=4)
+    runs = []
+    for speed in ("max", "slow"):
+        tag = uuid.uuid4().hex[:8]
+        s = Settings.from_env(
+            topic_clickstream=f"cs-{tag}",
+            topic_dlq=f"dlq-{tag}",
+            topic_intent=f"pi-{tag}",
+            topic_churn=f"ca-{tag}",
+            app_id=f"churn-{tag}",
+            state_dir=str(tmp_path / tag),
+            model_dir=str(tmp_path / tag / "models"),
+        )
+        write_model(s.model_dir, churn_alert=0.0)
+        runs.append((speed, s, Worker(s, tmp_path, churn_cooldown_s=0, batch_max_events=512).start()))
+    try:
+        for _, _, w in runs:  # two separate consumer groups: each owns every partition
+            wait_assigned([w], kafka.partitions)
+        threads = [
+            threading.Thread(target=produce, args=(s, encode(events), None if speed == "max" else 250.0))
+            for speed, s, _ in runs
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        alerts = []
+        for _, s, w in runs:
+            wait_for(lambda w=w: w.get("/users/user-0/score").get("events") == 24, 90, "all events scored")
+            time.sleep(3)  # the last batch's alerts are flushed with its commit
+            got = read_to_end(s, [s.topic_churn])
+            alerts.append(sorted((m.key, orjson.loads(m.value)["last_seen"]) for m in got[s.topic_churn]))
+        fast, slow = alerts
+        assert fast, "sessions closed by the watermark must raise alerts at threshold 0"
+        assert fast == slow
+        assert len(fast) == len(set(fast))  # one alert per closed session
+    finally:
+        for _, _, w in runs:
+            w.stop()
+
+
+def test_model_swap_during_traffic_loses_and_repeats_nothing(fresh: Settings, tmp_path: Path):
+    write_model(fresh.model_dir, seed=0)
+    events = make_events(n_users=30, seed=5)
+    worker = Worker(fresh, tmp_path, emit_policy="every_event").start()
+    try:
+        wait_assigned([worker], fresh.partitions)
+        producer = threading.Thread(target=produce, args=(fresh, encode(events), 120.0))
+        producer.start()
+        time.sleep(2.0)
+        write_model(fresh.model_dir, seed=1)  # v0002, published while events flow
+        producer.join()
+        got = consume(fresh, [fresh.topic_intent], until=lambda g: len(g[fresh.topic_intent]) >= len(events))
+        intents = [orjson.loads(m.value) for m in got[fresh.topic_intent]]
+        assert sorted(i["event_id"] for i in intents) == sorted(e["event_id"] for e in events)
+        versions = [i["model"]["version"] for i in intents]
+        assert "v0001" in versions and "v0002" in versions
+        by_user: dict[str, list[str]] = {}
+        for i in sorted(intents, key=lambda i: i["event_ts"]):
+            by_user.setdefault(i["user_id"], []).append(i["model"]["version"])
+        for seq in by_user.values():  # once a user is scored by v0002, never again by v0001
+            assert seq == sorted(seq)
+
+        bad = write_model(fresh.model_dir, seed=2)  # v0003 with corrupted weights: refused, v0002 keeps serving
+        weights = bad / "weights.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+        wait_for(lambda: "model_refused" in worker.log_path.read_text(errors="replace"), 30, "the refusal log line")
+        assert worker.get("/health")["model"]["version"] == "v0002"
+        assert worker.alive()
+    finally:
+        worker.stop()
