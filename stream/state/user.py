@@ -58,10 +58,16 @@ class UserState:
             return Accept.DUPLICATE
         if not len(records) or event.ts >= records["ts"][-1]:
             prev = records[-1] if len(records) else None
-            rec = np.array([encode_event(event, prev, self.count, config)], dtype=RECORD_DTYPE)
-            if prev is None or rec["flags"][0] & FLAG_NEW_SESSION:
+            rec = encode_event(event, prev, self.count, config)
+            if prev is None or rec[-1] & FLAG_NEW_SESSION:
                 self.session_start = event.ts
-            self.records = np.concatenate([records[-(config.window - 1) :] if config.window > 1 else records[:0], rec])
+            keep = min(len(records), config.window - 1)
+            # Fill a new array rather than np.concatenate: 3x cheaper for structured dtypes (hot path).
+            window = np.empty(keep + 1, dtype=RECORD_DTYPE)
+            if keep:
+                window[:keep] = records[len(records) - keep :]
+            window[keep] = rec
+            self.records = window
             self.count += 1
             return Accept.APPENDED
         # Late: it must fit inside the window (its predecessor must still be there) and the lateness bound.
@@ -105,9 +111,10 @@ class UserState:
         offset = HEADER.size
         hidden = None
         if n_hidden:
-            hidden = np.frombuffer(blob, dtype="<f4", count=n_hidden, offset=offset).copy()
+            hidden = np.frombuffer(blob, dtype="<f4", count=n_hidden, offset=offset)
             offset += 4 * n_hidden
-        records = np.frombuffer(blob, dtype=RECORD_DTYPE, offset=offset).copy()
+        # Read-only views of the blob: state changes build new arrays, never write into these.
+        records = np.frombuffer(blob, dtype=RECORD_DTYPE, offset=offset)
         return cls(
             records, count, session_start, score, last_score, last_band, last_emit, risk, closed, alert,
             model.rstrip(b"\0").decode(), hidden,
