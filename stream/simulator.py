@@ -1,0 +1,935 @@
+"""Synthetic clickstream with ground truth: contract events, their labels and the simulator's own probabilities.
+
+``intentstream simulate --users N --days D --seed S --out FILE`` writes contract events (JSON lines, gzip when
+FILE ends with .gz) sorted by event time, and beside it FILE.truth.jsonl(.gz): one line per event, same order,
+with the persona, the labels and the oracle probabilities. docs/simulator.md explains the model; in short:
+
+- Users belong to one of five personas and visit in sessions whose start times follow a non-homogeneous
+  Poisson process (a daily rhythm) at least ``MIN_SESSION_GAP_S`` apart; a user stops for good with a
+  probability per session that depends on the persona, on how many sessions they had and on how the last one
+  ended. Drifting users come back ever more slowly, with shorter sessions, until they stop.
+- Within a session, a Markov chain over (persona, last event type, intent 0-7, cart lines 0-3) draws the next
+  event type (or the end of the session), then the gap in whole seconds (a mix of a short geometric and a
+  long "hesitation" geometric). Intent moves deterministically with what is observable: +1 per add to cart or
+  checkout, -2 for a removal right after an addition (not for one later), -1 for walking away from a
+  checkout, -1 after a gap longer than ``HESITATION_GAP_S``, -3 after a purchase; a session starts from the
+  persona's intent plus a bonus for a cart filled recently (decaying with the time since the last addition).
+- The oracle is exact. p_purchase: a dynamic programme over the chain and the remaining seconds of the horizon
+  (the geometric gaps make it a linear recursion; sessions are at least an hour apart, so for horizons up to
+  an hour only the current session can bring the purchase). p_churn: P(the session ends now) x P(the user
+  stops, or the next session starts after the churn window), in closed form from the daily rhythm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import gzip
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from itertools import islice
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import orjson
+
+from stream.contract import EVENT_TYPES, Event, validate
+
+DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+DEFAULT_START = "2026-01-05T00:00:00+00:00"  # a Monday in the past: output is the same on every run
+DEFAULT_HORIZON_S = 3600.0
+DEFAULT_CHURN_DAYS = 14.0
+MIN_SESSION_GAP_S = 3600  # between one session's last event and the next session's first
+HESITATION_GAP_S = 120  # a gap longer than this lowers intent (the user hesitated)
+GZIP_LEVEL = 1  # the files are big and written once; level 1 is ~4x faster than 6 for ~25 % more bytes
+
+# ---- the event chain ---------------------------------------------------------------------------------
+
+PAGE, SEARCH, VIEW, ADD, REMOVE, WISH, CHECKOUT, PURCHASE = range(8)
+END = 8  # move: the session ends (no event)
+START = 8  # stage: the session has begun, no event yet
+N_MOVES = 9
+N_STAGES = 9
+N_INTENT = 8
+N_CART = 4  # cart lines 0..3; a full cart takes no more additions
+assert EVENT_TYPES[PURCHASE] == "purchase" and EVENT_TYPES[REMOVE] == "remove_from_cart"
+
+PERSONAS: tuple[str, ...] = ("window_shopper", "deal_hunter", "decisive_buyer", "loyal_regular", "drifting")
+WINDOW, DEAL, DECISIVE, LOYAL, DRIFTING = range(5)
+
+
+@dataclass(frozen=True)
+class Persona:
+    share: float  # of the users
+    base_intent: int  # intent at the start of a session (before the cart bonus and drift)
+    move_weight: dict[int, float]  # multipliers of the chain's move weights
+    gap_scale: float  # multiplier of the short gaps' means
+    hesitation: float  # propensity for long gaps
+    visits_per_day: float  # median session rate (log-normal across users)
+    rate_decay: float  # session rate multiplier per past session (drift)
+    stop: float  # probability of never coming back after a session ...
+    stop_growth: float  # ... plus this per past session
+    intent_drift: float  # intent lost per past session (drifting users' sessions shrink)
+    price_tier: float  # centre of the price tiers the user shops in (0 cheap .. 4 dear)
+
+
+PERSONA_PARAMS: tuple[Persona, ...] = (
+    Persona(0.30, 2, {PAGE: 2.0, WISH: 4.0, SEARCH: 0.6, ADD: 0.8, END: 0.8}, 1.5, 1.3, 0.08,
+            1.0, 0.40, 0.0, 0.0, 2.0),
+    Persona(0.20, 3, {SEARCH: 3.0, PAGE: 0.5, REMOVE: 3.0, WISH: 0.5}, 1.8, 1.6, 0.15,
+            1.0, 0.18, 0.0, 0.0, 0.6),
+    Persona(0.15, 3, {VIEW: 0.6, PAGE: 0.5, ADD: 1.6, CHECKOUT: 1.3, WISH: 0.2, END: 1.5}, 0.4, 0.4, 0.05,
+            1.0, 0.22, 0.0, 0.0, 3.0),
+    Persona(0.20, 3, {ADD: 1.1}, 0.8, 0.8, 0.25,
+            1.0, 0.08, 0.0, 0.0, 2.2),
+    Persona(0.15, 3, {ADD: 1.1}, 1.0, 1.0, 0.30,
+            0.70, 0.06, 0.06, 0.5, 2.0),
+)  # fmt: skip
+
+# Short-gap mean (seconds) before an event of each type; purchases take the checkout form's time.
+SHORT_GAP_S = {
+    PAGE: 18.0,
+    SEARCH: 14.0,
+    VIEW: 32.0,
+    ADD: 22.0,
+    REMOVE: 16.0,
+    WISH: 12.0,
+    CHECKOUT: 28.0,
+    PURCHASE: 55.0,
+}
+LONG_GAP_S = 240.0  # mean of a hesitation gap
+
+
+def _move_weights(persona: int, stage: int, intent: int, cart: int) -> list[float]:
+    """Unnormalised probabilities of the next move (8 event types, END) from a state of the chain."""
+    x = intent / (N_INTENT - 1)
+    x2, lo = x * x, 1.0 - x
+    w = [0.0] * N_MOVES
+    if stage == START:
+        w[PAGE], w[SEARCH], w[VIEW] = 0.15 + 0.5 * lo, 0.10 + 0.25 * x, 0.10 + 0.35 * x  # purpose shows at once
+        w[CHECKOUT], w[REMOVE] = 0.02 + 0.3 * x2, 0.03  # back to pay for (or clean up) a kept cart
+    elif stage == PAGE:
+        w[PAGE], w[SEARCH], w[VIEW], w[END] = 0.22, 0.20, 0.45, 0.06 + 0.30 * lo
+    elif stage == SEARCH:
+        w[PAGE], w[SEARCH], w[VIEW], w[END] = 0.05, 0.15, 0.70, 0.04 + 0.20 * lo
+    elif stage == VIEW:
+        w[PAGE], w[SEARCH], w[VIEW] = 0.08, 0.10, 0.55
+        w[ADD], w[WISH], w[CHECKOUT], w[END] = 0.02 + 0.40 * x2, 0.02 + 0.06 * lo, 0.01 + 0.15 * x2, 0.05 + 0.22 * lo
+    elif stage == ADD:
+        w[PAGE], w[SEARCH], w[VIEW] = 0.05, 0.08, 0.35
+        w[REMOVE], w[CHECKOUT], w[END] = 0.03 + 0.15 * lo, 0.04 + 0.65 * x2, 0.03 + 0.20 * lo
+    elif stage == REMOVE:
+        w[PAGE], w[SEARCH], w[VIEW], w[ADD] = 0.10, 0.15, 0.40, 0.12
+        w[REMOVE], w[CHECKOUT], w[END] = 0.05, 0.03 + 0.20 * x2, 0.10 + 0.30 * lo
+    elif stage == WISH:
+        w[PAGE], w[SEARCH], w[VIEW], w[WISH], w[END] = 0.10, 0.15, 0.50, 0.03, 0.12 + 0.25 * lo
+    elif stage == CHECKOUT:
+        w[PURCHASE], w[PAGE], w[VIEW], w[REMOVE], w[END] = 0.04 + 1.3 * x2, 0.05, 0.10, 0.08 * lo, 0.05 + 0.45 * lo
+    else:  # PURCHASE: mostly done; some go on shopping (repeat purchases)
+        w[PAGE], w[SEARCH], w[VIEW], w[END] = 0.15, 0.10, 0.20, 0.55
+    if cart == 0:
+        w[REMOVE] = w[CHECKOUT] = w[PURCHASE] = 0.0
+    if cart >= N_CART - 1:
+        w[ADD] = 0.0
+    for move, factor in PERSONA_PARAMS[persona].move_weight.items():
+        w[move] *= factor
+    return w
+
+
+def _next_intent(stage: int, move: int, intent: int, long_gap: bool) -> int:
+    """Intent after a move: what the user did, in which order, and whether they hesitated before it."""
+    delta = {ADD: 1, CHECKOUT: 1, PURCHASE: -3, WISH: -1}.get(move, 0)
+    if move == REMOVE and stage == ADD:
+        delta = -2  # regret right after adding; a later clean-up of the cart says little
+    if stage == CHECKOUT and move in (PAGE, SEARCH, VIEW, WISH):
+        delta -= 1  # walked away from the checkout
+    if long_gap:
+        delta -= 1
+    return min(N_INTENT - 1, max(0, intent + delta))
+
+
+def _next_cart(move: int, cart: int) -> int:
+    if move == ADD:
+        return cart + 1
+    if move == REMOVE:
+        return cart - 1
+    return 0 if move == PURCHASE else cart
+
+
+def state_index(persona: int, stage: int, intent: int, cart: int) -> int:
+    return ((persona * N_STAGES + stage) * N_INTENT + intent) * N_CART + cart
+
+
+N_STATES = len(PERSONAS) * N_STAGES * N_INTENT * N_CART
+
+
+def _hesitation(persona: int, intent: int) -> float:
+    """Probability that the gap before the next event is a long one: low intent hesitates more."""
+    return min(0.6, PERSONA_PARAMS[persona].hesitation * (0.04 + 0.22 * (1.0 - intent / (N_INTENT - 1))))
+
+
+def _gap_q(persona: int, move: int) -> float:
+    """Geometric parameter q (P(gap = d s) = (1 - q) q^(d-1)) of the short gap before ``move``."""
+    return 1.0 - 1.0 / (SHORT_GAP_S[move] * PERSONA_PARAMS[persona].gap_scale)
+
+
+LONG_Q = 1.0 - 1.0 / LONG_GAP_S
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The chain as flat tables (Python lists for the scalar simulation loop, numpy for the oracle)."""
+
+    prob: np.ndarray  # [S, M] move probabilities
+    next_short: np.ndarray  # [S, M] state after the move when the gap was short (END: -1)
+    next_long: np.ndarray  # [S, M] ... when the gap exceeded HESITATION_GAP_S
+    hesitation: np.ndarray  # [S] probability of a long gap before the next event
+    cum: list[list[float]]  # cumulative move probabilities per state (bisect)
+    next_short_l: list[list[int]]
+    next_long_l: list[list[int]]
+    hesitation_l: list[float]
+    inv_log_q: list[list[float]]  # [persona][move] 1 / log(q) of the short gap
+    inv_log_long_q: float
+    p_end: list[float]  # [S] probability that the session ends after an event leaving the chain in S
+
+
+@lru_cache(maxsize=1)
+def build_chain() -> Chain:
+    prob = np.zeros((N_STATES, N_MOVES))
+    next_short = np.full((N_STATES, N_MOVES), -1, dtype=np.int64)
+    next_long = np.full((N_STATES, N_MOVES), -1, dtype=np.int64)
+    hesitation = np.zeros(N_STATES)
+    for p in range(len(PERSONAS)):
+        for stage in range(N_STAGES):
+            for k in range(N_INTENT):
+                for c in range(N_CART):
+                    s = state_index(p, stage, k, c)
+                    w = _move_weights(p, stage, k, c)
+                    prob[s] = np.array(w) / sum(w)
+                    hesitation[s] = _hesitation(p, k)
+                    for m in range(8):
+                        c2 = _next_cart(m, c)
+                        if w[m] > 0:
+                            long_ok = stage != START  # a session's first event has no gap before it
+                            next_short[s, m] = state_index(p, m, _next_intent(stage, m, k, False), c2)
+                            next_long[s, m] = state_index(p, m, _next_intent(stage, m, k, long_ok), c2)
+    cum = []
+    for s in range(N_STATES):
+        acc = np.cumsum(prob[s]).tolist()
+        acc[-1] = 1.0  # bisect on random() < 1 always lands on a move with positive probability
+        cum.append(acc)
+    return Chain(
+        prob=prob,
+        next_short=next_short,
+        next_long=next_long,
+        hesitation=hesitation,
+        cum=cum,
+        next_short_l=next_short.tolist(),
+        next_long_l=next_long.tolist(),
+        hesitation_l=hesitation.tolist(),
+        inv_log_q=[[1.0 / math.log(_gap_q(p, m)) for m in range(8)] for p in range(len(PERSONAS))],
+        inv_log_long_q=1.0 / math.log(LONG_Q),
+        p_end=prob[:, END].tolist(),
+    )
+
+
+@lru_cache(maxsize=4)
+def purchase_oracle(horizon_s: int) -> tuple[float, ...]:
+    """P(a purchase within ``horizon_s`` seconds | chain state) for every state, exactly.
+
+    V(s, t) = P(purchase within t s | s). With the next move m and the gap d ~ (1 - h) Geo(q_m) + h Geo(q_L),
+    the state after the move depends on d > HESITATION_GAP_S, so V(s, t) = sum_m P(m | s) E_d[V(s'(m, d), t - d)].
+    For a geometric gap, A_q(s', t) = E_d[V(s', t - d)] obeys A(t) = (1 - q) V(s', t - 1) + q A(t - 1), and the
+    part with d > T equals q^T A(t - T): one pass over t = 1..horizon, vectorised over states. A purchase move
+    ends in an absorbing state worth 1; END is worth 0, because the next session starts at least
+    MIN_SESSION_GAP_S later (exact for horizons up to that).
+    """
+    chain = build_chain()
+    n_p = len(PERSONAS)
+    purchased = N_STATES + np.arange(n_p)  # absorbing, one per persona (its purchase gap differs)
+    end_state = N_STATES + n_p
+    n_ext = end_state + 1
+    dest_short = chain.next_short.copy()
+    dest_long = chain.next_long.copy()
+    persona_of = np.arange(N_STATES) // (N_STAGES * N_INTENT * N_CART)
+    dest_short[:, PURCHASE] = purchased[persona_of]
+    dest_long[:, PURCHASE] = purchased[persona_of]
+    dest_short[dest_short < 0] = end_state
+    dest_long[dest_long < 0] = end_state
+    q_short = np.zeros(n_ext)
+    stage_of = (np.arange(N_STATES) // (N_INTENT * N_CART)) % N_STAGES
+    for s in range(N_STATES):
+        q_short[s] = _gap_q(persona_of[s], stage_of[s]) if stage_of[s] != START else 0.5
+    for p in range(n_p):
+        q_short[purchased[p]] = _gap_q(p, PURCHASE)
+    q_short[end_state] = 0.5  # its value is 0 whatever q is
+    thr = HESITATION_GAP_S
+    qs_thr = q_short**thr
+    ql_thr = LONG_Q**thr
+    prob, h = chain.prob, chain.hesitation[:, None]
+    v_ext = np.zeros(n_ext)
+    v_ext[purchased] = 1.0
+    a_short = np.zeros(n_ext)
+    a_long = np.zeros(n_ext)
+    ring_short = np.zeros((thr, n_ext))  # A(t - thr) for the last thr values of t (zero before t = thr)
+    ring_long = np.zeros((thr, n_ext))
+    qs_thr_s, qs_thr_l = qs_thr[dest_short], qs_thr[dest_long]
+    for t in range(1, int(horizon_s) + 1):
+        a_short = (1.0 - q_short) * v_ext + q_short * a_short
+        a_long = (1.0 - LONG_Q) * v_ext + LONG_Q * a_long
+        lag_s, lag_l = ring_short[t % thr], ring_long[t % thr]  # A(t - thr)
+        via_short = a_short[dest_short] - qs_thr_s * lag_s[dest_short] + qs_thr_l * lag_s[dest_long]
+        via_long = a_long[dest_short] - ql_thr * lag_l[dest_short] + ql_thr * lag_l[dest_long]
+        v = (prob * ((1.0 - h) * via_short + h * via_long)).sum(axis=1)
+        ring_short[t % thr], ring_long[t % thr] = a_short, a_long
+        v_ext = np.concatenate([v, np.ones(n_p), [0.0]])
+    return tuple(v_ext[:N_STATES].tolist())
+
+
+# ---- the daily rhythm and the return process -----------------------------------------------------------
+
+# Relative session-start intensity per UTC hour (night trough, evening peak); normalised to a mean of 1.
+_HOURLY_RAW = (0.35, 0.22, 0.15, 0.12, 0.12, 0.18, 0.35, 0.6, 0.85, 1.0, 1.1, 1.2,
+               1.3, 1.25, 1.2, 1.2, 1.25, 1.35, 1.55, 1.8, 1.95, 1.85, 1.3, 0.7)  # fmt: skip
+HOURLY = tuple(24 * w / sum(_HOURLY_RAW) for w in _HOURLY_RAW)
+_HOUR_SHARE = tuple(w / 24 for w in HOURLY)  # share of a day's intensity in each hour
+_HOUR_CUM = tuple(sum(_HOUR_SHARE[:h]) for h in range(25))
+_HOUR_SHARE_PER_MS = tuple(w / HOUR_MS for w in _HOUR_SHARE)
+
+
+def cumulative_intensity(ts_ms: int) -> float:
+    """Integral of the daily-rhythm intensity from the epoch to ``ts_ms``, in days (1 per calendar day)."""
+    day, rem = divmod(ts_ms, DAY_MS)
+    hour, rest = divmod(rem, HOUR_MS)
+    return day + _HOUR_CUM[hour] + rest / HOUR_MS * _HOUR_SHARE[hour]
+
+
+def _inverse_intensity(level: float) -> int:
+    day = math.floor(level)
+    frac = level - day
+    hour = min(23, max(0, bisect.bisect_right(_HOUR_CUM, frac) - 1))
+    rest = (frac - _HOUR_CUM[hour]) / _HOUR_SHARE[hour] * HOUR_MS
+    return int(day * DAY_MS + hour * HOUR_MS + min(rest, HOUR_MS - 1))
+
+
+def next_session_start(rng: random.Random, after_ms: int, rate_per_day: float) -> int:
+    """First arrival after ``after_ms`` of a Poisson process with intensity rate x the daily rhythm."""
+    level = cumulative_intensity(after_ms) + -math.log(1.0 - rng.random()) / rate_per_day
+    return max(after_ms, _inverse_intensity(level))
+
+
+def _end_factors(stage: int, intent: int, cart: int) -> tuple[float, float]:
+    """(stop multiplier, rate multiplier) from how a session ended: buyers come back, a full cart pulls the
+    user back soon, a session that fizzled out at low intent or right after a removal drives them away."""
+    stop, rate = 1.0, 1.0
+    if stage == PURCHASE:
+        stop, rate = 0.4, 1.25
+    if cart:
+        stop, rate = stop * 0.8, rate * (1.0 + 0.3 * cart)
+    if intent <= 1:
+        stop *= 1.7
+    if stage == REMOVE:
+        stop *= 1.3
+    return stop, rate
+
+
+# ---- the catalog --------------------------------------------------------------------------------------
+
+# name, median price, log-normal sigma
+CATEGORIES: tuple[tuple[str, float, float], ...] = (
+    ("electronics.smartphone", 320.0, 0.55),
+    ("electronics.audio", 85.0, 0.8),
+    ("computers.notebook", 820.0, 0.4),
+    ("computers.peripherals", 45.0, 0.7),
+    ("appliances.kitchen", 120.0, 0.7),
+    ("apparel.shoes", 75.0, 0.5),
+    ("apparel.clothing", 38.0, 0.6),
+    ("beauty.skincare", 24.0, 0.6),
+    ("furniture.living_room", 260.0, 0.7),
+    ("home.decor", 32.0, 0.8),
+    ("sports.fitness", 55.0, 0.8),
+    ("kids.toys", 28.0, 0.7),
+    ("books", 16.0, 0.4),
+    ("grocery.snacks", 7.5, 0.5),
+    ("auto.accessories", 42.0, 0.8),
+    ("garden.tools", 58.0, 0.7),
+)
+N_TIERS = 5
+ITEMS_PER_TIER = 60
+DEVICES = ("mobile", "desktop", "tablet")
+DEVICE_CUM = (0.6, 0.92, 1.0)
+QUANTITY_CUM = (0.8, 0.95, 1.0)  # 1, 2 or 3 units
+
+
+def _zipf_cum(n: int, s: float) -> list[float]:
+    w = [1.0 / (r + 1) ** s for r in range(n)]
+    total = sum(w)
+    acc, out = 0.0, []
+    for x in w:
+        acc += x / total
+        out.append(acc)
+    out[-1] = 1.0
+    return out
+
+
+_ITEM_CUM = _zipf_cum(ITEMS_PER_TIER, 1.1)
+_TASTE_CUM = _zipf_cum(len(CATEGORIES), 1.3)
+
+
+def _catalog(seed: int) -> tuple[list[list[float]], list[list[str]]]:
+    """Per category: N_TIERS x ITEMS_PER_TIER items, prices log-normal and sorted into tiers; within a tier the
+    item order is the popularity rank."""
+    rng = random.Random(f"{seed}:catalog")
+    prices, ids = [], []
+    for c, (_name, median, sigma) in enumerate(CATEGORIES):
+        draws = sorted(round(median * math.exp(rng.gauss(0.0, sigma)), 2) for _ in range(N_TIERS * ITEMS_PER_TIER))
+        tiers = [draws[t * ITEMS_PER_TIER : (t + 1) * ITEMS_PER_TIER] for t in range(N_TIERS)]
+        for tier in tiers:
+            rng.shuffle(tier)
+        prices.append([max(0.5, p) for tier in tiers for p in tier])
+        ids.append([f"sku-{c:02d}-{i:04d}" for i in range(N_TIERS * ITEMS_PER_TIER)])
+    return prices, ids
+
+
+# ---- one user -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    start_ms: int
+    end_ms: int
+    horizon_ms: int
+    churn_ms: int
+
+
+def _carry_bonus(cart: int, since_add_ms: int) -> int:
+    """Intent a kept cart adds at a session's start: much for an addition hours ago, nothing after 3 days."""
+    if not cart:
+        return 0
+    if since_add_ms < 6 * HOUR_MS:
+        return 3
+    if since_add_ms < DAY_MS:
+        return 2
+    return 1 if since_add_ms < 3 * DAY_MS else 0
+
+
+def _simulate_user(
+    u: int, params: Params, chain: Chain, oracle: tuple[float, ...], catalog: tuple[list[list[float]], list[list[str]]]
+) -> tuple[int, list[tuple]]:
+    """(persona, events) of user ``u``: events as tuples (ts, type, session, category, item, price, quantity,
+    p_purchase, p_churn, p_churn_session_end), in the user's time order."""
+    rng = random.Random(f"{params.seed}:user:{u}")
+    rand = rng.random
+    log = math.log
+    prices, _ids = catalog
+    r = rand()
+    persona = 0
+    acc = PERSONA_PARAMS[0].share
+    while r >= acc and persona < len(PERSONAS) - 1:
+        persona += 1
+        acc += PERSONA_PARAMS[persona].share
+    pp = PERSONA_PARAMS[persona]
+    rate0 = pp.visits_per_day * math.exp(rng.gauss(0.0, 0.7))
+    taste = list(range(len(CATEGORIES)))
+    rng.shuffle(taste)
+    centre = min(N_TIERS - 1.0, max(0.0, rng.gauss(pp.price_tier, 0.7)))
+    tier_w = [math.exp(-1.5 * abs(t - centre)) for t in range(N_TIERS)]
+    tier_cum = [sum(tier_w[: t + 1]) / sum(tier_w) for t in range(N_TIERS)]
+    tier_cum[-1] = 1.0
+    cum, nxt_s, nxt_l, hes, p_end = chain.cum, chain.next_short_l, chain.next_long_l, chain.hesitation_l, chain.p_end
+    inv_log_q, inv_log_long = chain.inv_log_q[persona], chain.inv_log_long_q
+    bis = bisect.bisect_right
+    end_ms, churn_ms = params.end_ms, params.churn_ms
+    return_window = churn_ms > MIN_SESSION_GAP_S * 1000
+    end_factors, exp = _END_FACTORS, math.exp
+
+    def window_intensity(t: int) -> float:
+        """Intensity integral over [t + MIN_SESSION_GAP, t + churn window] (cumulative_intensity twice, inline)."""
+        day_a, rest_a = divmod(t + churn_ms, DAY_MS)
+        hour_a, ms_a = divmod(rest_a, HOUR_MS)
+        day_b, rest_b = divmod(t + MIN_SESSION_GAP_S * 1000, DAY_MS)
+        hour_b, ms_b = divmod(rest_b, HOUR_MS)
+        return (
+            (day_a - day_b)
+            + _HOUR_CUM[hour_a]
+            - _HOUR_CUM[hour_b]
+            + ms_a * _HOUR_SHARE_PER_MS[hour_a]
+            - ms_b * _HOUR_SHARE_PER_MS[hour_b]
+        )
+
+    def pick_item() -> tuple[int, int, float]:
+        c = taste[bis(_TASTE_CUM, rand())]
+        i = bis(tier_cum, rand()) * ITEMS_PER_TIER + bis(_ITEM_CUM, rand())
+        return c, i, prices[c][i]
+
+    if rand() < 0.7:  # a customer already: their process is running when the period starts
+        t = next_session_start(rng, params.start_ms, rate0)
+    else:  # a newcomer: arrives at a uniform time, first visit shaped by the daily rhythm
+        t = next_session_start(rng, params.start_ms + int(rand() * (end_ms - params.start_ms)), 4.0)
+    events: list[tuple] = []
+    cart: list[list] = []  # lines [category, item, price, quantity]
+    last_add_ms = t
+    session = 0
+    while t < end_ms:
+        intent = pp.base_intent - int(pp.intent_drift * session) + _carry_bonus(len(cart), t - last_add_ms)
+        s = state_index(persona, START, min(N_INTENT - 1, max(0, intent)), len(cart))
+        viewed: tuple[int, int, float] | None = None
+        stop_p = min(0.95, pp.stop + pp.stop_growth * session)
+        rate = rate0 * pp.rate_decay**session
+        first = True
+        while True:
+            move = bis(cum[s], rand())
+            if move == END:
+                break
+            if first:
+                first, long_gap = False, False
+            else:
+                if rand() < hes[s]:
+                    d = 1 + int(log(1.0 - rand()) * inv_log_long)
+                else:
+                    d = 1 + int(log(1.0 - rand()) * inv_log_q[move])
+                t += d * 1000
+                long_gap = d > HESITATION_GAP_S
+            if t >= end_ms:
+                break
+            s = nxt_l[s][move] if long_gap else nxt_s[s][move]
+            cat = item = price = qty = None
+            if move == VIEW:
+                if viewed is None or rand() >= 0.25:  # a quarter of views return to the item just seen
+                    viewed = pick_item()
+                cat, item, price = viewed
+            elif move in (PAGE, SEARCH):
+                cat = taste[bis(_TASTE_CUM, rand())]
+            elif move == ADD:
+                if viewed is None:
+                    viewed = pick_item()
+                cat, item, price = viewed
+                qty = 1 + bis(QUANTITY_CUM, rand())
+                cart.append([cat, item, price, qty])
+                last_add_ms = t
+            elif move == REMOVE:
+                cat, item, price, qty = cart.pop()
+                viewed = (cat, item, price)
+            elif move == WISH:
+                if viewed is None:
+                    viewed = pick_item()
+                cat, item, price = viewed
+            elif move == CHECKOUT:
+                price = round(sum(line[2] * line[3] for line in cart), 2)
+                qty = sum(line[3] for line in cart)
+            else:  # PURCHASE: one order for the whole cart; price x quantity is the order value
+                main = max(cart, key=lambda line: line[2] * line[3])
+                cat, item = main[0], main[1]
+                qty = sum(line[3] for line in cart)
+                price = round(sum(line[2] * line[3] for line in cart) / qty, 2)
+                cart.clear()
+            # Churn oracle: the session ends now, then the user stops or stays away past the churn window.
+            stop_f, rate_f = end_factors[s]
+            p_stop = min(0.98, stop_p * stop_f)
+            stay_away = exp(-rate * rate_f * window_intensity(t)) if return_window else 1.0
+            q_churn = p_stop + (1.0 - p_stop) * stay_away
+            events.append((t, move, session, cat, item, price, qty, oracle[s], p_end[s] * q_churn, q_churn))
+        if t >= end_ms:
+            break
+        stop_f, rate_f = end_factors[s]
+        if rand() < min(0.98, stop_p * stop_f):
+            break
+        t = next_session_start(rng, t + MIN_SESSION_GAP_S * 1000, rate * rate_f)
+        session += 1
+    return persona, events
+
+
+_END_FACTORS: list[tuple[float, float]] = [  # by chain state
+    _end_factors((s // (N_INTENT * N_CART)) % N_STAGES, (s // N_CART) % N_INTENT, s % N_CART) for s in range(N_STATES)
+]
+
+
+def _truth_labels(
+    events: list[tuple], horizon_ms: int, churn_ms: int, end_ms: int
+) -> list[tuple[int | None, int | None, float | None]]:
+    """Labels of one user's events from the simulator's side (a backward scan; training/labels.py is the
+    vectorised version the trainer uses, and the tests check that both agree)."""
+    out: list[tuple[int | None, int | None, float | None]] = [(None, None, None)] * len(events)
+    next_buy_ts: int | None = None
+    next_buy_value: float | None = None
+    next_ts: int | None = None
+    for i in range(len(events) - 1, -1, -1):
+        ts, move = events[i][0], events[i][1]
+        if next_buy_ts is not None and next_buy_ts - ts <= horizon_ms:
+            label_purchase: int | None = 1
+            value = next_buy_value
+        else:
+            label_purchase, value = (None if ts + horizon_ms > end_ms else 0), None
+        if next_ts is not None and next_ts - ts <= churn_ms:
+            label_churn: int | None = 0
+        else:
+            label_churn = None if ts + churn_ms > end_ms else 1
+        out[i] = (label_purchase, label_churn, value)
+        if move == PURCHASE:
+            next_buy_ts, next_buy_value = ts, events[i][5] * events[i][6]
+        next_ts = ts
+    return out
+
+
+# ---- the whole population -----------------------------------------------------------------------------
+
+
+def parse_start(text: str) -> int:
+    """Epoch milliseconds of an ISO date or date-time (UTC unless it names a zone)."""
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--start: {text!r} is not an ISO-8601 date (example: 2026-01-05T00:00:00Z)") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp() * 1000)
+
+
+DEFAULT_START_MS = parse_start(DEFAULT_START)
+
+
+@dataclass
+class _Run:
+    """Everything generated, sorted by event time: rows are (ts, user, seq, type, session, category, item,
+    price, quantity, p_purchase, p_churn, p_churn_session_end, label_purchase, label_churn, order_value)."""
+
+    params: Params
+    rows: list[tuple]
+    personas: list[int]
+    devices: list[int]
+    item_ids: list[list[str]]
+
+
+def _generate(
+    users: int,
+    days: float,
+    seed: int,
+    start_ms: int,
+    horizon_s: float,
+    churn_days: float,
+    progress: bool,
+) -> _Run:
+    if users < 1:
+        raise ValueError("users: at least 1")
+    if days <= 0:
+        raise ValueError("days: must be positive")
+    if horizon_s <= 0 or churn_days <= 0:
+        raise ValueError("horizon and churn window: must be positive")
+    from tqdm import tqdm
+
+    horizon_whole_s = int(horizon_s)  # gaps are whole seconds: t_j <= t_i + H  <=>  gap sum <= floor(H)
+    params = Params(
+        seed=seed,
+        start_ms=start_ms,
+        end_ms=start_ms + round(days * DAY_MS),
+        horizon_ms=round(horizon_s * 1000),
+        churn_ms=round(churn_days * DAY_MS),
+    )
+    chain = build_chain()
+    oracle = purchase_oracle(horizon_whole_s)
+    catalog = _catalog(seed)
+    rows: list[tuple] = []
+    personas: list[int] = []
+    devices: list[int] = []
+    for u in tqdm(range(users), desc="simulate", unit=" users", file=sys.stderr, disable=not progress):
+        persona, events = _simulate_user(u, params, chain, oracle, catalog)
+        personas.append(persona)
+        devices.append(bisect.bisect_right(DEVICE_CUM, random.Random(f"{seed}:device:{u}").random()))
+        labels = _truth_labels(events, params.horizon_ms, params.churn_ms, params.end_ms)
+        rows.extend((e[0], u, seq, *e[1:], *lab) for seq, (e, lab) in enumerate(zip(events, labels, strict=True)))
+    rows.sort()  # (ts, user, seq) is unique: ties in time go by user, then by the user's own order
+    return _Run(params, rows, personas, devices, catalog[1])
+
+
+def _user_id(u: int) -> str:
+    return f"u{u:07d}"
+
+
+_LABEL_JSON = {None: "null", 0: "0", 1: "1"}
+
+
+def _json_lines(run: _Run) -> Iterator[tuple[str, str]]:
+    """(contract event, truth record) as JSON text per row, in file order.
+
+    Formatted by hand rather than through dicts and orjson: it halves the cost of the writing phase. Every
+    string written is one of ours (ids, type, category and device names: no characters that need escaping)
+    and every number is an int or a finite float whose repr is valid JSON.
+    """
+    user_part: dict[int, tuple[str, str, str]] = {}
+    type_names = EVENT_TYPES
+    cat_names = [c[0] for c in CATEGORIES]
+    item_ids = run.item_ids
+    labels = _LABEL_JSON
+    for ts, u, seq, move, session, cat, item, price, qty, pp, pc, pce, lp, lc, ov in run.rows:
+        known = user_part.get(u)
+        if known is None:
+            known = user_part[u] = (
+                f'"user_id":"{_user_id(u)}"',
+                f',"device":"{DEVICES[run.devices[u]]}","schema":1}}',
+                f'"persona":"{PERSONAS[run.personas[u]]}"',
+            )
+        user_json, tail_json, persona_json = known
+        event_id = f"ev-{u:07d}-{seq:05d}"
+        if item is not None:
+            item_json = f',"item_id":"{item_ids[cat][item]}","category":"{cat_names[cat]}"'
+        elif cat is not None:
+            item_json = f',"category":"{cat_names[cat]}"'
+        else:
+            item_json = ""
+        price_json = "" if price is None else f',"price":{price!r}'
+        qty_json = "" if qty is None else f',"quantity":{qty}'
+        yield (
+            f'{{"event_id":"{event_id}",{user_json},"type":"{type_names[move]}","ts":{ts},'
+            f'"session_id":"ss-{u:07d}-{session:04d}"{item_json}{price_json}{qty_json}{tail_json}',
+            f'{{"event_id":"{event_id}",{user_json},{persona_json},"label_purchase":{labels[lp]},'
+            f'"label_churn":{labels[lc]},"p_purchase":{round(pp, 6)!r},"p_churn":{round(pc, 6)!r},'
+            f'"p_churn_session_end":{round(pce, 6)!r},"order_value":{"null" if ov is None else repr(round(ov, 2))}}}',
+        )
+
+
+# ---- public API ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Simulation:
+    """Events in file order and their truth records (same order), plus the period they cover."""
+
+    events: list[Event]
+    truth: list[dict[str, Any]]
+    start_ms: int
+    end_ms: int  # exclusive: events lie in [start_ms, end_ms); labels are censored against it
+    horizon_ms: int
+    churn_ms: int
+
+
+def simulate(
+    users: int,
+    days: float,
+    seed: int,
+    *,
+    start_ms: int = DEFAULT_START_MS,
+    horizon_s: float = DEFAULT_HORIZON_S,
+    churn_days: float = DEFAULT_CHURN_DAYS,
+    progress: bool = False,
+) -> Simulation:
+    """Simulate in memory: the same events and truth that ``write_simulation`` writes for these arguments."""
+    run = _generate(users, days, seed, start_ms, horizon_s, churn_days, progress)
+    events, truth = [], []
+    loads = orjson.loads
+    for event_json, truth_json in _json_lines(run):
+        e = loads(event_json)
+        events.append(
+            Event(
+                e["event_id"],
+                e["user_id"],
+                e["type"],
+                e["ts"],
+                e["session_id"],
+                e.get("item_id"),
+                e.get("category"),
+                e.get("price"),
+                e.get("quantity"),
+                e["device"],
+            )
+        )
+        truth.append(loads(truth_json))
+    p = run.params
+    return Simulation(events, truth, p.start_ms, p.end_ms, p.horizon_ms, p.churn_ms)
+
+
+def truth_path(path: str | Path) -> Path:
+    """Where the truth file of an events file goes: x.jsonl -> x.truth.jsonl, x.jsonl.gz -> x.truth.jsonl.gz."""
+    path = Path(path)
+    name = path.name
+    for suffix in (".jsonl.gz", ".jsonl", ".gz"):
+        if name.endswith(suffix):
+            base = name[: -len(suffix)]
+            return path.with_name(base + (".truth.jsonl.gz" if suffix.endswith(".gz") else ".truth.jsonl"))
+    return path.with_name(name + ".truth.jsonl")
+
+
+@contextmanager
+def _writer(path: Path, gz: bool) -> Iterator[IO[bytes]]:
+    with open(path, "wb") as raw:
+        if not gz:
+            yield raw
+            return
+        # No file name and a zero mtime in the header: the same arguments give the same bytes.
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as f:
+            yield f
+
+
+def write_simulation(
+    out: str | Path,
+    users: int,
+    days: float,
+    seed: int,
+    *,
+    start_ms: int = DEFAULT_START_MS,
+    horizon_s: float = DEFAULT_HORIZON_S,
+    churn_days: float = DEFAULT_CHURN_DAYS,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write the events file and its truth file; return the summary (counts, rates, speed)."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    truth_out = truth_path(out)
+    started = time.perf_counter()
+    run = _generate(users, days, seed, start_ms, horizon_s, churn_days, progress)
+    tmp_events, tmp_truth = out.with_name(out.name + ".part"), truth_out.with_name(truth_out.name + ".part")
+    gz = out.name.endswith(".gz")
+    with _writer(tmp_events, gz) as f_events, _writer(tmp_truth, gz) as f_truth:
+        bar = tqdm(total=len(run.rows), desc="write", unit=" events", file=sys.stderr, disable=not progress)
+        lines = _json_lines(run)
+        while chunk := list(islice(lines, 20_000)):
+            f_events.write(("\n".join([c[0] for c in chunk]) + "\n").encode())
+            f_truth.write(("\n".join([c[1] for c in chunk]) + "\n").encode())
+            bar.update(len(chunk))
+        bar.close()
+    tmp_events.replace(out)
+    tmp_truth.replace(truth_out)
+    seconds = time.perf_counter() - started
+    return _summary(run, seconds, out, truth_out)
+
+
+def _rate(values: list[int | None]) -> tuple[int, int, float | None]:
+    known = [v for v in values if v is not None]
+    positives = sum(known)
+    return len(known), positives, (positives / len(known) if known else None)
+
+
+def _summary(run: _Run, seconds: float, out: Path | None, truth_out: Path | None) -> dict[str, Any]:
+    rows, p = run.rows, run.params
+    n_p, pos_p, rate_p = _rate([r[12] for r in rows])
+    n_c, pos_c, rate_c = _rate([r[13] for r in rows])
+    type_counts = [0] * 8
+    for r in rows:
+        type_counts[r[3]] += 1
+    persona_counts = [0] * len(PERSONAS)
+    for persona in run.personas:
+        persona_counts[persona] += 1
+    return {
+        "events": len(rows),
+        "users": len(run.personas),
+        "active_users": len({r[1] for r in rows}),
+        "seed": p.seed,
+        "start_ms": p.start_ms,
+        "end_ms": p.end_ms,
+        "horizon_s": p.horizon_ms / 1000,
+        "churn_days": p.churn_ms / DAY_MS,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(len(rows) / seconds, 1) if seconds > 0 else None,
+        "purchase_labelled": n_p,
+        "purchase_positives": pos_p,
+        "purchase_positive_rate": rate_p,
+        "churn_labelled": n_c,
+        "churn_positives": pos_c,
+        "churn_positive_rate": rate_c,
+        "event_types": dict(zip(EVENT_TYPES, type_counts, strict=True)),
+        "personas": dict(zip(PERSONAS, persona_counts, strict=True)),
+        "out": None if out is None else str(out),
+        "truth": None if truth_out is None else str(truth_out),
+    }
+
+
+def _open_read(path: Path) -> IO[bytes]:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def read_events(path: str | Path) -> Iterator[Event]:
+    """Contract events of a JSON-lines file (.gz ok), validated like the engine's ingest (no key check).
+    Raises ValueError naming the file, line and reason at the first invalid line."""
+    path = Path(path)
+    with _open_read(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            event = validate(line, check_key=False, max_bytes=max(len(line), 1))
+            if not isinstance(event, Event):
+                raise ValueError(f"{path}:{lineno}: invalid event: {event}")
+            yield event
+
+
+def read_truth(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Records of a truth file (see ``truth_path``)."""
+    with _open_read(Path(path)) as f:
+        for line in f:
+            if line.strip():
+                yield orjson.loads(line)
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--users", type=int, required=True, help="number of users")
+    parser.add_argument("--days", type=float, required=True, help="length of the simulated period in days")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same arguments give the same bytes")
+    parser.add_argument("--out", type=Path, required=True, help="events file (.jsonl, or .jsonl.gz for gzip)")
+    parser.add_argument(
+        "--start", default=DEFAULT_START, help=f"start of the period, ISO-8601 (default {DEFAULT_START})"
+    )
+    parser.add_argument(
+        "--horizon-s", type=float, default=DEFAULT_HORIZON_S, help="purchase label horizon in seconds (default 3600)"
+    )
+    parser.add_argument(
+        "--churn-days", type=float, default=DEFAULT_CHURN_DAYS, help="churn label window in days (default 14)"
+    )
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write a JSON summary here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace, settings: Any) -> int:
+    try:
+        start_ms = parse_start(args.start)
+    except ValueError as exc:
+        print(f"intentstream simulate: {exc}", file=sys.stderr)
+        return 2
+    if args.users < 1 or args.days <= 0 or args.horizon_s <= 0 or args.churn_days <= 0:
+        print("intentstream simulate: --users, --days, --horizon-s and --churn-days must be positive", file=sys.stderr)
+        return 2
+    if args.horizon_s > MIN_SESSION_GAP_S:
+        print(
+            f"intentstream simulate: warning: p_purchase counts purchases of the current session only; with a "
+            f"horizon over {MIN_SESSION_GAP_S} s a later session could add some, so it is a lower bound",
+            file=sys.stderr,
+        )
+    if not args.out.parent.is_dir():
+        raise FileNotFoundError(f"{args.out.parent}: no such directory")
+    summary = write_simulation(
+        args.out,
+        args.users,
+        args.days,
+        args.seed,
+        start_ms=start_ms,
+        horizon_s=args.horizon_s,
+        churn_days=args.churn_days,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{summary['events']} events of {summary['users']} users in {summary['seconds']:.1f} s "
+        f"({summary['events_per_s']:.0f} events/s) -> {summary['out']} and {summary['truth']}; "
+        f"purchase positives {_pct(summary['purchase_positive_rate'])}, "
+        f"churn positives {_pct(summary['churn_positive_rate'])}"
+    )
+    if args.json:
+        args.json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+    return 0
+
+
+def _pct(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{100 * rate:.1f} %"
