@@ -1,0 +1,216 @@
+"""Trainer and evaluation: the split, censoring, determinism, and train + evaluate end to end through the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.artifact import load_artifact
+from stream.cli import main as cli_main
+from stream.contract import Event
+from training import metrics as M
+from training.data import TEST, TRAIN, VAL, DataConfig, build_dataset, make_chunks
+from training.train import Tensors, TrainConfig, masked_loss, train_model
+
+BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00Z
+DAY_MS = 86_400_000
+
+
+def synthetic_events(n_users: int = 160, days: int = 30, seed: int = 0) -> list[Event]:
+    """Small clickstream with a learnable signal: some sessions add to the cart, check out and buy within
+    minutes; users visit at their own rate and stop at their own time (so some churn)."""
+    rng = random.Random(seed)
+    events: list[Event] = []
+    k = 0
+
+    def add(uid: str, etype: str, ts: int, sid: str, **kw) -> None:
+        nonlocal k
+        events.append(Event(f"e{k}", uid, etype, ts, sid, **kw))
+        k += 1
+
+    for u in range(n_users):
+        uid = f"user{u}"
+        rate = rng.choice([0.3, 1.0, 2.0])  # sessions per day
+        stop_day = rng.uniform(1, days * 1.5)
+        t = rng.uniform(0, 2) * DAY_MS
+        s = 0
+        while t < min(stop_day, days) * DAY_MS:
+            s += 1
+            sid, ts = f"{uid}-s{s}", BASE_MS + int(t)
+            for _ in range(rng.randint(1, 6)):
+                item = f"i{rng.randrange(40)}"
+                add(uid, rng.choice(["page_view", "product_view", "search"]), ts, sid, item_id=item,
+                    category=f"c{rng.randrange(4)}", price=round(rng.uniform(5, 200), 2))  # fmt: skip
+                ts += rng.randint(5_000, 120_000)
+            if rng.random() < 0.3:
+                add(uid, "add_to_cart", ts, sid, item_id="i1", category="c1", price=40.0, quantity=1)
+                ts += rng.randint(5_000, 300_000)
+                if rng.random() < 0.7:
+                    add(uid, "checkout_start", ts, sid)
+                    ts += rng.randint(5_000, 300_000)
+                    add(uid, "purchase", ts, sid, item_id="i1", category="c1", price=40.0, quantity=rng.randint(1, 3))
+            t += rng.expovariate(rate) * DAY_MS + 3_600_000
+    events.sort(key=lambda e: e.ts)
+    return events
+
+
+def write_jsonl_gz(path: Path, events: list[Event]) -> Path:
+    with gzip.open(path, "wb") as f:
+        for e in events:
+            f.write(e.to_json() + b"\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return build_dataset(synthetic_events(), DataConfig())
+
+
+def test_split_has_no_user_overlap_and_respects_time(dataset):
+    ds = dataset
+    users, ts = ds.record_user, ds.records["ts"]
+    scored = {s: set(users[ds.loss_mask(s)].tolist()) for s in (TRAIN, VAL, TEST)}
+    assert all(scored.values())
+    assert not scored[TRAIN] & scored[VAL] and not scored[TRAIN] & scored[TEST] and not scored[VAL] & scored[TEST]
+    for head in ("purchase", "churn"):
+        assert ds.t_start < ds.t_split[head] < ds.t_end
+        assert (ts[ds.head_mask(TRAIN, head)] < ds.t_split[head]).all()
+        for s in (VAL, TEST):
+            assert (ts[ds.head_mask(s, head)] >= ds.t_split[head]).all()
+            assert ds.head_mask(s, head).any()
+    # Churn needs 14 days of future: it splits earlier, so that val/test still hold churn labels.
+    assert ds.t_split["churn"] < ds.t_split["purchase"]
+    assert (~np.isnan(ds.churn[ds.head_mask(TEST, "churn")])).any()
+    # Training chunks put losses only on train users before t_split; context comes from the same user.
+    chunks = make_chunks(ds, TRAIN, chunk_len=32, burn_in=64)
+    for input_start, loss_start, end in chunks:
+        assert users[input_start] == users[end - 1] and ds.user_split[users[loss_start]] == TRAIN
+        assert (ts[loss_start:end] < ds.t_split["purchase"]).all()
+        assert loss_start - input_start <= 64 and end - loss_start <= 32
+    # The training labels are NaN outside the train positions of each head.
+    tensors = Tensors(ds)
+    known_churn = ~torch.isnan(tensors.churn[:-1]).numpy()
+    assert (ts[known_churn] < ds.t_split["churn"]).all() and ds.session_end()[known_churn].all()
+    # Stable: the same seed gives the same split whatever the event order; another seed another split.
+    again = build_dataset(list(reversed(synthetic_events())), DataConfig())
+    same = dict(zip(again.user_ids, again.user_split, strict=True))
+    assert all(same[u] == s for u, s in zip(ds.user_ids, ds.user_split, strict=True))
+    other = build_dataset(synthetic_events(), DataConfig(split_seed=1))
+    assert not np.array_equal(other.user_split, ds.user_split)
+
+
+def test_split_proportions_are_about_70_15_15():
+    from training.data import user_split
+
+    split = user_split([f"u{i}" for i in range(20_000)], DataConfig())
+    shares = np.bincount(split, minlength=3) / len(split)
+    assert np.allclose(shares, [0.70, 0.15, 0.15], atol=0.015)
+
+
+def test_labels_near_the_end_are_censored_and_masked(dataset):
+    ds = dataset
+    ts = ds.records["ts"]
+    assert np.isnan(ds.purchase[ts + ds.config.horizon_ms > ds.t_end]).all()
+    assert np.isnan(ds.churn[ts + ds.config.churn_ms > ds.t_end]).all()
+    assert (~np.isnan(ds.purchase)).any() and (~np.isnan(ds.churn)).any()
+    assert np.nansum(ds.purchase) > 0 and np.nansum(ds.churn) > 0
+    # The loss ignores censored positions: any value there, the loss is the same and finite.
+    tensors = Tensors(ds)
+    rows = np.array([[int(ds.user_start[u]), int(ds.user_start[u]), int(ds.user_start[u + 1])] for u in range(5)])
+    _, _, _, idx, loss_mask = tensors.gather(rows)
+    out = torch.zeros(*idx.shape, 3)
+    censored = torch.from_numpy(np.isnan(ds.purchase[np.minimum(idx, len(ds) - 1)]) | (idx == len(ds)))
+    a, _ = masked_loss(out, tensors, idx, loss_mask, TrainConfig())
+    out2 = out.clone()
+    out2[..., 0][censored] = 1e6
+    b, _ = masked_loss(out2, tensors, idx, loss_mask, TrainConfig())
+    assert torch.isfinite(a) and a == b
+    # Metrics skip NaN labels too.
+    y, p = np.array([1.0, 0.0, np.nan, 1.0]), np.array([0.9, 0.1, 0.99, 0.8])
+    assert M.roc_auc(y, p) == 1.0 and M.brier(y, p) == pytest.approx((0.01 + 0.01 + 0.04) / 3)
+
+
+def test_metrics_thresholds_and_platt():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=5000)
+    y = (rng.random(5000) < M.sigmoid(2.0 * z - 1.0)).astype(float)
+    a, b = M.platt_fit(z, y)
+    assert a == pytest.approx(2.0, abs=0.25) and b == pytest.approx(-1.0, abs=0.15)
+    p = M.sigmoid(a * z + b)
+    assert M.expected_calibration_error(y, p) < 0.03
+    bands = M.band_thresholds(y, p, y, p)
+    assert 0 < bands["purchase"]["medium"] <= bands["purchase"]["high"] < 1
+    assert M.at_threshold(y, p, bands["purchase"]["medium"])["recall"] >= 0.8
+    assert M.at_threshold(y, p, bands["churn"]["alert"])["f1"] == pytest.approx(
+        max(M.at_threshold(y, p, t)["f1"] for t in np.quantile(p, np.linspace(0.01, 0.99, 99))), abs=0.01
+    )
+
+
+def test_training_is_deterministic_for_a_seed(dataset):
+    cfg = TrainConfig(epochs=1, batch_size=16, d_model=16, gru_hidden=16, seed=3, device="cpu")
+    a = train_model(dataset, cfg, progress=False)
+    b = train_model(dataset, cfg, progress=False)
+    c = train_model(dataset, TrainConfig(**{**cfg.__dict__, "seed": 4}), progress=False)
+    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert a.calibration == b.calibration and a.thresholds == b.thresholds
+
+
+def test_train_and_evaluate_end_to_end_through_the_cli(tmp_path, capsys):
+    data = write_jsonl_gz(tmp_path / "events.jsonl.gz", synthetic_events(n_users=200, seed=1))
+    models = tmp_path / "models"
+    rc = cli_main(["train", "--data", str(data), "--arch", "gru", "--out", str(models), "--epochs", "2",
+                   "--device", "cpu", "--quiet", "--json", str(tmp_path / "train.json")])  # fmt: skip
+    assert rc == 0
+    rc = cli_main(["train", "--data", str(data), "--arch", "cnn", "--out", str(models), "--epochs", "1",
+                   "--device", "cpu", "--quiet"])  # fmt: skip
+    assert rc == 0
+    gru, cnn = models / "v0001-gru", models / "v0002-cnn"
+    loaded = load_artifact(gru)
+    assert loaded.config.arch == "gru" and set(loaded.calibration) == {"purchase", "churn"}
+    th = loaded.thresholds
+    assert 0 <= th["purchase"]["medium"] <= th["purchase"]["high"] <= 1 and 0 <= th["churn"]["alert"] <= 1
+    assert loaded.manifest["metrics"]["test"]["purchase"]["roc_auc"] > 0.5
+    assert json.loads((tmp_path / "train.json").read_text())["artifact"] == str(gru)
+
+    report_dir = tmp_path / "report"
+    rc = cli_main(["evaluate", "--model", str(models), "--data", str(data), "--out", str(report_dir),
+                   "--device", "cpu", "--quiet"])  # fmt: skip
+    assert rc == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert set(report["models"]) == {"gru", "cnn", "rule", "logreg", "gbt"}
+    for name, m in report["models"].items():
+        for head in ("purchase", "churn"):
+            assert {"roc_auc", "pr_auc", "precision", "recall", "f1", "brier", "ece"} <= set(m[head]), name
+        assert "mae" in m["order_value"]
+    assert {"train", "val", "test"} <= set(report["split"]) and {"purchase", "churn"} <= set(report["base_rates"])
+    assert (report_dir / "report.md").read_text().startswith("# Evaluation report")
+    assert {p.name for p in report_dir.glob("*.png")} == {
+        "pr_purchase.png", "pr_churn.png", "calibration_purchase.png", "calibration_churn.png"
+    }
+    # One artifact folder works too.
+    assert cli_main(["evaluate", "--model", str(cnn), "--data", str(data), "--out", str(tmp_path / "r2"),
+                     "--quiet"]) == 0  # fmt: skip
+
+
+def test_evaluate_refuses_a_tampered_artifact(tmp_path, capsys):
+    data = write_jsonl_gz(tmp_path / "events.jsonl.gz", synthetic_events(n_users=60, seed=2))
+    models = tmp_path / "models"
+    assert cli_main(["train", "--data", str(data), "--out", str(models), "--epochs", "1", "--quiet"]) == 0
+    weights = models / "v0001-gru" / "weights.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    capsys.readouterr()
+    rc = cli_main(["evaluate", "--model", str(models), "--data", str(data), "--out", str(tmp_path / "report")])
+    out = capsys.readouterr().out
+    assert rc == 2
+    assert "refused" in out and "v0001-gru" in out and "sha256 mismatch" in out
+    assert not (tmp_path / "report" / "report.json").exists()

@@ -1,0 +1,360 @@
+"""Training data: contract events -> records, labels, the user x time split, and training chunks.
+
+- Events come from JSON-lines files (the simulator's output, any contract events, ``.gz`` ok) or REES46 CSV
+  (through ``stream.rees46`` when that adapter is present). Records are built by
+  ``models.features.encode_events``: the very function whose output the engine's parity test checks.
+- Labels are recomputed from the events (``training.labels``), never read from a simulator's truth file, so a
+  real trace is labelled exactly like a synthetic one.
+- The split is by user AND by time. Users are hashed (stable, seeded) into train/val/test 70/15/15. Time:
+  train losses use only events before ``t_split``; val/test metrics only events at or after it. Every model
+  still reads each user's earlier events as input context (the engine does too). ``t_split`` is per head
+  (``split_time``): churn labels need 14 days of future, so churn splits earlier than purchase.
+- Censored labels (the horizon runs past the end of the data) are NaN and masked from losses and metrics.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.features import FLAG_NEW_SESSION, FeaturizerConfig, encode_events
+from stream.contract import TYPE_CODE, Event, validate
+
+TRAIN, VAL, TEST = 0, 1, 2
+SPLIT_NAMES = ("train", "val", "test")
+DAY_MS = 86_400_000
+PURCHASE = TYPE_CODE["purchase"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    horizon_s: float = 3600.0  # purchase label: a purchase by the same user within this time after the event
+    churn_days: float = 14.0  # churn label: no event of the user within this many days after the event
+    split_seed: int = 0  # salt of the user hash: another seed, another user split
+    train_frac: float = 0.70
+    val_frac: float = 0.15  # test gets the rest
+    time_split: float = 2 / 3  # t_split as a fraction of each head's labellable period (see ``split_time``)
+    featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
+
+    @property
+    def horizon_ms(self) -> int:
+        return int(round(self.horizon_s * 1000))
+
+    @property
+    def churn_ms(self) -> int:
+        return int(round(self.churn_days * DAY_MS))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["featurizer"] = self.featurizer.to_dict()
+        return d
+
+
+@dataclass
+class Dataset:
+    """All events of the input files, as records grouped by user and time-ordered within each user."""
+
+    config: DataConfig
+    records: np.ndarray  # models.features.RECORD_DTYPE [N]
+    event_ids: np.ndarray  # object (str) [N]: to align a truth file (oracle) with the records
+    source_index: np.ndarray  # int64 [N]: index of each record's event in the input files (read order)
+    user_ids: list[str]  # [U] in first-seen order
+    user_start: np.ndarray  # int64 [U + 1]: records of user u are user_start[u]:user_start[u + 1]
+    user_split: np.ndarray  # uint8 [U]: TRAIN, VAL or TEST
+    purchase: np.ndarray  # float32 [N]: 1/0, NaN when censored
+    churn: np.ndarray  # float32 [N]: 1/0, NaN when censored
+    order_value: np.ndarray  # float32 [N]: value of the next purchase within the horizon, NaN when none
+    t_start: int
+    t_end: int
+    t_split: dict[str, int]  # per head: "purchase", "churn"
+    data_hash: str
+    sources: list[str]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def record_user(self) -> np.ndarray:
+        return np.repeat(np.arange(self.n_users), np.diff(self.user_start))
+
+    @property
+    def record_split(self) -> np.ndarray:
+        return np.repeat(self.user_split, np.diff(self.user_start))
+
+    def session_end(self) -> np.ndarray:
+        """Positions where a session closes: the user's next event starts a new session (or there is none).
+        The engine judges churn there, when it sees the session closed."""
+        nxt_new = np.ones(len(self), dtype=bool)
+        nxt_new[:-1] = (self.records["flags"][1:] & FLAG_NEW_SESSION) > 0  # a user's first event has the flag too
+        return nxt_new
+
+    def head_mask(self, split: int, head: str) -> np.ndarray:
+        """Positions whose ``head`` label counts for ``split`` (known or censored): the split's users; train
+        before the head's t_split, val/test at or after it; churn only where a session closes; order value
+        where a purchase follows within the horizon."""
+        ts = self.records["ts"]
+        t_split = self.t_split["churn" if head == "churn" else "purchase"]
+        in_time = ts < t_split if split == TRAIN else ts >= t_split
+        mask = (self.record_split == split) & in_time
+        if head == "churn":
+            return mask & self.session_end()
+        if head == "order_value":
+            return mask & ~np.isnan(self.order_value)
+        return mask
+
+    def loss_mask(self, split: int) -> np.ndarray:
+        """Positions where any head is scored for ``split``."""
+        return self.head_mask(split, "purchase") | self.head_mask(split, "churn")
+
+    def summary(self) -> dict:
+        """Split sizes and base rates (they go into the manifest and the report)."""
+        out: dict = {
+            "events": len(self),
+            "users": self.n_users,
+            "t_start": self.t_start,
+            "t_end": self.t_end,
+            "t_split": dict(self.t_split),
+            "days": round((self.t_end - self.t_start) / DAY_MS, 3),
+        }
+        for s, name in enumerate(SPLIT_NAMES):
+            p = self.purchase[self.head_mask(s, "purchase")]
+            c = self.churn[self.head_mask(s, "churn")]
+            out[name] = {
+                "users": int((self.user_split == s).sum()),
+                "events_scored": int(self.loss_mask(s).sum()),
+                "purchase_labelled": int((~np.isnan(p)).sum()),
+                "purchase_positives": int(np.nansum(p)),
+                "purchase_base_rate": _rate(p),
+                "churn_labelled": int((~np.isnan(c)).sum()),
+                "churn_positives": int(np.nansum(c)),
+                "churn_base_rate": _rate(c),
+            }
+        return out
+
+
+def _rate(y: np.ndarray) -> float:
+    n = int((~np.isnan(y)).sum())
+    return float(np.nansum(y) / n) if n else math.nan
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+
+def _is_csv(path: Path) -> bool:
+    return path.name.endswith((".csv", ".csv.gz"))
+
+
+def read_jsonl_events(path: Path) -> list[Event]:
+    """Contract events from a JSON-lines file, each line validated like the engine's ingest (no key check)."""
+    events, rejected, first_reason = [], 0, ""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            event = validate(line, check_key=False, max_bytes=1 << 20)
+            if isinstance(event, Event):
+                events.append(event)
+            else:
+                rejected += 1
+                first_reason = first_reason or event
+    if rejected:
+        print(f"{path}: skipped {rejected} invalid lines (first: {first_reason})")
+    return events
+
+
+def read_events(paths: Sequence[Path | str]) -> list[Event]:
+    """Events of all files, in file order. JSON lines use the simulator's reader when it exists."""
+    events: list[Event] = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such data file")
+        if _is_csv(p):
+            try:
+                from stream import rees46
+            except ImportError:
+                raise FileNotFoundError(f"{p}: REES46 CSV needs stream/rees46.py, which is absent") from None
+            events.extend(rees46.read_events(p))
+        else:
+            try:
+                from stream.simulator import read_events as simulator_read_events
+            except ImportError:
+                simulator_read_events = read_jsonl_events
+            events.extend(simulator_read_events(p))
+    return events
+
+
+def files_hash(paths: Iterable[Path | str]) -> str:
+    """sha256 over the bytes of the input files, in order: what the manifest names as the training data."""
+    digest = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- split -----------------------------------------------------------------------------------------
+
+
+def user_split(user_ids: Sequence[str], config: DataConfig) -> np.ndarray:
+    """TRAIN/VAL/TEST per user from a salted 64-bit hash: stable across runs, machines and file orders."""
+    salt = f"{config.split_seed}:".encode()
+    h = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(salt + u.encode(), digest_size=8).digest(), "little") for u in user_ids),
+        np.float64,
+        len(user_ids),
+    )
+    frac = h / 2.0**64
+    return np.where(
+        frac < config.train_frac, TRAIN, np.where(frac < config.train_frac + config.val_frac, VAL, TEST)
+    ).astype(np.uint8)
+
+
+def split_time(t_start: int, t_end: int, horizon_ms: int, fraction: float) -> int:
+    """t_split of a head: ``fraction`` of the way through the period whose labels can be known (the data minus
+    the head's horizon), so that val/test hold labels of that head after it. With a 30-day trace: purchase
+    (1 h) splits at day 20, churn (14 days) at day 10.7 (val/test churn then lies in days 10.7-16). A head
+    whose horizon exceeds the data (churn on a 2.5-hour trace) gets t_end: it has no labels anyway."""
+    labellable = t_end - horizon_ms - t_start
+    return int(t_start + fraction * labellable) if labellable > 0 else t_end
+
+
+# ---- labels ----------------------------------------------------------------------------------------
+
+
+def make_labels(
+    records: np.ndarray, user_start: np.ndarray, config: DataConfig, end_ms: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(purchase, churn, order_value) per record from the events alone (training/labels.py).
+
+    On top of what the labels function censors, a label is kept only where its whole horizon lies inside the
+    data (ts + horizon <= end): near the end a known positive (purchase seen) or known negative (user
+    returned) would otherwise survive while its opposite is censored, biasing the base rates there.
+    """
+    from training.labels import compute_labels
+
+    n = len(records)
+    user_index = np.repeat(np.arange(len(user_start) - 1), np.diff(user_start))
+    ts = records["ts"].astype(np.int64)
+    is_purchase = records["type"] == PURCHASE
+    quantity = np.where(records["quantity"] > 0, records["quantity"], 1).astype(np.float64)
+    value = np.where(is_purchase, records["price"].astype(np.float64) * quantity, np.nan)
+    labels = compute_labels(user_index, ts, is_purchase, value, config.horizon_ms, config.churn_ms, end_ms)
+    purchase, churn, order_value = _unpack_labels(labels, n)
+    purchase = np.where(ts + config.horizon_ms <= end_ms, purchase, np.nan).astype(np.float32)
+    churn = np.where(ts + config.churn_ms <= end_ms, churn, np.nan).astype(np.float32)
+    order_value = np.where(purchase == 1, order_value, np.nan).astype(np.float32)
+    return purchase, churn, order_value
+
+
+def _unpack_labels(labels, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accept the labels function's result as a mapping, a dataclass-like object or a tuple."""
+    names = ("purchase", "churn", "order_value")
+    if isinstance(labels, dict):
+        got = [labels.get(k, labels.get(f"label_{k}")) for k in names]
+    elif isinstance(labels, tuple):
+        got = list(labels[:3])
+    else:
+        got = [getattr(labels, k, getattr(labels, f"label_{k}", None)) for k in names]
+    if any(g is None for g in got):
+        raise TypeError(f"training.labels.compute_labels returned {type(labels).__name__}, expected {names}")
+    out = tuple(np.asarray(g, dtype=np.float64).reshape(n) for g in got)
+    return out  # type: ignore[return-value]
+
+
+# ---- the dataset -----------------------------------------------------------------------------------
+
+
+def build_dataset(
+    events: Sequence[Event], config: DataConfig, data_hash: str = "", sources: Sequence[str] = ()
+) -> Dataset:
+    if not events:
+        raise ValueError("no events to train or evaluate on")
+    records, order = encode_events(events, config.featurizer)
+    event_ids = np.array([events[i].event_id for i in order], dtype=object)
+    user_ids = list(dict.fromkeys(events[i].user_id for i in order))
+    first = np.ones(len(records), dtype=bool)
+    uidx = np.fromiter((events[i].user_id for i in order), object, len(order))
+    first[1:] = uidx[1:] != uidx[:-1]
+    user_start = np.append(np.flatnonzero(first), len(records)).astype(np.int64)
+    t_start, t_end = int(records["ts"].min()), int(records["ts"].max())
+    purchase, churn, order_value = make_labels(records, user_start, config, t_end)
+    if not data_hash:
+        data_hash = hashlib.sha256(records.tobytes()).hexdigest()
+    return Dataset(
+        config=config,
+        records=records,
+        event_ids=event_ids,
+        source_index=order.astype(np.int64),
+        user_ids=user_ids,
+        user_start=user_start,
+        user_split=user_split(user_ids, config),
+        purchase=purchase,
+        churn=churn,
+        order_value=order_value,
+        t_start=t_start,
+        t_end=t_end,
+        t_split={
+            "purchase": split_time(t_start, t_end, config.horizon_ms, config.time_split),
+            "churn": split_time(t_start, t_end, config.churn_ms, config.time_split),
+        },
+        data_hash=data_hash,
+        sources=list(sources),
+    )
+
+
+def load_dataset(paths: Sequence[Path | str], config: DataConfig) -> Dataset:
+    events = read_events(paths)
+    return build_dataset(events, config, data_hash=files_hash(paths), sources=[str(p) for p in paths])
+
+
+# ---- training chunks -------------------------------------------------------------------------------
+
+
+def make_chunks(ds: Dataset, split: int, chunk_len: int, burn_in: int) -> np.ndarray:
+    """Training examples of ``split``: int64 [K, 3] rows (input_start, loss_start, end) of record indices.
+
+    Each user's scored positions are cut into chunks of at most ``chunk_len`` loss positions; each chunk is
+    preceded by up to ``burn_in`` earlier events of the same user as context (no loss), so every position sees
+    >= ``burn_in`` events of history where the user has them (the CNN's 63-event receptive field fits in 64;
+    the GRU warms its state up). Chunks without a single labelled position are dropped.
+    """
+    mask = ds.loss_mask(split)
+    labelled = (ds.head_mask(split, "purchase") & ~np.isnan(ds.purchase)) | (
+        ds.head_mask(split, "churn") & ~np.isnan(ds.churn)
+    )
+    # Cumulative count of labelled positions: a chunk has labels iff the count grows across it.
+    labelled_before = np.concatenate([[0], np.cumsum(labelled)])
+    rows = []
+    for u in np.flatnonzero(ds.user_split == split):
+        s, e = int(ds.user_start[u]), int(ds.user_start[u + 1])
+        pos = np.flatnonzero(mask[s:e])
+        if not len(pos):
+            continue
+        a, b = s + int(pos[0]), s + int(pos[-1]) + 1  # contiguous: the users' records are time-ordered
+        for lo in range(a, b, chunk_len):
+            hi = min(lo + chunk_len, b)
+            if labelled_before[hi] > labelled_before[lo]:
+                rows.append((max(s, lo - burn_in), lo, hi))
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def batch_order(chunks: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of chunk indices of similar length (little padding), in a random order for the epoch."""
+    lengths = chunks[:, 2] - chunks[:, 0]
+    jitter = rng.random(len(chunks))  # shuffles chunks of equal length between epochs
+    by_length = np.lexsort((jitter, lengths))
+    batches = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]

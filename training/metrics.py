@@ -1,0 +1,151 @@
+"""Metrics, Platt calibration and band thresholds: the numbers that train.py selects on and evaluate.py reports.
+
+Every function takes plain numpy arrays and ignores NaN labels (censored positions), so callers never have to
+remember the mask. A metric that cannot be computed (one class only, no positives) is NaN, never an exception:
+reports print it as "n/a" and say why.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+
+def _valid(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(p, dtype=np.float64)
+    keep = ~np.isnan(y) & ~np.isnan(p)
+    return y[keep], p[keep]
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    y, p = _valid(y, p)
+    if len(np.unique(y)) < 2:
+        return math.nan
+    return float(roc_auc_score(y, p))
+
+
+def pr_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Average precision (the step-wise area under the precision-recall curve; no optimistic interpolation)."""
+    y, p = _valid(y, p)
+    if y.sum() == 0:
+        return math.nan
+    return float(average_precision_score(y, p))
+
+
+def brier(y: np.ndarray, p: np.ndarray) -> float:
+    y, p = _valid(y, p)
+    return float(np.mean((p - y) ** 2)) if len(y) else math.nan
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """Weighted mean |observed rate - mean prediction| over equal-width probability bins."""
+    y, p = _valid(y, p)
+    if not len(y):
+        return math.nan
+    which = np.minimum((p * bins).astype(np.int64), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, y, bins) - np.bincount(which, p, bins))  # per bin: |sum y - sum p|
+    return float(gap.sum() / count.sum())
+
+
+def calibration_curve(y: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean prediction, observed rate, count) per non-empty equal-width bin, for the reliability plot."""
+    y, p = _valid(y, p)
+    which = np.minimum((p * bins).astype(np.int64), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    nz = count > 0
+    mean_p = np.bincount(which, p, bins)[nz] / count[nz]
+    rate = np.bincount(which, y, bins)[nz] / count[nz]
+    return mean_p, rate, count[nz]
+
+
+def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    y, p = _valid(y, p)
+    pred = p >= threshold
+    tp = float((pred & (y == 1)).sum())
+    precision = tp / pred.sum() if pred.sum() else math.nan
+    recall = tp / (y == 1).sum() if (y == 1).sum() else math.nan
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else math.nan
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def f1_optimal_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The score threshold with the best F1 (predict positive when score >= threshold); 0.5 without positives."""
+    y, p = _valid(y, p)
+    if y.sum() == 0 or y.sum() == len(y):
+        return 0.5
+    precision, recall, thresholds = precision_recall_curve(y, p)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    return float(thresholds[int(np.argmax(f1))])
+
+
+def threshold_at_recall(y: np.ndarray, p: np.ndarray, recall: float) -> float:
+    """The highest threshold that still catches at least ``recall`` of the positives."""
+    y, p = _valid(y, p)
+    pos = np.sort(p[y == 1])[::-1]
+    if not len(pos):
+        return 0.5
+    k = min(len(pos) - 1, max(0, math.ceil(recall * len(pos)) - 1))
+    return float(pos[k])
+
+
+def band_thresholds(
+    y_purchase: np.ndarray, p_purchase: np.ndarray, y_churn: np.ndarray, p_churn: np.ndarray, medium_recall: float = 0.8
+) -> dict[str, dict[str, float]]:
+    """The engine's bands, chosen on validation: purchase high = F1-optimal, medium = recall 0.8 (never above
+    high); churn alert = F1-optimal."""
+    high = f1_optimal_threshold(y_purchase, p_purchase)
+    medium = min(threshold_at_recall(y_purchase, p_purchase, medium_recall), high)
+    return {"purchase": {"medium": medium, "high": high}, "churn": {"alert": f1_optimal_threshold(y_churn, p_churn)}}
+
+
+def platt_fit(logits: np.ndarray, y: np.ndarray, iters: int = 50, l2: float = 1e-6) -> list[float]:
+    """Platt scaling: [a, b] so that sigmoid(a * logit + b) is calibrated on (logits, y). Newton's method on the
+    two-parameter logistic loss (deterministic, no solver settings); [1, 0] (identity) when y has one class."""
+    y, z = _valid(y, logits)
+    if len(np.unique(y)) < 2:
+        return [1.0, 0.0]
+    a, b = 1.0, 0.0
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-np.clip(a * z + b, -40, 40)))
+        w = np.maximum(p * (1 - p), 1e-12)
+        g = np.array([np.dot(p - y, z) + l2 * a, np.sum(p - y)])
+        h = np.array([[np.dot(w, z * z) + l2, np.dot(w, z)], [np.dot(w, z), w.sum() + l2]])
+        step = np.linalg.solve(h, g)
+        a, b = a - step[0], b - step[1]
+        if np.abs(step).max() < 1e-9:
+            break
+    return [float(a), float(b)]
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
+
+
+def head_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """Everything the report shows for one probability head: ranking, threshold and calibration metrics."""
+    yv, _ = _valid(y, p)
+    return {
+        "roc_auc": roc_auc(y, p),
+        "pr_auc": pr_auc(y, p),
+        **at_threshold(y, p, threshold),
+        "threshold": float(threshold),
+        "brier": brier(y, p),
+        "ece": expected_calibration_error(y, p),
+        "n": int(len(yv)),
+        "positives": int(yv.sum()),
+    }
+
+
+def order_value_mae(actual: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean absolute error of the predicted order value on positions whose next purchase is known."""
+    keep = ~np.isnan(actual) & ~np.isnan(predicted)
+    return float(np.mean(np.abs(actual[keep] - predicted[keep]))) if keep.any() else math.nan

@@ -1,0 +1,426 @@
+"""`intentstream train`: fit a GRU / CNN / hybrid intent+churn model and publish a versioned artifact.
+
+    intentstream train --data var/sim.jsonl.gz --arch gru --out var/models
+
+What happens, in order (docs/training.md explains the choices):
+1. events -> records, labels and the user x time split (training/data.py);
+2. training on chunks of the train users' events before t_split: masked BCE for purchase and churn plus MSE
+   of log order value where a purchase follows; AdamW; early stopping on the validation PR-AUCs;
+3. Platt calibration of both heads and the engine's band thresholds, both fitted on validation;
+4. test metrics, and ``models.artifact.save_artifact`` (the engine hot-swaps the new version).
+
+Every model is scored the way the engine scores it: over each user's whole history from a zero state
+(``predict``), so validation and test figures are the engine's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.artifact import ArtifactError, resolve_device, save_artifact
+from models.features import model_inputs
+from models.model import IntentModel, ModelConfig
+from training import metrics as M
+from training.data import TEST, TRAIN, VAL, DataConfig, Dataset, batch_order, load_dataset, make_chunks
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str = "gru"  # gru | cnn | hybrid
+    epochs: int = 6
+    batch_size: int = 64  # chunks per step
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_minutes: float = 0.0  # stop training (not calibration and scoring) after this long; 0 = no limit
+    chunk_len: int = 128  # loss positions per training example
+    burn_in: int = 64  # context events before each chunk (no loss): the engine's window
+    patience: int = 2  # epochs without a better validation score before stopping
+    w_purchase: float = 1.0
+    w_churn: float = 1.0
+    w_order_value: float = 0.1  # log-value MSE is ~1 at the start: keep it from dominating the BCEs
+    grad_clip: float = 1.0
+    d_model: int = 64
+    gru_hidden: int = 64
+    dropout: float = 0.1
+    medium_recall: float = 0.8  # purchase "medium" band: the threshold that still catches this recall
+
+    def model_config(self, category_buckets: int) -> ModelConfig:
+        return ModelConfig(
+            arch=self.arch,
+            d_model=self.d_model,
+            gru_hidden=self.gru_hidden,
+            dropout=self.dropout,
+            category_buckets=category_buckets,
+        )
+
+
+@dataclass
+class TrainResult:
+    model: IntentModel
+    calibration: dict[str, list[float]]
+    thresholds: dict[str, dict[str, float]]
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+    seconds: float
+
+
+# ---- batches ---------------------------------------------------------------------------------------
+
+
+class Tensors:
+    """Model inputs and labels of every record, computed once; a batch gathers rows by index.
+
+    One padding row is appended at index N: right padding, which causal models never read for real positions.
+    """
+
+    def __init__(self, ds: Dataset):
+        x = model_inputs(ds.records, ds.config.featurizer)
+        self.n = len(ds)
+        self.type = torch.cat([x["type"], torch.zeros(1, dtype=torch.int64)])
+        self.category = torch.cat([x["category"], torch.zeros(1, dtype=torch.int64)])
+        self.numeric = torch.cat([x["numeric"], torch.zeros(1, x["numeric"].shape[1])])
+        # Training labels, NaN wherever the head does not count for the train split (time, session end).
+        # Churn counts only where a session closes: the engine judges churn when it sees the session closed, so
+        # the head learns P(churn | history, the session ends here), not "is this the session's last event".
+        purchase = np.where(ds.head_mask(TRAIN, "purchase"), ds.purchase, np.nan)
+        churn = np.where(ds.head_mask(TRAIN, "churn"), ds.churn, np.nan)
+        value = np.where(ds.head_mask(TRAIN, "order_value"), ds.order_value, np.nan).astype(np.float64)
+        log_value = np.log(np.maximum(value, 1e-2))
+        nan = np.array([np.nan])
+        self.purchase = torch.from_numpy(np.concatenate([purchase, nan]).astype(np.float32))
+        self.churn = torch.from_numpy(np.concatenate([churn, nan]).astype(np.float32))
+        self.log_value = torch.from_numpy(np.concatenate([log_value, nan]).astype(np.float32))
+
+    def labels_per_batch(self, chunks: np.ndarray, n_batches: int) -> tuple[float, float, float]:
+        """Average number of known labels per batch of each head, over the training chunks."""
+        counts = []
+        for labels in (self.purchase, self.churn, self.log_value):
+            known = np.concatenate([[0], np.cumsum(~np.isnan(labels.numpy()))])
+            counts.append(max(float((known[chunks[:, 2]] - known[chunks[:, 1]]).sum()) / n_batches, 1.0))
+        return counts[0], counts[1], counts[2]
+
+    def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+        """Inputs [B, T] for rows (input_start, loss_start, end); also the record index and loss mask [B, T]."""
+        start, loss_start, end = rows[:, 0:1], rows[:, 1:2], rows[:, 2:3]
+        pos = start + np.arange(int((end - start).max()))[None, :]
+        real = pos < end
+        idx = np.where(real, pos, self.n)
+        loss = real & (pos >= loss_start)
+        t = torch.from_numpy(idx)
+        return self.type[t], self.category[t], self.numeric[t], idx, loss
+
+
+def masked_loss(
+    out: torch.Tensor,
+    tensors: Tensors,
+    idx: np.ndarray,
+    loss_mask: np.ndarray,
+    cfg: TrainConfig,
+    per_batch: tuple[float, float, float] | None = None,
+):
+    """Multi-task loss. Each term sums over the positions where its label is known and divides by
+    ``per_batch``, the head's average number of labels per batch (default: this batch's count). A constant
+    divisor weighs every label alike: batches are grouped by chunk length, and a batch of short chunks holds
+    far fewer labels (with other base rates) than one of long chunks."""
+    t = torch.from_numpy(idx)
+    mask = torch.from_numpy(loss_mask)
+    yp, yc, yv = tensors.purchase[t], tensors.churn[t], tensors.log_value[t]
+    mp, mc, mv = mask & ~yp.isnan(), mask & ~yc.isnan(), mask & ~yv.isnan()
+    norm = per_batch or (max(int(mp.sum()), 1), max(int(mc.sum()), 1), max(int(mv.sum()), 1))
+    lp = F.binary_cross_entropy_with_logits(out[..., 0][mp], yp[mp], reduction="sum") / norm[0]
+    lc = F.binary_cross_entropy_with_logits(out[..., 1][mc], yc[mc], reduction="sum") / norm[1]
+    lv = F.mse_loss(out[..., 2][mv], yv[mv], reduction="sum") / norm[2]
+    total = cfg.w_purchase * lp + cfg.w_churn * lc + cfg.w_order_value * lv
+    return total, (lp.item(), lc.item(), lv.item())
+
+
+# ---- scoring like the engine -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(
+    model: IntentModel,
+    ds: Dataset,
+    tensors: Tensors,
+    users: np.ndarray,
+    device: torch.device,
+    max_positions: int = 1 << 16,
+) -> np.ndarray:
+    """Raw outputs [N, 3] (NaN for records of other users): each user's whole history in one causal pass
+    from a zero state, as the engine scores a user event by event (tests/test_model.py proves the equality)."""
+    model.eval()
+    out = np.full((len(ds), 3), np.nan, dtype=np.float32)
+    starts, ends = ds.user_start[users], ds.user_start[users + 1]
+    order = np.argsort(ends - starts, kind="stable")
+    i = 0
+    while i < len(order):
+        width = int(ends[order[i]] - starts[order[i]])
+        j = i + 1  # users sorted by length: grow the batch while it fits the position budget
+        while j < len(order) and (j - i + 1) * int(ends[order[j]] - starts[order[j]]) <= max_positions:
+            j += 1
+        sel = order[i:j]
+        rows = np.stack([starts[sel], starts[sel], ends[sel]], axis=1)
+        t, c, x, idx, real = tensors.gather(rows)
+        y, _ = model(t.to(device), c.to(device), x.to(device))
+        out[idx[real]] = y.float().cpu().numpy()[real]
+        i = j
+        del width
+    return out
+
+
+def head_scores(
+    ds: Dataset, raw: np.ndarray, split: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(labels, logits) for purchase and churn and (actual, log predicted) order value where each head counts
+    for ``split`` (``Dataset.head_mask``: churn where a session closes, where the engine reads it)."""
+    p, c, v = (ds.head_mask(split, h) for h in ("purchase", "churn", "order_value"))
+    return (ds.purchase[p], raw[p, 0]), (ds.churn[c], raw[c, 1]), (ds.order_value[v], raw[v, 2])
+
+
+def validation_score(ds: Dataset, raw: np.ndarray) -> tuple[float, float, float]:
+    """(purchase PR-AUC + churn PR-AUC, purchase PR-AUC, churn PR-AUC) on validation: the early-stopping
+    criterion. A head without positives counts 0."""
+    (yp, zp), (yc, zc), _ = head_scores(ds, raw, VAL)
+    p, c = M.pr_auc(yp, zp), M.pr_auc(yc, zc)
+    total = (0.0 if math.isnan(p) else p) + (0.0 if math.isnan(c) else c)
+    return total, p, c
+
+
+def evaluate_split(
+    ds: Dataset, raw: np.ndarray, split: int, calibration: dict[str, list[float]], thresholds: dict
+) -> dict[str, Any]:
+    """Report metrics of one split from raw outputs, with the calibration and thresholds chosen on val."""
+    (yp, zp), (yc, zc), (v, zv) = head_scores(ds, raw, split)
+    pp = M.sigmoid(calibration["purchase"][0] * zp + calibration["purchase"][1])
+    pc = M.sigmoid(calibration["churn"][0] * zc + calibration["churn"][1])
+    return {
+        "purchase": M.head_metrics(yp, pp, thresholds["purchase"]["high"]),
+        "churn": M.head_metrics(yc, pc, thresholds["churn"]["alert"]),
+        "order_value": {"mae": M.order_value_mae(v, np.exp(np.minimum(zv, 15.0))), "n": len(v)},
+    }
+
+
+def calibrate(ds: Dataset, raw: np.ndarray, medium_recall: float) -> tuple[dict, dict]:
+    """Platt parameters per head and the engine's band thresholds, both from validation."""
+    (yp, zp), (yc, zc), _ = head_scores(ds, raw, VAL)
+    calibration = {"purchase": M.platt_fit(zp, yp), "churn": M.platt_fit(zc, yc)}
+    pp = M.sigmoid(calibration["purchase"][0] * zp + calibration["purchase"][1])
+    pc = M.sigmoid(calibration["churn"][0] * zc + calibration["churn"][1])
+    return calibration, M.band_thresholds(yp, pp, yc, pc, medium_recall)
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+
+def init_head_bias(model: IntentModel, ds: Dataset) -> None:
+    """Start the heads at the training base rates and the mean log order value: the first steps then learn
+    the signal instead of the offsets (the order value head would otherwise start ~4 off)."""
+    bias = model.head[-1].bias
+    with torch.no_grad():
+        for k, y in enumerate((ds.purchase[ds.head_mask(TRAIN, "purchase")], ds.churn[ds.head_mask(TRAIN, "churn")])):
+            rate = float(np.nanmean(y)) if (~np.isnan(y)).any() else 0.5
+            bias[k] = float(M.logit(np.array(min(max(rate, 1e-4), 1 - 1e-4))))
+        values = ds.order_value[ds.head_mask(TRAIN, "order_value")]
+        if (~np.isnan(values)).any():
+            bias[2] = float(np.nanmean(np.log(np.maximum(values, 1e-2))))
+
+
+def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = IntentModel(cfg.model_config(ds.config.featurizer.category_buckets)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tensors = Tensors(ds)
+    init_head_bias(model, ds)
+    chunks = make_chunks(ds, TRAIN, cfg.chunk_len, cfg.burn_in)
+    if not len(chunks):
+        raise ValueError("no labelled training positions: the data is too short or has too few users")
+    val_users = np.flatnonzero(ds.user_split == VAL)
+    n_batches = math.ceil(len(chunks) / cfg.batch_size)
+    per_batch = tensors.labels_per_batch(chunks, n_batches)
+    total_steps = cfg.epochs * n_batches
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.1)
+    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+
+    best, best_state, best_epoch, history, stale = -math.inf, None, 0, [], 0
+    bar = tqdm(total=total_steps, desc=f"train {cfg.arch}", unit="batch", disable=not progress, leave=False)
+    out_of_time = False
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        running, seen = np.zeros(3), 0
+        for batch in batch_order(chunks, cfg.batch_size, rng):
+            t, c, x, idx, loss_mask = tensors.gather(chunks[batch])
+            out, _ = model(t.to(device), c.to(device), x.to(device))
+            loss, parts = masked_loss(out.cpu(), tensors, idx, loss_mask, cfg, per_batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            running += parts
+            seen += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", best_val=f"{best:.4f}" if best > -math.inf else "-")
+            if time.perf_counter() > deadline:
+                out_of_time = True
+                break
+        raw = predict(model, ds, tensors, val_users, device)
+        score, p, c = validation_score(ds, raw)
+        lp, lc, lv = running / max(seen, 1)
+        history.append({"epoch": epoch, "loss_purchase": lp, "loss_churn": lc, "loss_order_value": lv,
+                        "val_pr_auc_purchase": p, "val_pr_auc_churn": c, "val_score": score,
+                        "seconds": time.perf_counter() - t0})  # fmt: skip
+        if progress:
+            tqdm.write(
+                f"epoch {epoch}: loss purchase {lp:.4f} churn {lc:.4f} value {lv:.3f} | "
+                f"val PR-AUC purchase {p:.4f} churn {c:.4f}"
+            )
+        if score > best:
+            best, best_epoch, stale = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        if stale >= cfg.patience or out_of_time:
+            break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+
+    raw_val = predict(model, ds, tensors, val_users, device)
+    raw_test = predict(model, ds, tensors, np.flatnonzero(ds.user_split == TEST), device)
+    calibration, thresholds = calibrate(ds, raw_val, cfg.medium_recall)
+    metrics = {
+        "val": evaluate_split(ds, raw_val, VAL, calibration, thresholds),
+        "test": evaluate_split(ds, raw_test, TEST, calibration, thresholds),
+        "data": ds.summary(),
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "stopped_by_time": out_of_time,
+        "train_chunks": len(chunks),
+    }
+    seconds = time.perf_counter() - t0
+    metrics["train_seconds"] = round(seconds, 1)
+    return TrainResult(model.cpu().eval(), calibration, thresholds, metrics, history, seconds)
+
+
+def publish(result: TrainResult, ds: Dataset, cfg: TrainConfig, out: Path) -> Path:
+    return save_artifact(
+        result.model,
+        out,
+        featurizer=ds.config.featurizer,
+        calibration=result.calibration,
+        thresholds=result.thresholds,
+        horizon_s=ds.config.horizon_s,
+        churn_days=ds.config.churn_days,
+        data_hash=ds.data_hash,
+        metrics=_finite(result.metrics),
+        extra={
+            "data_config": ds.config.to_dict(),
+            "train_config": asdict(cfg),
+            "history": _finite(result.history),
+            "sources": ds.sources,
+        },
+    )
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN: metrics that cannot be computed become null."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return None if not math.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def train_small(
+    data: list[Path | str], out: Path, arch: str = "gru", max_minutes: float = 2.0, seed: int = 0, progress=False
+) -> Path:
+    """A usable model in a couple of minutes on a laptop CPU (the demo's path): fewer, larger steps."""
+    cfg = TrainConfig(arch=arch, epochs=4, batch_size=64, max_minutes=max_minutes, seed=seed, patience=1)
+    ds = load_dataset(data, DataConfig())
+    return publish(train_model(ds, cfg, progress=progress), ds, cfg, out)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="JSON lines (.gz ok) or REES46 CSV")
+    parser.add_argument("--arch", choices=("gru", "cnn", "hybrid"), default=d.arch)
+    parser.add_argument("--out", type=Path, default=None, help="model directory (default: INTENTSTREAM_MODEL_DIR)")
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--seed", type=int, default=d.seed, help="model init and data order (same seed, same weights)")
+    parser.add_argument("--split-seed", type=int, default=DataConfig().split_seed, help="salt of the user split")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: INTENTSTREAM_DEVICE)")
+    parser.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0: no limit)")
+    parser.add_argument("--horizon-s", type=float, default=DataConfig().horizon_s, help="purchase label horizon")
+    parser.add_argument("--churn-days", type=float, default=DataConfig().churn_days, help="churn label horizon")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write a JSON summary here")
+
+
+def run(args: argparse.Namespace, settings) -> int:
+    cfg = TrainConfig(
+        arch=args.arch,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device or settings.device,
+        max_minutes=args.max_minutes,
+    )
+    data_cfg = DataConfig(horizon_s=args.horizon_s, churn_days=args.churn_days, split_seed=args.split_seed)
+    out = args.out or settings.model_dir
+    t0 = time.perf_counter()
+    ds = load_dataset(args.data, data_cfg)
+    load_s = time.perf_counter() - t0
+    s = ds.summary()
+    print(
+        f"data: {s['events']} events, {s['users']} users, {s['days']} days; users train/val/test "
+        f"{s['train']['users']}/{s['val']['users']}/{s['test']['users']}; t_split at day "
+        f"{(ds.t_split['purchase'] - ds.t_start) / 86_400_000:.1f} (purchase), "
+        f"{(ds.t_split['churn'] - ds.t_start) / 86_400_000:.1f} (churn) ({load_s:.1f} s)"
+    )
+    try:
+        result = train_model(ds, cfg, progress=not args.quiet)
+    except ArtifactError as exc:  # e.g. --device cuda without CUDA
+        print(f"intentstream train: {exc}")
+        return 2
+    path = publish(result, ds, cfg, Path(out))
+    test = result.metrics["test"]
+    print(
+        f"wrote {path} in {time.perf_counter() - t0:.0f} s (training {result.seconds:.0f} s, "
+        f"{result.metrics['epochs_run']} epochs, best {result.metrics['best_epoch']}): test purchase "
+        f"PR-AUC {test['purchase']['pr_auc']:.4f} ROC-AUC {test['purchase']['roc_auc']:.4f}, churn PR-AUC "
+        f"{test['churn']['pr_auc']:.4f} ROC-AUC {test['churn']['roc_auc']:.4f}"
+    )
+    if args.json:
+        summary = {"artifact": str(path), "load_seconds": load_s, "total_seconds": time.perf_counter() - t0,
+                   "metrics": result.metrics, "history": result.history, "thresholds": result.thresholds,
+                   "calibration": result.calibration}  # fmt: skip
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_finite(summary), indent=2))
+    return 0
