@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -37,6 +38,10 @@ RECORD_DTYPE = np.dtype(
         ("flags", "u1"),  # FLAG_* bits
     ]
 )
+# The same layout for one record as a struct: packing a tuple is ~5x cheaper than numpy's structured
+# assignment, and the engine appends one record per event (stream/state/user.py).
+RECORD_STRUCT = struct.Struct("<qQffIIIIBBB")
+assert RECORD_STRUCT.size == RECORD_DTYPE.itemsize
 FLAG_NEW_SESSION = 1
 FLAG_SAME_ITEM = 2
 FLAG_FIRST = 4

@@ -12,7 +12,16 @@ from enum import Enum
 
 import numpy as np
 
-from models.features import FLAG_FIRST, FLAG_NEW_SESSION, FLAG_SAME_ITEM, RECORD_DTYPE, FeaturizerConfig, encode_event
+from models.features import (
+    FLAG_FIRST,
+    FLAG_NEW_SESSION,
+    FLAG_SAME_ITEM,
+    RECORD_DTYPE,
+    RECORD_STRUCT,
+    FeaturizerConfig,
+    encode_event,
+    event_hash,
+)
 from stream.contract import Event
 
 CODEC_VERSION = 1
@@ -51,10 +60,10 @@ class UserState:
 
     def accept(self, event: Event, config: FeaturizerConfig, allowed_lateness_ms: int) -> Accept:
         """Add ``event`` to the window (documented rule in docs/engine.md: append, insert late, or refuse)."""
-        from models.features import event_hash
-
         records = self.records
-        if len(records) and (records["event_hash"] == event_hash(event.event_id)).any():
+        h = event_hash(event.event_id)
+        # The 8 hash bytes anywhere in the window's bytes is a cheap pre-check; numpy confirms the field.
+        if len(records) and h.to_bytes(8, "little") in records.tobytes() and (records["event_hash"] == h).any():
             return Accept.DUPLICATE
         if not len(records) or event.ts >= records["ts"][-1]:
             prev = records[-1] if len(records) else None
@@ -62,12 +71,9 @@ class UserState:
             if prev is None or rec[-1] & FLAG_NEW_SESSION:
                 self.session_start = event.ts
             keep = min(len(records), config.window - 1)
-            # Fill a new array rather than np.concatenate: 3x cheaper for structured dtypes (hot path).
-            window = np.empty(keep + 1, dtype=RECORD_DTYPE)
-            if keep:
-                window[:keep] = records[len(records) - keep :]
-            window[keep] = rec
-            self.records = window
+            # Bytes and struct.pack rather than numpy structured copies: ~6x cheaper (hot path, per event).
+            tail = records[len(records) - keep :].tobytes() if keep else b""
+            self.records = np.frombuffer(tail + RECORD_STRUCT.pack(*rec), dtype=RECORD_DTYPE)
             self.count += 1
             return Accept.APPENDED
         # Late: it must fit inside the window (its predecessor must still be there) and the lateness bound.
