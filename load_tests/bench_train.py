@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             "best_epoch": result.metrics["best_epoch"],
             "train_chunks": result.metrics["train_chunks"],
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "test": {h: {k: result.metrics["test"][h][k] for k in ("roc_auc", "pr_auc")} for h in ("purchase", "churn")},
+            "test": {
+                h: {k: result.metrics["test"][h][k] for k in ("roc_auc", "pr_auc")} for h in ("purchase", "churn")
+            },
             "artifact": path.name,
             "config": asdict(cfg),
         }

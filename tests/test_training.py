@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from models.artifact import load_artifact
+from models.features import N_TYPES
 from stream.cli import main as cli_main
-from stream.contract import Event
+from stream.contract import TYPE_CODE, Event
 from training import metrics as M
 from training.data import TEST, TRAIN, VAL, DataConfig, build_dataset, make_chunks
-from training.train import Tensors, TrainConfig, masked_loss, train_model
+from training.train import Tensors, TrainConfig, multitask_loss, next_event_targets, train_model
 
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00Z
 DAY_MS = 86_400_000
@@ -95,7 +96,7 @@ def test_split_has_no_user_overlap_and_respects_time(dataset):
         assert loss_start - input_start <= 64 and end - loss_start <= 32
     # The training labels are NaN outside the train positions of each head.
     tensors = Tensors(ds)
-    known_churn = ~torch.isnan(tensors.churn[:-1]).numpy()
+    known_churn = ~torch.isnan(tensors.targets["churn"][:-1]).numpy()
     assert (ts[known_churn] < ds.t_split["churn"]).all() and ds.session_end()[known_churn].all()
     # Stable: the same seed gives the same split whatever the event order; another seed another split.
     again = build_dataset(list(reversed(synthetic_events())), DataConfig())
@@ -120,20 +121,43 @@ def test_labels_near_the_end_are_censored_and_masked(dataset):
     assert np.isnan(ds.churn[ts + ds.config.churn_ms > ds.t_end]).all()
     assert (~np.isnan(ds.purchase)).any() and (~np.isnan(ds.churn)).any()
     assert np.nansum(ds.purchase) > 0 and np.nansum(ds.churn) > 0
-    # The loss ignores censored positions: any value there, the loss is the same and finite.
+    # The loss ignores censored positions: whatever the model outputs there, the loss is the same and finite.
     tensors = Tensors(ds)
-    rows = np.array([[int(ds.user_start[u]), int(ds.user_start[u]), int(ds.user_start[u + 1])] for u in range(5)])
+    train_users = np.flatnonzero(ds.user_split == TRAIN)[:20]
+    rows = np.array([[ds.user_start[u], ds.user_start[u], ds.user_start[u + 1]] for u in train_users])
     _, _, _, idx, loss_mask = tensors.gather(rows)
+    y = tensors.gather_targets(idx, loss_mask, torch.device("cpu"))
+    censored = torch.isnan(y["purchase"]) & torch.from_numpy(idx < len(ds))
+    assert censored.any() and (~torch.isnan(y["purchase"])).any()
     out = torch.zeros(*idx.shape, 3)
-    censored = torch.from_numpy(np.isnan(ds.purchase[np.minimum(idx, len(ds) - 1)]) | (idx == len(ds)))
-    a, _ = masked_loss(out, tensors, idx, loss_mask, TrainConfig())
+    a, _ = multitask_loss(out, None, y, TrainConfig())
     out2 = out.clone()
     out2[..., 0][censored] = 1e6
-    b, _ = masked_loss(out2, tensors, idx, loss_mask, TrainConfig())
+    b, _ = multitask_loss(out2, None, y, TrainConfig())
     assert torch.isfinite(a) and a == b
     # Metrics skip NaN labels too.
     y, p = np.array([1.0, 0.0, np.nan, 1.0]), np.array([0.9, 0.1, 0.99, 0.8])
     assert M.roc_auc(y, p) == 1.0 and M.brier(y, p) == pytest.approx((0.01 + 0.01 + 0.04) / 3)
+
+
+def test_next_event_targets_on_a_hand_made_sequence():
+    """The auxiliary objective's targets: the next move within a session, 'session ends' where the next event
+    starts a new session (or the data ends long after the last one), unknown where the data ends too soon."""
+    m = 60_000
+    events = [
+        Event("a1", "ua", "page_view", BASE_MS, "sa1"),
+        Event("a2", "ua", "add_to_cart", BASE_MS + 1 * m, "sa1", item_id="i", price=5.0, quantity=1),
+        Event("a3", "ua", "page_view", BASE_MS + 60 * m, "sa2"),  # new session: a2 ends one
+        Event("b1", "ub", "search", BASE_MS + 125 * m, "sb1"),
+        Event("b2", "ub", "purchase", BASE_MS + 126 * m, "sb1", item_id="i", price=5.0, quantity=1),
+    ]
+    ds = build_dataset(events, DataConfig())
+    move, gap = next_event_targets(ds)
+    ends = N_TYPES
+    # ua: a1 -> add_to_cart after 60 s; a2 ends its session; a3 is ua's last, 66 min before the end: ended.
+    # ub: b1 -> purchase after 60 s; b2 is the last event of the data: unknown.
+    assert move.tolist() == [TYPE_CODE["add_to_cart"], ends, ends, TYPE_CODE["purchase"], -1]
+    assert gap[[0, 3]] == pytest.approx([np.log1p(60.0)] * 2) and np.isnan(gap[[1, 2, 4]]).all()
 
 
 def test_metrics_thresholds_and_platt():
@@ -159,6 +183,8 @@ def test_training_is_deterministic_for_a_seed(dataset):
     c = train_model(dataset, TrainConfig(**{**cfg.__dict__, "seed": 4}), progress=False)
     sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # The training-only next-event head is neither in the weights nor left hooked on the model.
+    assert set(sa) == set(type(a.model)(a.model.config).state_dict()) and not a.model.head._forward_pre_hooks
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     assert a.calibration == b.calibration and a.thresholds == b.thresholds
 
@@ -193,7 +219,10 @@ def test_train_and_evaluate_end_to_end_through_the_cli(tmp_path, capsys):
     assert {"train", "val", "test"} <= set(report["split"]) and {"purchase", "churn"} <= set(report["base_rates"])
     assert (report_dir / "report.md").read_text().startswith("# Evaluation report")
     assert {p.name for p in report_dir.glob("*.png")} == {
-        "pr_purchase.png", "pr_churn.png", "calibration_purchase.png", "calibration_churn.png"
+        "pr_purchase.png",
+        "pr_churn.png",
+        "calibration_purchase.png",
+        "calibration_churn.png",
     }
     # One artifact folder works too.
     assert cli_main(["evaluate", "--model", str(cnn), "--data", str(data), "--out", str(tmp_path / "r2"),

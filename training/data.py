@@ -44,11 +44,11 @@ class DataConfig:
 
     @property
     def horizon_ms(self) -> int:
-        return int(round(self.horizon_s * 1000))
+        return round(self.horizon_s * 1000)
 
     @property
     def churn_ms(self) -> int:
-        return int(round(self.churn_days * DAY_MS))
+        return round(self.churn_days * DAY_MS)
 
     def to_dict(self) -> dict:
         d = asdict(self)

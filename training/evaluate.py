@@ -191,15 +191,15 @@ def evaluate(
             },
             "data": {k: summary[k] for k in ("events", "users", "days", "t_start", "t_end", "t_split")}
             | {"data_hash": ds.data_hash, "sources": ds.sources, "heads": list(heads)},
-            "artifacts": {
-                m.path.name: {"name": m.name, "version": m.version, "trained_on_this_data": m.manifest.get("data_hash")
-                              == ds.data_hash}
-                for m in models
-            },  # fmt: skip
+            "artifacts": {m.path.name: _artifact_summary(m, ds) for m in models},
             "notes": notes,
         }
     )
     return report, scorers
+
+
+def _artifact_summary(m: LoadedModel, ds: Dataset) -> dict[str, Any]:
+    return {"name": m.name, "version": m.version, "trained_on_this_data": m.manifest.get("data_hash") == ds.data_hash}
 
 
 def _notes(ds: Dataset, models: list[LoadedModel], report: dict, heads: tuple[str, ...], oracle: bool) -> list[str]:
@@ -271,7 +271,12 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {name} | " + " | ".join(_fmt(h[k]) for k, _ in METRIC_COLUMNS) + f" | {h['n']} | {h['positives']} |"
             )
         lines.append("")
-    lines += ["## order value (events followed by a purchase within the horizon)", "", "| model | MAE | n |", "|---|---|---|"]
+    lines += [
+        "## order value (events followed by a purchase within the horizon)",
+        "",
+        "| model | MAE | n |",
+        "|---|---|---|",
+    ]
     for name, m in report["models"].items():
         if "order_value" in m:
             lines.append(f"| {name} | {_fmt(m['order_value']['mae'])} | {m['order_value']['n']} |")

@@ -140,7 +140,7 @@ def head_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, fl
         "threshold": float(threshold),
         "brier": brier(y, p),
         "ece": expected_calibration_error(y, p),
-        "n": int(len(yv)),
+        "n": len(yv),
         "positives": int(yv.sum()),
     }
 

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from models.artifact import ArtifactError, resolve_device, save_artifact
-from models.features import model_inputs
+from models.features import N_TYPES, model_inputs
 from models.model import IntentModel, ModelConfig
 from training import metrics as M
 from training.data import TEST, TRAIN, VAL, DataConfig, Dataset, batch_order, load_dataset, make_chunks
@@ -45,6 +46,9 @@ class TrainConfig:
     weight_decay: float = 1e-2
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # CPU threads for torch. One: the matrices are small (64 x 64), so a second thread buys little, and on a
+    # shared machine OpenMP threads that spin-wait for a busy core made training 20x slower (measured).
+    threads: int = 1
     max_minutes: float = 0.0  # stop training (not calibration and scoring) after this long; 0 = no limit
     chunk_len: int = 128  # loss positions per training example
     burn_in: int = 64  # context events before each chunk (no loss): the engine's window
@@ -52,6 +56,11 @@ class TrainConfig:
     w_purchase: float = 1.0
     w_churn: float = 1.0
     w_order_value: float = 0.1  # log-value MSE is ~1 at the start: keep it from dominating the BCEs
+    # Auxiliary, training only (not in the artifact): predict the user's next move (event type or "session
+    # ends") and the gap to it at every position. Dense self-supervision that makes the state summarise how
+    # this user behaves (the latent "persona" that purchase and churn depend on); the labels alone are sparse.
+    w_next_move: float = 0.5
+    w_next_gap: float = 0.1
     grad_clip: float = 1.0
     d_model: int = 64
     gru_hidden: int = 64
@@ -81,8 +90,11 @@ class TrainResult:
 # ---- batches ---------------------------------------------------------------------------------------
 
 
+N_MOVES = N_TYPES + 1  # next move: one of the event types, or N_TYPES = the session ends
+
+
 class Tensors:
-    """Model inputs and labels of every record, computed once; a batch gathers rows by index.
+    """Model inputs and training targets of every record, computed once; a batch gathers rows by index.
 
     One padding row is appended at index N: right padding, which causal models never read for real positions.
     """
@@ -99,19 +111,26 @@ class Tensors:
         purchase = np.where(ds.head_mask(TRAIN, "purchase"), ds.purchase, np.nan)
         churn = np.where(ds.head_mask(TRAIN, "churn"), ds.churn, np.nan)
         value = np.where(ds.head_mask(TRAIN, "order_value"), ds.order_value, np.nan).astype(np.float64)
-        log_value = np.log(np.maximum(value, 1e-2))
-        nan = np.array([np.nan])
-        self.purchase = torch.from_numpy(np.concatenate([purchase, nan]).astype(np.float32))
-        self.churn = torch.from_numpy(np.concatenate([churn, nan]).astype(np.float32))
-        self.log_value = torch.from_numpy(np.concatenate([log_value, nan]).astype(np.float32))
+        next_move, next_gap = next_event_targets(ds)
+        self.targets = {
+            "purchase": _with_pad(purchase, np.nan, torch.float32),
+            "churn": _with_pad(churn, np.nan, torch.float32),
+            "log_value": _with_pad(np.log(np.maximum(value, 1e-2)), np.nan, torch.float32),
+            "next_move": _with_pad(next_move, -1, torch.int64),
+            "next_gap": _with_pad(next_gap, np.nan, torch.float32),
+        }
 
-    def labels_per_batch(self, chunks: np.ndarray, n_batches: int) -> tuple[float, float, float]:
-        """Average number of known labels per batch of each head, over the training chunks."""
-        counts = []
-        for labels in (self.purchase, self.churn, self.log_value):
-            known = np.concatenate([[0], np.cumsum(~np.isnan(labels.numpy()))])
-            counts.append(max(float((known[chunks[:, 2]] - known[chunks[:, 1]]).sum()) / n_batches, 1.0))
-        return counts[0], counts[1], counts[2]
+    def known(self, name: str) -> np.ndarray:
+        y = self.targets[name].numpy()
+        return y >= 0 if name == "next_move" else ~np.isnan(y)
+
+    def targets_per_batch(self, chunks: np.ndarray, n_batches: int) -> dict[str, float]:
+        """Average number of known targets per batch, by target, over the training chunks' loss positions."""
+        out = {}
+        for name in self.targets:
+            known = np.concatenate([[0], np.cumsum(self.known(name)[:-1])])
+            out[name] = max(float((known[chunks[:, 2]] - known[chunks[:, 1]]).sum()) / n_batches, 1.0)
+        return out
 
     def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
         """Inputs [B, T] for rows (input_start, loss_start, end); also the record index and loss mask [B, T]."""
@@ -123,29 +142,63 @@ class Tensors:
         t = torch.from_numpy(idx)
         return self.type[t], self.category[t], self.numeric[t], idx, loss
 
+    def gather_targets(self, idx: np.ndarray, loss_mask: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        """Targets [B, T] of a batch, unknown (NaN / -1) outside its loss positions."""
+        t = torch.from_numpy(np.where(loss_mask, idx, self.n))
+        return {name: y[t].to(device) for name, y in self.targets.items()}
 
-def masked_loss(
+
+def _with_pad(values: np.ndarray, pad, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.append(values, pad)).to(dtype)
+
+
+def next_event_targets(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(next move, log1p of the gap in seconds to it) per record. The move is the type of the user's next
+    event when it continues the session, N_TYPES when the session ends there; -1 (unknown) for the user's last
+    event while the data ends too soon after it to tell. The gap is known within a session only."""
+    rec = ds.records
+    n = len(ds)
+    has_next = np.zeros(n, dtype=bool)
+    has_next[:-1] = np.diff(ds.record_user) == 0
+    session_end = ds.session_end()
+    next_type = np.append(rec["type"][1:], 0).astype(np.int64)
+    gap_to_end = (ds.t_end - rec["ts"]) / 1000.0
+    ended = session_end & (has_next | (gap_to_end > ds.config.featurizer.session_gap_s))
+    move = np.where(ended, N_TYPES, np.where(has_next & ~session_end, next_type, -1))
+    gap = np.where(has_next & ~session_end, np.log1p(np.append(rec["gap_s"][1:], 0).astype(np.float64)), np.nan)
+    return move, gap
+
+
+def multitask_loss(
     out: torch.Tensor,
-    tensors: Tensors,
-    idx: np.ndarray,
-    loss_mask: np.ndarray,
+    aux: torch.Tensor | None,
+    y: dict[str, torch.Tensor],
     cfg: TrainConfig,
-    per_batch: tuple[float, float, float] | None = None,
-):
-    """Multi-task loss. Each term sums over the positions where its label is known and divides by
-    ``per_batch``, the head's average number of labels per batch (default: this batch's count). A constant
-    divisor weighs every label alike: batches are grouped by chunk length, and a batch of short chunks holds
-    far fewer labels (with other base rates) than one of long chunks."""
-    t = torch.from_numpy(idx)
-    mask = torch.from_numpy(loss_mask)
-    yp, yc, yv = tensors.purchase[t], tensors.churn[t], tensors.log_value[t]
-    mp, mc, mv = mask & ~yp.isnan(), mask & ~yc.isnan(), mask & ~yv.isnan()
-    norm = per_batch or (max(int(mp.sum()), 1), max(int(mc.sum()), 1), max(int(mv.sum()), 1))
-    lp = F.binary_cross_entropy_with_logits(out[..., 0][mp], yp[mp], reduction="sum") / norm[0]
-    lc = F.binary_cross_entropy_with_logits(out[..., 1][mc], yc[mc], reduction="sum") / norm[1]
-    lv = F.mse_loss(out[..., 2][mv], yv[mv], reduction="sum") / norm[2]
-    total = cfg.w_purchase * lp + cfg.w_churn * lc + cfg.w_order_value * lv
-    return total, (lp.item(), lc.item(), lv.item())
+    per_batch: dict[str, float] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Masked multi-task loss: BCE purchase, BCE churn, MSE log order value (+ next move CE, next gap MSE when
+    ``aux`` is given). Each term sums over the positions whose target is known and divides by ``per_batch``,
+    the target's average count per batch (default: this batch's count). A constant divisor weighs every label
+    alike: batches are grouped by chunk length, and a batch of short chunks holds far fewer labels (with other
+    base rates) than one of long chunks."""
+    known = {k: (v >= 0 if k == "next_move" else ~v.isnan()) for k, v in y.items()}
+    norm = per_batch or {k: max(int(m.sum()), 1) for k, m in known.items()}
+
+    def term(name: str, pred: torch.Tensor, fn) -> torch.Tensor:
+        m = known[name]
+        return fn(pred[m], y[name][m], reduction="sum") / norm[name]
+
+    parts = {
+        "purchase": term("purchase", out[..., 0], F.binary_cross_entropy_with_logits),
+        "churn": term("churn", out[..., 1], F.binary_cross_entropy_with_logits),
+        "log_value": term("log_value", out[..., 2], F.mse_loss),
+    }
+    total = cfg.w_purchase * parts["purchase"] + cfg.w_churn * parts["churn"] + cfg.w_order_value * parts["log_value"]
+    if aux is not None:
+        parts["next_move"] = term("next_move", aux[..., :N_MOVES], F.cross_entropy)
+        parts["next_gap"] = term("next_gap", aux[..., N_MOVES], F.mse_loss)
+        total = total + cfg.w_next_move * parts["next_move"] + cfg.w_next_gap * parts["next_gap"]
+    return total, {k: v.item() for k, v in parts.items()}
 
 
 # ---- scoring like the engine -----------------------------------------------------------------------
@@ -239,21 +292,52 @@ def init_head_bias(model: IntentModel, ds: Dataset) -> None:
             bias[2] = float(np.nanmean(np.log(np.maximum(values, 1e-2))))
 
 
+class NextEventHead(nn.Module):
+    """Training-only head on the representation the model's own heads read (captured with a forward pre-hook
+    on ``model.head``, so IntentModel stays exactly what the engine loads): next-move logits and next gap."""
+
+    def __init__(self, model: IntentModel):
+        super().__init__()
+        c = model.config
+        self.linear = nn.Linear(c.gru_hidden if c.has_state else c.d_model, N_MOVES + 1)
+        self.features: torch.Tensor | None = None
+        self.hook = model.head.register_forward_pre_hook(self._capture)
+
+    def _capture(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.features = args[0]
+
+    def forward(self) -> torch.Tensor:
+        assert self.features is not None, "run the model first"
+        return self.linear(self.features)
+
+    def detach_from(self) -> None:
+        self.hook.remove()
+        self.features = None
+
+
 def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainResult:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = IntentModel(cfg.model_config(ds.config.featurizer.category_buckets)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tensors = Tensors(ds)
+    model = IntentModel(cfg.model_config(ds.config.featurizer.category_buckets))
     init_head_bias(model, ds)
+    use_aux = cfg.w_next_move > 0 or cfg.w_next_gap > 0
+    aux_head = NextEventHead(model) if use_aux else None
+    model.to(device)
+    params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
+    if aux_head:
+        aux_head.to(device)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tensors = Tensors(ds)
     chunks = make_chunks(ds, TRAIN, cfg.chunk_len, cfg.burn_in)
     if not len(chunks):
         raise ValueError("no labelled training positions: the data is too short or has too few users")
     val_users = np.flatnonzero(ds.user_split == VAL)
     n_batches = math.ceil(len(chunks) / cfg.batch_size)
-    per_batch = tensors.labels_per_batch(chunks, n_batches)
+    per_batch = tensors.targets_per_batch(chunks, n_batches)
     total_steps = cfg.epochs * n_batches
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.1)
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
@@ -263,17 +347,20 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
     out_of_time = False
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        running, seen = np.zeros(3), 0
+        running: dict[str, float] = {}
+        seen = 0
         for batch in batch_order(chunks, cfg.batch_size, rng):
             t, c, x, idx, loss_mask = tensors.gather(chunks[batch])
             out, _ = model(t.to(device), c.to(device), x.to(device))
-            loss, parts = masked_loss(out.cpu(), tensors, idx, loss_mask, cfg, per_batch)
+            y = tensors.gather_targets(idx, loss_mask, device)
+            loss, parts = multitask_loss(out, aux_head() if aux_head else None, y, cfg, per_batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
-            running += parts
+            for k, v in parts.items():
+                running[k] = running.get(k, 0.0) + v
             seen += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", best_val=f"{best:.4f}" if best > -math.inf else "-")
@@ -282,14 +369,14 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
                 break
         raw = predict(model, ds, tensors, val_users, device)
         score, p, c = validation_score(ds, raw)
-        lp, lc, lv = running / max(seen, 1)
-        history.append({"epoch": epoch, "loss_purchase": lp, "loss_churn": lc, "loss_order_value": lv,
-                        "val_pr_auc_purchase": p, "val_pr_auc_churn": c, "val_score": score,
-                        "seconds": time.perf_counter() - t0})  # fmt: skip
+        losses = {f"loss_{k}": v / max(seen, 1) for k, v in running.items()}
+        history.append({"epoch": epoch, **losses, "val_pr_auc_purchase": p, "val_pr_auc_churn": c,
+                        "val_score": score, "seconds": time.perf_counter() - t0})  # fmt: skip
         if progress:
             tqdm.write(
-                f"epoch {epoch}: loss purchase {lp:.4f} churn {lc:.4f} value {lv:.3f} | "
-                f"val PR-AUC purchase {p:.4f} churn {c:.4f}"
+                f"epoch {epoch}: "
+                + " ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items())
+                + f" | val PR-AUC purchase {p:.4f} churn {c:.4f}"
             )
         if score > best:
             best, best_epoch, stale = score, epoch, 0
@@ -299,6 +386,8 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
         if stale >= cfg.patience or out_of_time:
             break
     bar.close()
+    if aux_head:
+        aux_head.detach_from()
     if best_state is not None:
         model.load_state_dict(best_state)
 
