@@ -1,0 +1,159 @@
+"""Load-test traffic: simulator users, tiled out to a large population of distinct users.
+
+Simulating a million users directly takes minutes and produces tens of millions of events, far more than
+a load test sends. Instead one *template* is simulated (``template_users`` users over ``template_days``
+of event time: realistic sessions, gaps and funnels) and played as consecutive *tiles*. Tile r renames
+every template user (``u0001234`` -> ``u0001234-t0042``) and shifts event time by r template periods, so
+each tile brings new users with the same per-user behaviour, and event time keeps moving forward (the
+engine's watermark advances and sessions close). After ``users`` distinct users the tiles wrap around
+and the same users return, days of event time later (returning users whose state is in the table).
+
+A user contributes about six events per simulated day, so the number of distinct users a run reaches is
+about its events / 6, capped at ``users``. ``preload_records`` gives one event to every user of the
+population (earlier in event time than all tiles): the way to put the whole population into the engine's
+state before a measurement.
+
+Event times end well before the wall clock: the engine rejects events more than a day in the future.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import orjson
+
+from stream.contract import Event
+
+DAY_MS = 86_400_000
+# Event time of the first tile: far enough in the past that a long run never reaches the wall clock.
+PAST_DAYS = 3 * 365
+
+
+@dataclass(frozen=True)
+class _Template:
+    events: list[Event]
+    users: list[str]  # active template users (with at least one event), in first-event order
+    period_ms: int
+
+
+class Traffic:
+    """Pre-encoded (key, value) records of simulator traffic over a population of ``users`` users."""
+
+    def __init__(
+        self,
+        users: int = 1_000_000,
+        seed: int = 11,
+        template_users: int = 20_000,
+        template_days: float = 1.0,
+        start_ms: int | None = None,
+    ):
+        from stream.simulator import simulate
+
+        if users < 1:
+            raise ValueError("users: at least 1")
+        # The template never needs more users than the population (a small smoke run stays small).
+        sim_users = max(50, min(template_users, int(users * 2.7)))  # ~37% of simulated users are active per day
+        period_ms = round(template_days * DAY_MS)
+        if start_ms is None:
+            start_ms = (int(time.time() * 1000) // DAY_MS - PAST_DAYS) * DAY_MS
+        sim = simulate(sim_users, template_days, seed, start_ms=start_ms)
+        active = list(dict.fromkeys(e.user_id for e in sim.events))
+        self.template = _Template(sim.events, active, period_ms)
+        self._index = {u: i for i, u in enumerate(active)}
+        self.population = users
+        self.start_ms = start_ms
+        # Tiles before the population is exhausted; the last one may be partial.
+        self.tiles = max(1, math.ceil(users / len(active)))
+        self.sent_users: set[str] = set()  # distinct users handed out so far (for the report)
+        self._track = users <= 5_000_000  # a set of 5M short strings is ~400 MB: stop counting beyond
+
+    @property
+    def events_per_tile(self) -> int:
+        return len(self.template.events)
+
+    def _user(self, template_user: str, tile: int) -> str | None:
+        """Population id of a template user in a tile; None when it lies beyond the population."""
+        slot = tile % self.tiles
+        # The last tile may be partial: only the users that fit in the population.
+        if slot == self.tiles - 1 and slot * len(self.template.users) + self._index[template_user] >= self.population:
+            return None
+        return f"{template_user}-t{slot:04d}"
+
+    def records(self, first_tile: int = 0, track: bool = True) -> Iterator[tuple[bytes, bytes]]:
+        """Endless (key, value) records in event-time order, tile after tile. ``track``: count the users
+        handed out in ``sent_users``."""
+        track = track and self._track
+        tpl = self.template
+        tile = first_tile
+        dumps = orjson.dumps
+        while True:
+            shift = tile * tpl.period_ms
+            renamed: dict[str, str | None] = {}
+            for e in tpl.events:
+                user = renamed.get(e.user_id, "")
+                if user == "":
+                    user = renamed[e.user_id] = self._user(e.user_id, tile)
+                    if user is not None and track:
+                        self.sent_users.add(user)
+                if user is None:
+                    continue
+                obj = {
+                    "event_id": f"{e.event_id}-{tile}",
+                    "user_id": user,
+                    "type": e.type,
+                    "ts": e.ts + shift,
+                    "session_id": f"{e.session_id}-{tile}",
+                    "device": e.device,
+                    "schema": 1,
+                }
+                if e.item_id is not None:
+                    obj["item_id"] = e.item_id
+                if e.category is not None:
+                    obj["category"] = e.category
+                if e.price is not None:
+                    obj["price"] = e.price
+                if e.quantity is not None:
+                    obj["quantity"] = e.quantity
+                yield user.encode(), dumps(obj)
+            tile += 1
+
+    def preload_records(self, days: float = 7.0) -> Iterator[tuple[bytes, bytes]]:
+        """One event per population user (its template user's first event), spread in event time over the
+        ``days`` before the first tile, so their sessions close progressively while they are consumed."""
+        tpl = self.template
+        first: dict[str, Event] = {}
+        for e in tpl.events:
+            first.setdefault(e.user_id, e)
+        n = self.population
+        span = round(days * DAY_MS)
+        t0 = self.start_ms - span - DAY_MS
+        dumps = orjson.dumps
+        i = 0
+        for tile in range(self.tiles):
+            for template_user in tpl.users:
+                if i >= n:
+                    return
+                e = first[template_user]
+                user = f"{template_user}-t{tile:04d}"
+                if self._track:
+                    self.sent_users.add(user)
+                obj = {
+                    "event_id": f"pre-{e.event_id}-{tile}",
+                    "user_id": user,
+                    "type": e.type,
+                    "ts": t0 + i * span // n,
+                    "session_id": f"pre-{e.session_id}-{tile}",
+                    "device": e.device,
+                    "schema": 1,
+                }
+                if e.item_id is not None:
+                    obj["item_id"] = e.item_id
+                if e.category is not None:
+                    obj["category"] = e.category
+                if e.price is not None:
+                    obj["price"] = e.price
+                yield user.encode(), dumps(obj)
+                i += 1

@@ -1,0 +1,131 @@
+"""Proposed engine changes, measured without editing the engine: a worker with one change applied in memory.
+
+    python -m load_tests.variants NAME      (settings from INTENTSTREAM_*, like ``intentstream worker``)
+    python -m load_tests run --variant NAME ...   (its capacity beside the engine's, same backlog)
+
+Each variant patches the engine's modules before the Faust app is built, then runs the ordinary worker.
+They exist to measure a proposal side by side with the engine as it is; docs/performance.md gives each one's
+diff and measured effect. None of them is used by the engine itself.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module_from_git(name: str, path: str, rev: str = "HEAD") -> None:
+    """Replace module ``name`` by the version of ``path`` at ``rev`` (to compare with uncommitted edits)."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, check=True).stdout
+    module = types.ModuleType(name)
+    module.__file__ = str(ROOT / path)
+    sys.modules[name] = module
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+
+
+def head_app() -> None:
+    """stream/app.py as last committed (outputs and table writes by send_soon, no wait for acknowledgements)."""
+    _module_from_git("stream.app", "stream/app.py")
+
+
+def fetch_wait(ms: int) -> Callable[[], None]:
+    """Faust creates its worker consumer with fetch_max_wait_ms=1500 (hard-coded). aiokafka keeps at most one
+    fetch in flight per broker, and a fetch that holds only partitions without new data (Faust's assignor
+    leader topic, an idle changelog partition) waits those 1.5 s at the broker while the input partitions'
+    next fetch cannot be sent. A short wait bounds that stall."""
+
+    def patch() -> None:
+        from faust.transport.drivers import aiokafka as driver
+
+        create = driver.AIOKafkaConsumerThread._create_worker_consumer
+
+        def create_worker_consumer(self: object, transport: object) -> object:
+            consumer = create(self, transport)  # type: ignore[arg-type]
+            consumer._fetch_max_wait_ms = ms  # read by AIOKafkaConsumer.start() when it builds its fetcher
+            return consumer
+
+        driver.AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+
+    return patch
+
+
+def reasons_lists() -> None:
+    """stream.emit.intent_reasons on Python lists (one tolist() per column) instead of ~15 numpy calls on a
+    64-record window: the same reasons (checked on random windows in docs/performance.md), 2.5x cheaper."""
+    from models.features import FLAG_NEW_SESSION, FLAG_SAME_ITEM
+    from stream import emit
+
+    def intent_reasons(records: Any, limit: int = 3) -> list[str]:
+        n = len(records)
+        if not n:
+            return []
+        ts, types, flags = records["ts"].tolist(), records["type"].tolist(), records["flags"].tolist()
+        now = ts[-1]
+        session_from = next((i for i in range(n - 1, -1, -1) if flags[i] & FLAG_NEW_SESSION), 0)
+        reasons: list[str] = []
+        cutoff = now - 600_000
+        n_add_recent = sum(1 for t, x in zip(ts, types, strict=True) if x == emit.ADD and t >= cutoff)
+        if n_add_recent:
+            reasons.append(f"{n_add_recent} add_to_cart in 10 min")
+        session = types[session_from:]
+        last_checkout = max((i for i, x in enumerate(session) if x == emit.CHECKOUT), default=-1)
+        if last_checkout >= 0 and emit.PURCHASE not in session[last_checkout:]:
+            reasons.append("checkout_start without purchase")
+        n_remove = session.count(emit.REMOVE)
+        if n_remove:
+            reasons.append(f"{n_remove} remove_from_cart this session")
+        repeat = sum(1 for f in flags[session_from:] if f & FLAG_SAME_ITEM)
+        if repeat >= 2:
+            reasons.append(f"same item viewed {repeat + 1} times")
+        gap = float(records["gap_s"][session_from]) * 1000 if session_from > 0 else 0.0
+        if gap >= 86_400_000:
+            reasons.append(f"returned after {emit._ago(int(gap))}")
+        last_purchase = max((i for i, x in enumerate(types) if x == emit.PURCHASE), default=-1)
+        if last_purchase >= 0 and now - ts[last_purchase] < 30 * 86_400_000 and len(reasons) < limit:
+            reasons.append(f"purchased {emit._ago(now - ts[last_purchase])} ago")
+        if not reasons:
+            n_views = session.count(emit.VIEW)
+            reasons.append(f"{n_views} product_view this session" if n_views else "browsing")
+        return reasons[:limit]
+
+    emit.intent_reasons = intent_reasons
+
+
+VARIANTS: dict[str, Callable[[], None]] = {
+    "head-app": head_app,
+    "fetch-wait-20": fetch_wait(20),
+    "fetch-wait-100": fetch_wait(100),
+    "reasons-lists": reasons_lists,
+}
+
+
+def apply(name: str) -> None:
+    """Apply a variant; ``a+b`` applies a, then b."""
+    for part in name.split("+"):
+        if part not in VARIANTS:
+            raise SystemExit(f"load_tests.variants: unknown variant {part!r}; known: {', '.join(VARIANTS)}")
+        VARIANTS[part]()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from stream.settings import Settings
+    from stream.worker import run
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(f"usage: python -m load_tests.variants NAME[+NAME...] (names: {', '.join(VARIANTS)})", file=sys.stderr)
+        return 2
+    apply(argv[0])
+    return run(argparse.Namespace(web_port=None), Settings.from_env())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
