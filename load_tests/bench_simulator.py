@@ -1,11 +1,11 @@
 """Simulator speed, and the sanity experiment that the targets depend on order and timing.
 
-    python -m load_tests.bench_simulator [--events 1000000] [--json PATH]
-        simulate about N events and write them gzipped (with the truth file): events/s, one process.
-    python -m load_tests.bench_simulator --experiment [--users 3000] [--days 30] [--seed 0] [--json PATH]
-        on a time-based holdout (the last third of each head's labelled period), compare (a) the oracle,
-        (b) gradient-boosted trees on aggregate history features (counts, no order or timing), (c) the same
-        plus a few order/timing features. docs/simulator.md has the results.
+python -m load_tests.bench_simulator [--events 1000000] [--json PATH]
+    simulate about N events and write them gzipped (with the truth file): events/s, one process.
+python -m load_tests.bench_simulator --experiment [--users 3000] [--days 30] [--seed 0] [--json PATH]
+    on a time-based holdout (the last third of each head's labelled period), compare (a) the oracle,
+    (b) gradient-boosted trees on aggregate history features (counts, no order or timing), (c) the same
+    plus a few order/timing features. docs/simulator.md has the results.
 """
 
 from __future__ import annotations
@@ -36,22 +36,24 @@ def bench(events: int, days: float, seed: int) -> dict[str, Any]:
     users = max(1, round(events * pilot_users / max(1, len(pilot.events))))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.jsonl.gz"
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         summary = simulator.write_simulation(out, users, days, seed)
-        seconds = time.perf_counter() - started
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         sizes = {"events_bytes": out.stat().st_size, "truth_bytes": simulator.truth_path(out).stat().st_size}
     result = {
         "events": summary["events"],
         "users": users,
         "days": days,
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2),
         "events_per_s": round(summary["events"] / seconds),
         "seconds_per_million": round(seconds * 1e6 / summary["events"], 2),
         **sizes,
     }
     print(
         f"simulate: {result['events']} events ({users} users x {days:g} days) written gzipped with truth in "
-        f"{seconds:.1f} s = {result['events_per_s']} events/s ({result['seconds_per_million']} s per million)"
+        f"{seconds:.1f} s ({cpu_seconds:.1f} s of CPU) = {result['events_per_s']} events/s "
+        f"({result['seconds_per_million']} s per million)"
     )
     return result
 
@@ -124,6 +126,10 @@ def features(sim: simulator.Simulation) -> dict[str, Any]:
     since_add = np.where(last_add >= u_start, (ts - ts[np.maximum(last_add, 0)]) / 1000.0, np.nan)
     timing = np.column_stack([gap, *prev, since_add])
     timing_names = ["gap_s", "type_0", "type_1", "type_2", "since_add_s"]
+    # What a sequence model can reconstruct: the simulator's chain state replayed from the visible events with
+    # the persona unknown (everyone replayed as a loyal regular): stage, intent and cart lines.
+    _, stage, intent, cart = simulator.state_parts(simulator.replay_states(ev))
+    replayed = np.column_stack([stage, intent, cart])
     next_new = np.ones(n, dtype=bool)  # the event closes its session (what the engine scores churn at)
     next_new[:-1] = s_start[1:] == np.arange(1, n)
     return {
@@ -132,6 +138,7 @@ def features(sim: simulator.Simulation) -> dict[str, Any]:
         "aggregate_names": aggregate_names,
         "timing": timing,
         "timing_names": timing_names,
+        "replayed": replayed,
         "session_end": next_new,
         "label_purchase": np.array([t["label_purchase"] for t in truth], dtype=np.float64),
         "label_churn": np.array([t["label_churn"] for t in truth], dtype=np.float64),
@@ -173,8 +180,12 @@ def experiment(users: int, days: float, seed: int) -> dict[str, Any]:
     ts = f["ts"]
     agg, timing = f["aggregate"], f["timing"]
     both = np.column_stack([agg, timing])
+    # (d) the replayed chain state and the gap since the previous event: what a sequence model can reconstruct
+    # (few features: history sizes such as days_since_first shift between the train and test periods).
+    rich = np.column_stack([f["replayed"], timing[:, 0]])
     cat_agg = [False] * agg.shape[1]
     cat_both = [*cat_agg, False, True, True, True, False]
+    cat_rich = [True, False, False, False]
     horizon_ms, churn_ms = sim.horizon_ms, sim.churn_ms
     heads = {
         # head: (label, oracle, mask of positions, end of the period whose labels are fully observed)
@@ -192,6 +203,7 @@ def experiment(users: int, days: float, seed: int) -> dict[str, Any]:
             "a_oracle": _metrics(y_test, oracle[test]),
             "b_gbt_aggregate": _metrics(y_test, _gbt(agg[train], y_train, agg[test], cat_agg)),
             "c_gbt_aggregate_plus_timing": _metrics(y_test, _gbt(both[train], y_train, both[test], cat_both)),
+            "d_gbt_replayed_state_gap": _metrics(y_test, _gbt(rich[train], y_train, rich[test], cat_rich)),
         }
         results["heads"][head] = {
             "train": int(train.sum()),
@@ -205,11 +217,14 @@ def experiment(users: int, days: float, seed: int) -> dict[str, Any]:
     return results
 
 
+MODELS = ("a_oracle", "b_gbt_aggregate", "c_gbt_aggregate_plus_timing", "d_gbt_replayed_state_gap")
+
+
 def _print_table(results: dict[str, Any]) -> None:
     print(f"\n{results['users']} users x {results['days']:g} days, seed {results['seed']}: {results['events']} events")
     print(f"{'head':22s} {'model':30s} {'ROC-AUC':>8s} {'PR-AUC':>8s}   test n (positive rate)")
     for head, r in results["heads"].items():
-        for model in ("a_oracle", "b_gbt_aggregate", "c_gbt_aggregate_plus_timing"):
+        for model in MODELS:
             m = r[model]
             tail = f"   {r['test']} ({100 * r['test_positive_rate']:.1f} %)" if model == "a_oracle" else ""
             print(f"{head:22s} {model:30s} {m['roc_auc']:8.4f} {m['pr_auc']:8.4f}{tail}")
@@ -224,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    result = experiment(args.users, args.days, args.seed) if args.experiment else bench(args.events, args.days, args.seed)
+    result = (
+        experiment(args.users, args.days, args.seed) if args.experiment else bench(args.events, args.days, args.seed)
+    )
     if args.json:
         args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
     return 0

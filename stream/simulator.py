@@ -7,13 +7,15 @@ with the persona, the labels and the oracle probabilities. docs/simulator.md exp
 - Users belong to one of five personas and visit in sessions whose start times follow a non-homogeneous
   Poisson process (a daily rhythm) at least ``MIN_SESSION_GAP_S`` apart; a user stops for good with a
   probability per session that depends on the persona, on how many sessions they had and on how the last one
-  ended. Drifting users come back ever more slowly, with shorter sessions, until they stop.
+  ended (its last event, a cart filled within the hour, a long hesitation before leaving); the same things
+  scale the return rate. Drifting users come back ever more slowly, with shorter sessions, until they stop.
 - Within a session, a Markov chain over (persona, last event type, intent 0-7, cart lines 0-3) draws the next
   event type (or the end of the session), then the gap in whole seconds (a mix of a short geometric and a
   long "hesitation" geometric). Intent moves deterministically with what is observable: +1 per add to cart or
   checkout, -2 for a removal right after an addition (not for one later), -1 for walking away from a
-  checkout, -1 after a gap longer than ``HESITATION_GAP_S``, -3 after a purchase; a session starts from the
-  persona's intent plus a bonus for a cart filled recently (decaying with the time since the last addition).
+  checkout, -1 for a wishlist save, -1 after a gap longer than ``HESITATION_GAP_S``, -3 after a purchase
+  (satisfied; some shop on and buy again). A session starts from the persona's intent plus a bonus for a kept
+  cart filled recently (the bonus decays with the time since the last addition).
 - The oracle is exact. p_purchase: a dynamic programme over the chain and the remaining seconds of the horizon
   (the geometric gaps make it a linear recursion; sessions are at least an hour apart, so for horizons up to
   an hour only the current session can bring the purchase). p_churn: P(the session ends now) x P(the user
@@ -29,7 +31,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,7 +43,7 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from stream.contract import EVENT_TYPES, Event, validate
+from stream.contract import EVENT_TYPES, MAX_TS_MS, MIN_TS_MS, TYPE_CODE, Event, validate
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
@@ -50,7 +52,7 @@ DEFAULT_HORIZON_S = 3600.0
 DEFAULT_CHURN_DAYS = 14.0
 MIN_SESSION_GAP_S = 3600  # between one session's last event and the next session's first
 HESITATION_GAP_S = 120  # a gap longer than this lowers intent (the user hesitated)
-GZIP_LEVEL = 1  # the files are big and written once; level 1 is ~4x faster than 6 for ~25 % more bytes
+GZIP_LEVEL = 1  # the files are big and written once; level 1 is ~2.5x faster than 6 for ~30 % more bytes
 
 # ---- the event chain ---------------------------------------------------------------------------------
 
@@ -83,16 +85,36 @@ class Persona:
 
 
 PERSONA_PARAMS: tuple[Persona, ...] = (
-    Persona(0.30, 2, {PAGE: 2.0, WISH: 4.0, SEARCH: 0.6, ADD: 0.8, END: 0.8}, 1.5, 1.3, 0.08,
-            1.0, 0.40, 0.0, 0.0, 2.0),
-    Persona(0.20, 3, {SEARCH: 3.0, PAGE: 0.5, REMOVE: 3.0, WISH: 0.5}, 1.8, 1.6, 0.15,
-            1.0, 0.18, 0.0, 0.0, 0.6),
-    Persona(0.15, 3, {VIEW: 0.6, PAGE: 0.5, ADD: 1.6, CHECKOUT: 1.3, WISH: 0.2, END: 1.5}, 0.4, 0.4, 0.05,
-            1.0, 0.22, 0.0, 0.0, 3.0),
-    Persona(0.20, 3, {ADD: 1.1}, 0.8, 0.8, 0.25,
-            1.0, 0.08, 0.0, 0.0, 2.2),
-    Persona(0.15, 3, {ADD: 1.1}, 1.0, 1.0, 0.30,
-            0.70, 0.06, 0.06, 0.5, 2.0),
+    # window shopper: slow browsing, category pages and wishlists, rarely buys, often never returns
+    Persona(
+        share=0.30, base_intent=2, move_weight={PAGE: 2.0, WISH: 4.0, SEARCH: 0.6, ADD: 0.8, END: 0.8},
+        gap_scale=1.5, hesitation=1.3, visits_per_day=0.08, rate_decay=1.0, stop=0.40, stop_growth=0.0,
+        intent_drift=0.0, price_tier=2.0,
+    ),
+    # deal hunter: searches, compares cheap items, adds and removes, hesitates a lot
+    Persona(
+        share=0.20, base_intent=3, move_weight={SEARCH: 3.0, PAGE: 0.5, REMOVE: 3.0, WISH: 0.5},
+        gap_scale=1.8, hesitation=1.6, visits_per_day=0.15, rate_decay=1.0, stop=0.18, stop_growth=0.0,
+        intent_drift=0.0, price_tier=0.6,
+    ),
+    # decisive buyer: few fast clicks straight to the cart and the checkout, dear items, rare visits
+    Persona(
+        share=0.15, base_intent=3, move_weight={VIEW: 0.6, PAGE: 0.5, ADD: 1.6, CHECKOUT: 1.3, WISH: 0.2, END: 1.5},
+        gap_scale=0.4, hesitation=0.4, visits_per_day=0.05, rate_decay=1.0, stop=0.22, stop_growth=0.0,
+        intent_drift=0.0, price_tier=3.0,
+    ),
+    # loyal regular: comes back twice a week and buys again
+    Persona(
+        share=0.20, base_intent=3, move_weight={ADD: 1.1},
+        gap_scale=0.8, hesitation=0.8, visits_per_day=0.25, rate_decay=1.0, stop=0.08, stop_growth=0.0,
+        intent_drift=0.0, price_tier=2.2,
+    ),
+    # drifting: starts like a regular; every session the return rate falls 30 %, intent drops, then they stop
+    Persona(
+        share=0.15, base_intent=3, move_weight={ADD: 1.1},
+        gap_scale=1.0, hesitation=1.0, visits_per_day=0.30, rate_decay=0.70, stop=0.06, stop_growth=0.06,
+        intent_drift=0.5, price_tier=2.0,
+    ),
 )  # fmt: skip
 
 # Short-gap mean (seconds) before an event of each type; purchases take the checkout form's time.
@@ -218,7 +240,9 @@ def build_chain() -> Chain:
                     hesitation[s] = _hesitation(p, k)
                     for m in range(8):
                         c2 = _next_cart(m, c)
-                        if w[m] > 0:
+                        # Defined for every move the cart allows, likely or not: a replay under an assumed
+                        # persona may meet a move that has no probability for that persona.
+                        if 0 <= c2 < N_CART and not (m == PURCHASE and c == 0):
                             long_ok = stage != START  # a session's first event has no gap before it
                             next_short[s, m] = state_index(p, m, _next_intent(stage, m, k, False), c2)
                             next_long[s, m] = state_index(p, m, _next_intent(stage, m, k, long_ok), c2)
@@ -328,17 +352,33 @@ def next_session_start(rng: random.Random, after_ms: int, rate_per_day: float) -
 
 
 def _end_factors(stage: int, intent: int, cart: int) -> tuple[float, float]:
-    """(stop multiplier, rate multiplier) from how a session ended: buyers come back, a full cart pulls the
-    user back soon, a session that fizzled out at low intent or right after a removal drives them away."""
+    """(stop multiplier, rate multiplier) from the chain state a session ends in: buyers come back, a kept cart
+    pulls the user back, a session that fizzled out at low intent or right after a removal or a wishlist save
+    drives them away. ``_leave_factors`` adds what only the event times show."""
     stop, rate = 1.0, 1.0
     if stage == PURCHASE:
-        stop, rate = 0.4, 1.25
+        stop, rate = 0.3, 1.5
     if cart:
-        stop, rate = stop * 0.8, rate * (1.0 + 0.3 * cart)
+        stop, rate = stop * 0.8, rate * (1.0 + 0.2 * cart)
     if intent <= 1:
-        stop *= 1.7
-    if stage == REMOVE:
-        stop *= 1.3
+        stop, rate = stop * 2.0, rate * 0.7
+    if stage in (REMOVE, WISH):
+        stop *= 1.8
+    return stop, rate
+
+
+def _leave_factors(cart: int, since_add_ms: int, long_gap: bool) -> tuple[float, float]:
+    """(stop, rate) multipliers from timing: leaving with a cart filled within the hour brings the user back
+    soon (the reminder e-mail works; a cart filled days ago does little), and leaving after a long hesitation
+    means they lost interest."""
+    stop, rate = 1.0, 1.0
+    if cart:
+        if since_add_ms < HOUR_MS:
+            stop, rate = 0.4, 2.5
+        elif since_add_ms < DAY_MS:
+            rate = 1.5
+    if long_gap:
+        stop, rate = stop * 1.6, rate * 0.7
     return stop, rate
 
 
@@ -439,7 +479,7 @@ def _simulate_user(
         persona += 1
         acc += PERSONA_PARAMS[persona].share
     pp = PERSONA_PARAMS[persona]
-    rate0 = pp.visits_per_day * math.exp(rng.gauss(0.0, 0.7))
+    rate0 = pp.visits_per_day * math.exp(rng.gauss(0.0, 0.45))
     taste = list(range(len(CATEGORIES)))
     rng.shuffle(taste)
     centre = min(N_TIERS - 1.0, max(0.0, rng.gauss(pp.price_tier, 0.7)))
@@ -535,13 +575,16 @@ def _simulate_user(
                 cart.clear()
             # Churn oracle: the session ends now, then the user stops or stays away past the churn window.
             stop_f, rate_f = end_factors[s]
+            if long_gap or cart:
+                leave_stop, leave_rate = _leave_factors(len(cart), t - last_add_ms, long_gap)
+                stop_f, rate_f = stop_f * leave_stop, rate_f * leave_rate
             p_stop = min(0.98, stop_p * stop_f)
             stay_away = exp(-rate * rate_f * window_intensity(t)) if return_window else 1.0
             q_churn = p_stop + (1.0 - p_stop) * stay_away
             events.append((t, move, session, cat, item, price, qty, oracle[s], p_end[s] * q_churn, q_churn))
         if t >= end_ms:
             break
-        stop_f, rate_f = end_factors[s]
+        # stop_f and rate_f are still those of the session's last event, which the oracle used
         if rand() < min(0.98, stop_p * stop_f):
             break
         t = next_session_start(rng, t + MIN_SESSION_GAP_S * 1000, rate * rate_f)
@@ -627,7 +670,6 @@ def _generate(
         raise ValueError("horizon and churn window: must be positive")
     from tqdm import tqdm
 
-    horizon_whole_s = int(horizon_s)  # gaps are whole seconds: t_j <= t_i + H  <=>  gap sum <= floor(H)
     params = Params(
         seed=seed,
         start_ms=start_ms,
@@ -635,8 +677,10 @@ def _generate(
         horizon_ms=round(horizon_s * 1000),
         churn_ms=round(churn_days * DAY_MS),
     )
+    if not (params.start_ms >= MIN_TS_MS and params.end_ms <= MAX_TS_MS):
+        raise ValueError("start and days: the period must lie between the years 2000 and 2100 (the contract's range)")
     chain = build_chain()
-    oracle = purchase_oracle(horizon_whole_s)
+    oracle = purchase_oracle(params.horizon_ms // 1000)  # gaps are whole seconds: t_j <= t_i + H iff sum <= H // 1s
     catalog = _catalog(seed)
     rows: list[tuple] = []
     personas: list[int] = []
@@ -747,6 +791,57 @@ def simulate(
     return Simulation(events, truth, p.start_ms, p.end_ms, p.horizon_ms, p.churn_ms)
 
 
+def replay_states(events: Sequence[Event], personas: Mapping[str, str] | None = None) -> np.ndarray:
+    """The chain state after each event (``state_index``), replayed from the visible events alone.
+
+    Events in any order that keeps each user's own order (a simulator file does). ``personas``: user_id ->
+    persona name; users without one are replayed as loyal regulars (what a model that cannot see the persona
+    might assume). With the true personas the replay is exact: ``purchase_oracle(H)[state]`` is the truth
+    file's p_purchase, which shows that the oracle uses nothing but the persona and what the events show.
+    """
+    chain = build_chain()
+    users: dict[str, list[Any]] = {}  # user -> [persona, session_id, sessions, cart, last_add_ms, prev_ms, state]
+    out = np.zeros(len(events), dtype=np.int64)
+    for i, e in enumerate(events):
+        u = users.get(e.user_id)
+        if u is None:
+            persona = PERSONAS.index(personas.get(e.user_id, "loyal_regular") if personas else "loyal_regular")
+            u = users[e.user_id] = [persona, None, -1, 0, e.ts, e.ts, 0]
+        persona, session_id, sessions, cart, last_add_ms, prev_ms, s = u
+        move = TYPE_CODE[e.type]
+        if e.session_id != session_id:
+            sessions += 1
+            pp = PERSONA_PARAMS[persona]
+            intent = pp.base_intent - int(pp.intent_drift * sessions) + _carry_bonus(cart, e.ts - last_add_ms)
+            s = state_index(persona, START, min(N_INTENT - 1, max(0, intent)), cart)
+            long_gap = False
+        else:
+            long_gap = (e.ts - prev_ms) // 1000 > HESITATION_GAP_S
+        s = int((chain.next_long if long_gap else chain.next_short)[s, move])
+        if s < 0:
+            raise ValueError(f"event {e.event_id}: a {e.type} is impossible here (not a simulator trace?)")
+        if move == ADD:
+            cart, last_add_ms = cart + 1, e.ts
+        elif move == REMOVE:
+            cart -= 1
+        elif move == PURCHASE:
+            cart = 0
+        users[e.user_id] = [persona, e.session_id, sessions, cart, last_add_ms, e.ts, s]
+        out[i] = s
+    return out
+
+
+def state_parts(states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(persona, stage, intent, cart lines) of chain states."""
+    states = np.asarray(states)
+    return (
+        states // (N_STAGES * N_INTENT * N_CART),
+        (states // (N_INTENT * N_CART)) % N_STAGES,
+        (states // N_CART) % N_INTENT,
+        states % N_CART,
+    )
+
+
 def truth_path(path: str | Path) -> Path:
     """Where the truth file of an events file goes: x.jsonl -> x.truth.jsonl, x.jsonl.gz -> x.truth.jsonl.gz."""
     path = Path(path)
@@ -811,8 +906,10 @@ def _rate(values: list[int | None]) -> tuple[int, int, float | None]:
 
 def _summary(run: _Run, seconds: float, out: Path | None, truth_out: Path | None) -> dict[str, Any]:
     rows, p = run.rows, run.params
-    n_p, pos_p, rate_p = _rate([r[12] for r in rows])
-    n_c, pos_c, rate_c = _rate([r[13] for r in rows])
+    # Base rates over events whose whole label window lies in the period: censoring keeps the late positives of
+    # purchase and the late negatives of churn, so rates over all non-null labels are biased.
+    n_p, pos_p, rate_p = _rate([r[12] for r in rows if r[0] + p.horizon_ms <= p.end_ms])
+    n_c, pos_c, rate_c = _rate([r[13] for r in rows if r[0] + p.churn_ms <= p.end_ms])
     type_counts = [0] * 8
     for r in rows:
         type_counts[r[3]] += 1
@@ -830,10 +927,12 @@ def _summary(run: _Run, seconds: float, out: Path | None, truth_out: Path | None
         "churn_days": p.churn_ms / DAY_MS,
         "seconds": round(seconds, 3),
         "events_per_s": round(len(rows) / seconds, 1) if seconds > 0 else None,
-        "purchase_labelled": n_p,
+        "purchase_labelled": sum(r[12] is not None for r in rows),
+        "purchase_window_inside": n_p,
         "purchase_positives": pos_p,
         "purchase_positive_rate": rate_p,
-        "churn_labelled": n_c,
+        "churn_labelled": sum(r[13] is not None for r in rows),
+        "churn_window_inside": n_c,
         "churn_positives": pos_c,
         "churn_positive_rate": rate_c,
         "event_types": dict(zip(EVENT_TYPES, type_counts, strict=True)),
@@ -910,16 +1009,20 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         )
     if not args.out.parent.is_dir():
         raise FileNotFoundError(f"{args.out.parent}: no such directory")
-    summary = write_simulation(
-        args.out,
-        args.users,
-        args.days,
-        args.seed,
-        start_ms=start_ms,
-        horizon_s=args.horizon_s,
-        churn_days=args.churn_days,
-        progress=not args.no_progress,
-    )
+    try:
+        summary = write_simulation(
+            args.out,
+            args.users,
+            args.days,
+            args.seed,
+            start_ms=start_ms,
+            horizon_s=args.horizon_s,
+            churn_days=args.churn_days,
+            progress=not args.no_progress,
+        )
+    except ValueError as exc:  # a period outside the contract's years
+        print(f"intentstream simulate: {exc}", file=sys.stderr)
+        return 2
     print(
         f"{summary['events']} events of {summary['users']} users in {summary['seconds']:.1f} s "
         f"({summary['events_per_s']:.0f} events/s) -> {summary['out']} and {summary['truth']}; "

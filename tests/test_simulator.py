@@ -227,6 +227,19 @@ def test_base_rates_make_both_tasks_meaningful(small: simulator.Simulation):
     assert 0.03 <= churn.mean() <= 0.25
 
 
+def test_purchase_oracle_needs_only_the_persona_and_the_visible_events(small: simulator.Simulation):
+    # What makes the oracle reachable by a sequence model: replaying the chain from the events alone (plus the
+    # persona) gives exactly the simulator's p_purchase.
+    personas = {t["user_id"]: t["persona"] for t in small.truth}
+    states = simulator.replay_states(small.events, personas)
+    oracle = np.array(simulator.purchase_oracle(small.horizon_ms // 1000))
+    np.testing.assert_allclose(oracle[states], _truth_column(small, "p_purchase"), atol=1e-6)
+    # Without the persona (everyone replayed as a loyal regular) the stage and the cart still come out right.
+    _, stage, _, cart = simulator.state_parts(states)
+    _, guessed_stage, _, guessed_cart = simulator.state_parts(simulator.replay_states(small.events))
+    assert (stage == guessed_stage).all() and (cart == guessed_cart).all()
+
+
 def test_purchase_oracle_is_zero_without_time_and_grows_with_the_horizon():
     short, long = np.array(simulator.purchase_oracle(30)), np.array(simulator.purchase_oracle(3600))
     assert (short <= long + 1e-12).all()
@@ -258,4 +271,6 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys):
     assert cli_main(["simulate", "--users", "0", "--days", "1", "--out", out, "--no-progress"]) == 2
     assert cli_main(["simulate", "--users", "5", "--days", "1", "--out", out, "--start", "soon"]) == 2
     assert "--start" in capsys.readouterr().err
+    assert cli_main(["simulate", "--users", "5", "--days", "1", "--out", out, "--start", "1999-12-01"]) == 2
+    assert "2000" in capsys.readouterr().err
     assert cli_main(["simulate", "--users", "5", "--days", "1", "--out", str(tmp_path / "no" / "x.jsonl")]) == 2
