@@ -182,10 +182,22 @@ def test_model_swap_during_traffic_loses_and_repeats_nothing(fresh: Settings, tm
     worker = Worker(fresh, tmp_path, emit_policy="every_event").start()
     try:
         wait_assigned([worker], fresh.partitions)
-        producer = threading.Thread(target=produce, args=(fresh, encode(events), 120.0))
+        # Traffic flows while v0002 is published; the second half is sent only once the worker reports v0002, so
+        # both versions must appear whatever the machine's speed.
+        half = len(events) // 2
+        swapped = threading.Event()
+
+        def traffic() -> None:
+            produce(fresh, encode(events[:half]), 120.0)
+            swapped.wait(120)
+            produce(fresh, encode(events[half:]), 120.0)
+
+        producer = threading.Thread(target=traffic)
         producer.start()
-        time.sleep(2.0)
+        time.sleep(1.0)
         write_model(fresh.model_dir, seed=1)  # v0002, published while events flow
+        wait_for(lambda: worker.get("/health")["model"]["version"] == "v0002", 60, "the worker to load v0002")
+        swapped.set()
         producer.join()
         got = consume(fresh, [fresh.topic_intent], until=lambda g: len(g[fresh.topic_intent]) >= len(events))
         intents = [orjson.loads(m.value) for m in got[fresh.topic_intent]]
