@@ -101,7 +101,7 @@ async def _watch(settings: Settings, stop: asyncio.Event, show: int, seen: dict[
         settings.topic_intent,
         settings.topic_churn,
         settings.topic_dlq,
-        **kafka_client_kwargs(settings),  # type: ignore[arg-type]
+        **kafka_client_kwargs(settings),
         auto_offset_reset="latest",
         enable_auto_commit=False,
     )

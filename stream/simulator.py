@@ -861,7 +861,7 @@ def _writer(path: Path, gz: bool) -> Iterator[IO[bytes]]:
             return
         # No file name and a zero mtime in the header: the same arguments give the same bytes.
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0) as f:
-            yield f
+            yield f  # type: ignore[misc]  # GzipFile is a binary IO at runtime
 
 
 def write_simulation(
@@ -944,7 +944,7 @@ def _summary(run: _Run, seconds: float, out: Path | None, truth_out: Path | None
 
 def _open_read(path: Path) -> IO[bytes]:
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(path, "rb")  # type: ignore[return-value]
     return open(path, "rb")
 
 

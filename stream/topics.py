@@ -34,7 +34,7 @@ async def ensure_topics_async(settings: Settings, extra: dict[str, int] | None =
 
     wanted = {t: settings.partitions for t in (settings.topic_clickstream, *settings.output_topics)}
     wanted.update(extra or {})
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))  # type: ignore[arg-type]
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -71,7 +71,7 @@ async def init_group_offsets(settings: Settings, group_id: str, topic: str) -> i
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.errors import KafkaError
 
-    consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), group_id=group_id, enable_auto_commit=False)  # type: ignore[arg-type]
+    consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), group_id=group_id, enable_auto_commit=False)
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic) or set()

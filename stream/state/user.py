@@ -68,7 +68,7 @@ class UserState:
         if not len(records) or event.ts >= records["ts"][-1]:
             prev = records[-1] if len(records) else None
             rec = encode_event(event, prev, self.count, config)
-            if prev is None or rec[-1] & FLAG_NEW_SESSION:
+            if prev is None or int(rec[-1]) & FLAG_NEW_SESSION:
                 self.session_start = event.ts
             keep = min(len(records), config.window - 1)
             # Bytes and struct.pack rather than numpy structured copies: ~6x cheaper (hot path, per event).
@@ -80,8 +80,8 @@ class UserState:
         if event.ts < records["ts"][-1] - allowed_lateness_ms or event.ts < records["ts"][0]:
             return Accept.TOO_LATE
         pos = int(np.searchsorted(records["ts"], event.ts, side="right"))
-        rec = np.array([encode_event(event, records[pos - 1], 0, config)], dtype=RECORD_DTYPE)
-        merged = np.concatenate([records[:pos], rec, records[pos:]])
+        late = np.array([encode_event(event, records[pos - 1], 0, config)], dtype=RECORD_DTYPE)
+        merged = np.concatenate([records[:pos], late, records[pos:]])
         relink(merged, pos, config)
         self.records = merged[-config.window :]
         self.count += 1
