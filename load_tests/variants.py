@@ -10,6 +10,7 @@ diff and measured effect. None of them is used by the engine itself.
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import types
@@ -26,12 +27,34 @@ def _module_from_git(name: str, path: str, rev: str = "HEAD") -> None:
     module = types.ModuleType(name)
     module.__file__ = str(ROOT / path)
     sys.modules[name] = module
-    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(importlib.import_module(parent), child, module)
+    # Compiled under the file's real path: profiles (py-spy) and tracebacks name it like the module it replaces
+    # (their line numbers are those of the ``rev`` version).
+    exec(compile(source, str(ROOT / path), "exec"), module.__dict__)
 
 
 def head_app() -> None:
     """stream/app.py as last committed (outputs and table writes by send_soon, no wait for acknowledgements)."""
     _module_from_git("stream.app", "stream/app.py")
+
+
+def head_engine() -> None:
+    """stream/engine.py and stream/emit.py as last committed (to A/B uncommitted hot-path edits against them)."""
+    _module_from_git("stream.emit", "stream/emit.py")
+    _module_from_git("stream.engine", "stream/engine.py")
+
+
+def before_reasons() -> None:
+    """stream/engine.py and stream/emit.py before the hot-path change of docs/performance.md (intent reasons on
+    Python lists, the window as of an event by a slice, one tolist() per user): the engine it was measured
+    against."""
+    _module_from_git("stream.emit", "stream/emit.py", BEFORE_REASONS)
+    _module_from_git("stream.engine", "stream/engine.py", BEFORE_REASONS)
+
+
+BEFORE_REASONS = "35a1e4f"
 
 
 def fetch_wait(ms: int) -> Callable[[], None]:
@@ -99,6 +122,8 @@ def reasons_lists() -> None:
 
 VARIANTS: dict[str, Callable[[], None]] = {
     "head-app": head_app,
+    "head-engine": head_engine,
+    "before-reasons": before_reasons,
     "fetch-wait-20": fetch_wait(20),
     "fetch-wait-100": fetch_wait(100),
     "reasons-lists": reasons_lists,

@@ -48,34 +48,39 @@ def _ago(ms: int) -> str:
 
 
 def intent_reasons(records: np.ndarray, limit: int = 3) -> list[str]:
-    """Short reasons a CRM user can read, from the user's window (newest event last)."""
-    if not len(records):
+    """Short reasons a CRM user can read, from the user's window (newest event last).
+
+    Hot path (one call per emitted intent): three columns as Python lists and plain loops over at most a
+    window of records, ~3x cheaper than a dozen small numpy calls (docs/performance.md)."""
+    n = len(records)
+    if not n:
         return []
-    now = int(records["ts"][-1])
-    types = records["type"]
-    recent = records["ts"] >= now - 600_000
+    ts, types, flags = records["ts"].tolist(), records["type"].tolist(), records["flags"].tolist()
+    now = ts[-1]
+    session_from = next((i for i in range(n - 1, -1, -1) if flags[i] & FLAG_NEW_SESSION), 0)
+    session = types[session_from:]
     reasons: list[str] = []
-    session_from = int(np.flatnonzero(records["flags"] & FLAG_NEW_SESSION).max(initial=0))
-    session = slice(session_from, None)
-    n_add_recent = int(((types == ADD) & recent).sum())
+    cutoff = now - 600_000
+    n_add_recent = sum(1 for t, x in zip(ts, types, strict=True) if x == ADD and t >= cutoff)
     if n_add_recent:
         reasons.append(f"{n_add_recent} add_to_cart in 10 min")
-    checkouts = np.flatnonzero(types[session] == CHECKOUT)
-    if len(checkouts) and not (types[session][checkouts[-1] :] == PURCHASE).any():
+    last_checkout = next((i for i in range(len(session) - 1, -1, -1) if session[i] == CHECKOUT), -1)
+    if last_checkout >= 0 and PURCHASE not in session[last_checkout:]:
         reasons.append("checkout_start without purchase")
-    if (types[session] == REMOVE).any():
-        reasons.append(f"{int((types[session] == REMOVE).sum())} remove_from_cart this session")
-    repeat = int((records["flags"][session] & FLAG_SAME_ITEM > 0).sum())
+    n_remove = session.count(REMOVE)
+    if n_remove:
+        reasons.append(f"{n_remove} remove_from_cart this session")
+    repeat = sum(1 for f in flags[session_from:] if f & FLAG_SAME_ITEM)
     if repeat >= 2:
         reasons.append(f"same item viewed {repeat + 1} times")
     gap = float(records["gap_s"][session_from]) * 1000 if session_from > 0 else 0.0
     if gap >= 86_400_000:
         reasons.append(f"returned after {_ago(int(gap))}")
-    purchases = np.flatnonzero(types == PURCHASE)
-    if len(purchases) and now - int(records["ts"][purchases[-1]]) < 30 * 86_400_000 and len(reasons) < limit:
-        reasons.append(f"purchased {_ago(now - int(records['ts'][purchases[-1]]))} ago")
+    last_purchase = next((i for i in range(n - 1, -1, -1) if types[i] == PURCHASE), -1)
+    if last_purchase >= 0 and now - ts[last_purchase] < 30 * 86_400_000 and len(reasons) < limit:
+        reasons.append(f"purchased {_ago(now - ts[last_purchase])} ago")
     if not reasons:
-        n_views = int((types[session] == VIEW).sum())
+        n_views = session.count(VIEW)
         reasons.append(f"{n_views} product_view this session" if n_views else "browsing")
     return reasons[:limit]
 

@@ -154,14 +154,16 @@ class Engine:
             result.model_seconds = time.perf_counter() - started
             scored_at = int(time.time() * 1000)
             risk_at: dict[tuple[str, int], float] = {}
+            version = model.version
             for (uid, t), us in zip(scored, user_scores, strict=True):
-                self._emit_intents(result, uid, t, us.probs, scored_at)
-                for (_, ev), p in zip(t.items, self._per_item(t, us.probs), strict=True):
-                    risk_at[(uid, ev.ts)] = float(p[1])
+                per_item = self._per_item(t, us.probs).tolist()  # Python floats: one conversion per user
+                self._emit_intents(result, uid, t, per_item, scored_at)
+                for (_, ev), p in zip(t.items, per_item, strict=True):
+                    risk_at[(uid, ev.ts)] = p[1]
                 t.state.hidden = us.hidden
-                t.state.model_version = model.version
-                last = self._per_item(t, us.probs)[-1]
-                t.state.score, t.state.churn_risk = float(last[0]), float(last[1])
+                t.state.model_version = version
+                last = per_item[-1]
+                t.state.score, t.state.churn_risk = last[0], last[1]
         else:
             risk_at = {}
         for user_id, last_ts, rec in closed:
@@ -182,25 +184,32 @@ class Engine:
         result.outputs.append(Output(self.settings.topic_dlq, rec.key, value, rec))
         result.dlq_reasons.append(reason)
 
-    def _emit_intents(self, result: BatchResult, uid: str, t: _Touched, probs: np.ndarray, scored_at: int) -> None:
+    def _emit_intents(
+        self, result: BatchResult, uid: str, t: _Touched, per_item: list[list[float]], scored_at: int
+    ) -> None:
+        """Intent outputs of a user's scored items; ``per_item``: one [purchase, churn, value] row per item."""
         s, model, st = self.settings, self.model, t.state
         thresholds = model.thresholds["purchase"]
-        for (rec, ev), p in zip(t.items, self._per_item(t, probs), strict=True):
+        model_name, model_version = model.name, model.version
+        cooldown_ms = int(s.emit_cooldown_s * 1000)
+        window_ts = st.records["ts"]
+        for (rec, ev), p in zip(t.items, per_item, strict=True):
             result.scored += 1
             latency = scored_at - rec.timestamp_ms
             result.latencies_ms.append(latency)
-            score = float(p[0])
+            score = p[0]
             band = emit.band_of(score, thresholds)
-            if not emit.should_emit(st, score, band, ev.ts, s.emit_policy, s.emit_delta, int(s.emit_cooldown_s * 1000)):
+            if not emit.should_emit(st, score, band, ev.ts, s.emit_policy, s.emit_delta, cooldown_ms):
                 continue
-            upto = st.records[st.records["ts"] <= ev.ts]  # the window as of this event
+            # The window as of this event: the window is in event-time order, so a slice (a view, no copy).
+            upto = st.records[: int(window_ts.searchsorted(ev.ts, side="right"))]
             value = contract.intent_record(
                 user_id=uid,
                 score=score,
                 band=BANDS[band],
-                expected_order_value=float(p[2]),
-                model_name=model.name,
-                model_version=model.version,
+                expected_order_value=p[2],
+                model_name=model_name,
+                model_version=model_version,
                 event_id=ev.event_id,
                 event_ts=ev.ts,
                 produced_at_ms=rec.timestamp_ms,
