@@ -2,7 +2,13 @@
 
 Thin glue: the logic of a batch lives in stream/engine.py. Faust gives us the consumer group (workers
 split the partitions), changelog-backed tables (a moved or restarted worker recovers its users), offset
-commits after our outputs are flushed, and table routing for ``GET /users/{id}/score``.
+commits, and table routing for ``GET /users/{id}/score``.
+
+Delivery order of a batch (docs/reliability.md): its outputs and the changelog records of its users'
+states are sent and acknowledged by the broker first, and only then are the states written to RocksDB and
+the batch's input records acknowledged for the offset commit. A crash at any point therefore either
+replays the batch (its outputs may repeat: at-least-once) or finds both outputs and state in place;
+never a state that says "seen" for an event whose output was lost.
 """
 
 from __future__ import annotations
@@ -10,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import shutil
+import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import faust
 import orjson
@@ -38,6 +47,10 @@ class NoModelError(RuntimeError):
     pass
 
 
+class DeliveryError(RuntimeError):
+    """A batch's outputs or state records could not be delivered to the broker."""
+
+
 def _broker_credentials(settings: Settings) -> Any:
     kwargs = kafka_client_kwargs(settings)
     if settings.kafka_security_protocol == "PLAINTEXT":
@@ -50,6 +63,22 @@ def _broker_credentials(settings: Settings) -> Any:
             ssl_context=kwargs.get("ssl_context"),
         )
     return faust.SSLCredentials(kwargs["ssl_context"])
+
+
+def _use_broker_highwaters() -> None:
+    """Exactly-once: let table recovery ask the broker for the changelogs' last stable offsets.
+
+    Faust reads them from the consumer's fetch state (``last_stable_offset``), unknown (None) until a partition
+    has been fetched, i.e. always at the start of a recovery: a restarted worker then skipped restoring its
+    tables, and a rebalance crashed it with ConsistencyError ("persisted offset ... higher than ... -1").
+    ``end_offsets`` on a read_committed consumer (Faust's under exactly-once) returns the same offsets, from
+    the broker."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    async def _highwaters(self: Any, partitions: list[Any]) -> Any:
+        return await self._ensure_consumer().end_offsets(partitions)
+
+    AIOKafkaConsumerThread._highwaters = _highwaters  # type: ignore[method-assign]
 
 
 def load_model(settings: Settings, device: torch.device) -> LoadedModel:
@@ -90,6 +119,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         topic_replication_factor=settings.replication_factor,
         topic_allow_declare=True,
         web_host=settings.web_host,
+        web_bind=settings.web_host,  # Faust binds to web_bind (default 0.0.0.0), not to web_host
         web_port=settings.web_port,
         web_enabled=True,
         web_in_thread=False,
@@ -105,6 +135,14 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         table_key_index_size=100_000,
     )
     app.engine = engine  # type: ignore[attr-defined]
+    exactly_once = settings.processing_guarantee == "exactly_once"
+    if exactly_once:
+        _use_broker_highwaters()
+        # RocksDB may hold states of a transaction that was aborted when the last run died, and Faust does not
+        # keep table offsets under exactly-once (its pending offsets are keyed by changelog partition but looked
+        # up by source partition), so it replays the whole changelog anyway: start from an empty store and let
+        # the replay (read_committed) rebuild exactly the committed states, as Kafka Streams does.
+        shutil.rmtree(app.conf.tabledir, ignore_errors=True)
     # Serializers as keyword arguments: a faust.Schema passed to a topic lost its "raw" serializers once the
     # app also had a table (keys were then decoded as JSON and the records acked as decode errors).
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
@@ -135,25 +173,179 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
             "event=sessions_restored partition=%d users=%d seconds=%.2f", partition, n, time.perf_counter() - started
         )
 
+    def exit_without_commit(event: str, error: BaseException | None) -> NoReturn:
+        # Leaving the agent's loop by an exception makes Faust ack the batch (take_events acks in a finally), and a
+        # clean stop commits acked offsets: the batch's outputs would be lost. Exit at once instead; the restarted
+        # worker replays from the last commit.
+        log.critical("event=%s error=%r; exiting without an offset commit", event, error)
+        logging.shutdown()
+        os._exit(70)
+
+    # A batch holds this from its first output to its acks, and so does every offset commit (guard_consumer): a
+    # commit sees a batch whole or not at all. Under exactly-once a transaction never commits part of a batch.
+    batch_lock = asyncio.Lock()
+    # At-least-once: changelog records not yet acknowledged by the broker; an offset commit waits for them.
+    unacked_changelog: set[asyncio.Future] = set()
+    # Records fetched in this consumer generation or an earlier one are stale: a rebalance has begun since (or the
+    # worker stalled), and once it is done Faust seeks every partition back to its committed offset, so their
+    # partition's owner replays them. Applying them now would apply them twice.
+    stale: dict[str, Any] = {"upto_generation": -1, "stalled": False}
+    # Next offset to process, per input partition, since the last revocation. Faust can hand a record over twice
+    # in one generation (fetched from the consumer's starting position, then again after Faust's own seek to the
+    # committed offset); a duplicate of a valid event is caught by the user's window, a rejected record is not.
+    next_offset: dict[int, int] = {}
+
+    def guard_consumer() -> None:
+        """Wrap the consumer's commit (every caller: the commit timer, commit_every, rebalances, the stop) and its
+        revocation handler."""
+        consumer: Any = app.consumer  # faust.transport.consumer.Consumer; its type stub lacks these members
+        if getattr(consumer, "_intentstream_guarded", False):
+            return
+        commit = consumer.commit
+        revoke = consumer.on_partitions_revoked
+
+        async def guarded_commit(*args: Any, **kwargs: Any) -> bool:
+            async with batch_lock:
+                if unacked_changelog:
+                    try:
+                        await asyncio.gather(*list(unacked_changelog))
+                    except Exception as exc:  # a state in RocksDB but not in its changelog: not committable
+                        exit_without_commit("changelog_failed", exc)
+                if not exactly_once:
+                    return bool(await commit(*args, **kwargs))
+                try:
+                    return bool(await commit(*args, **kwargs))
+                except Exception as exc:
+                    # The transaction is aborted while RocksDB holds its states, and a clean stop would commit the
+                    # offsets in a new one: only a restart (empty store, changelog replayed) is safe.
+                    exit_without_commit("commit_failed", exc)
+
+        async def guarded_revoke(revoked: set) -> None:
+            async with batch_lock:
+                stale["upto_generation"] = app.consumer_generation_id
+                next_offset.clear()
+                if exactly_once:
+                    # Faust forgets what was acked in revoked partitions before it would commit it (and aiokafka has
+                    # emptied the assignment by then, so the commit would be discarded anyway). Their open
+                    # transactions hold the outputs of those records, which the partitions' next owners replay:
+                    # committed twice. Commit them now, with their offsets, as Kafka Streams does on revocation.
+                    # The consumer's own keys: aiokafka refuses Faust's TP tuples that ``revoked`` holds.
+                    tps = [tp for tp in consumer._acked if tp in revoked and tp.topic == settings.topic_clickstream]
+                    offsets = consumer._filter_committable_offsets(tps)
+                    if offsets:
+                        try:
+                            await consumer.transactions.commit(offsets, start_new_transaction=True)
+                        except Exception as exc:
+                            exit_without_commit("commit_failed", exc)
+                        app.tables.on_commit(offsets)
+            await revoke(revoked)
+
+        consumer.commit = guarded_commit
+        consumer.on_partitions_revoked = guarded_revoke
+        consumer._intentstream_guarded = True
+
+    async def send_output(topic: str, key: bytes | None, value: bytes, partition: int) -> Any:
+        """Hand one output to the producer; returns the future of its delivery. Every output goes to the partition
+        of the input record it answers (co-partitioned; a DLQ record without a key too)."""
+        if not exactly_once:
+            return await outputs[topic].send(key=key, value=value, partition=partition, force=True)
+        # Faust's transaction manager picks the transactional producer from the *consumer's* metadata, which
+        # lacks topics we only write to, and then sends outside any transaction (faust-streaming issue #177).
+        # So we send with the transactional producer of the source partition ourselves: the one that commits
+        # this partition's offsets and changelog.
+        group = app.assignor.group_for_topic(settings.topic_clickstream)
+        tid = f"{settings.app_id}-{group}-{partition}"
+        producer = app.producer._transaction_producers.get(tid)  # type: ignore[attr-defined]
+        if producer is None:
+            raise RuntimeError(f"no transactional producer {tid} (partition {partition} revoked?)")
+        return await producer.send(topic, value, key=key, partition=partition)
+
+    # Stall watchdog. A worker frozen (SIGSTOP, a VM pause) for longer than its group session is no longer the
+    # owner of its partitions when it wakes up, but it does not know yet, and under at-least-once nothing fences
+    # it: it would write the states of the batch in its hands over the newer ones of the new owner (the changelog
+    # goes back in time for those users). After such a stall the worker exits rather than write (the owner replays
+    # the batch). A thread keeps the time: it misses its ticks only when the whole process is frozen, not when the
+    # event loop is merely busy (restoring tables, say). Half the session timeout: the member may have expired.
+    stall_limit_s = float(app.conf.broker_session_timeout) / 2
+    alive_at = [time.monotonic()]
+
+    def stalled() -> bool:
+        if time.monotonic() - alive_at[0] > stall_limit_s:  # frozen, and the thread has not run since
+            stale["stalled"] = True
+        return bool(stale["stalled"])
+
+    def tick() -> None:
+        while True:
+            time.sleep(0.25)
+            was_stalled = stale["stalled"]
+            if stalled() and not was_stalled:  # logged once; the next batch exits
+                log.warning("event=stalled seconds=%.1f", time.monotonic() - alive_at[0])
+            alive_at[0] = time.monotonic()
+
+    threading.Thread(target=tick, name="stall-watchdog", daemon=True).start()
+
+    async def write_batch(result: Any, by_record: dict[int, Any]) -> None:
+        """Outputs first, acknowledged by the broker, then the states: a state that holds an event (and makes a
+        replay skip it as a duplicate) never exists without the event's output. Exactly-once: outputs and states
+        go to the partition's open transaction together and commit (or abort) together."""
+        try:
+            sent = [await send_output(out.topic, out.key, out.value, out.source.partition) for out in result.outputs]
+            if exactly_once:
+                sent += [users.send_changelog(r.partition, u.encode(), b) for u, (b, r) in result.states.items()]
+            if sent:
+                await asyncio.gather(*sent)
+        except Exception as exc:  # a fenced transactional producer, a broker gone for longer than the timeouts
+            raise DeliveryError(str(exc)) from exc
+        if stalled():
+            exit_without_commit("stalled", None)
+        for user_id, (blob, rec) in result.states.items():
+            _current_event.set(weakref.ref(by_record[id(rec)]))  # the store picks the partition's database by it
+            users.data[user_id.encode()] = blob
+            if not exactly_once:
+                fut = users.send_changelog(rec.partition, user_id.encode(), blob)
+                unacked_changelog.add(fut)
+                fut.add_done_callback(unacked_changelog.discard)
+        _current_event.set(None)
+
     @app.agent(clickstream, name="score")
     async def score(stream: faust.StreamT) -> None:
+        guard_consumer()
         async for events in stream.take_events(settings.batch_max_events, within=settings.batch_max_ms / 1000):
-            records = []
-            for e in events:
-                m = e.message
-                records.append(InRecord(m.key, m.value, m.topic, m.partition, m.offset, int(m.timestamp * 1000)))
-                if m.partition not in engine.sessions:
-                    restore_sessions(m.partition)
-            by_record = {id(r): e for r, e in zip(records, events, strict=True)}
-            metrics.EVENTS_IN.inc(len(records))
-            result = engine.process(records, get_state)
-            for user_id, (blob, rec) in result.states.items():
-                _current_event.set(weakref.ref(by_record[id(rec)]))
-                users[user_id.encode()] = blob
-            for out in result.outputs:
-                _current_event.set(weakref.ref(by_record[id(out.source)]))
-                outputs[out.topic].send_soon(key=out.key, value=out.value)
-            _current_event.set(None)
+            async with batch_lock:
+                if stalled():
+                    exit_without_commit("stalled", None)
+                if any(e.message.generation_id <= stale["upto_generation"] for e in events):
+                    # Marked acked without telling the consumer: never committed, replayed by the owner.
+                    for e in events:
+                        e.message.acked = True
+                    log.info("event=stale_batch_skipped records=%d", len(events))
+                    continue
+                again = [e for e in events if e.message.offset < next_offset.get(e.message.partition, -1)]
+                if again:
+                    for e in again:  # processed (and acked) already: this copy is neither applied nor acked
+                        e.message.acked = True
+                    log.info("event=redelivered_skipped records=%d", len(again))
+                    events = [e for e in events if e.message.offset >= next_offset.get(e.message.partition, -1)]
+                    if not events:
+                        continue
+                records = []
+                for e in events:
+                    m = e.message
+                    records.append(InRecord(m.key, m.value, m.topic, m.partition, m.offset, int(m.timestamp * 1000)))
+                    if m.partition not in engine.sessions:
+                        restore_sessions(m.partition)
+                by_record = {id(r): e for r, e in zip(records, events, strict=True)}
+                metrics.EVENTS_IN.inc(len(records))
+                result = engine.process(records, get_state)
+                try:
+                    await write_batch(result, by_record)
+                except DeliveryError as exc:
+                    exit_without_commit("delivery_failed", exc.__cause__)
+                for e in events:  # acked before the lock is released: a commit sees the whole batch
+                    e.ack()
+                    next_offset[e.message.partition] = max(
+                        next_offset.get(e.message.partition, 0), e.message.offset + 1
+                    )
             metrics.observe_batch(result, len(records))
 
     @app.on_partitions_revoked.connect
@@ -161,6 +353,27 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         for tp in revoked:
             if tp.topic == settings.topic_clickstream:
                 engine.sessions.pop(tp.partition, None)
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app: faust.App, assigned: set, **kwargs: Any) -> None:
+        """Exactly-once: drop the transactional producers of partitions this worker no longer owns.
+
+        Faust stops them only for revoked partitions that are not standbys here, and with standby replicas (on by
+        default) a partition handed to another worker usually stays as a standby: its producer, fenced by the
+        new owner, was kept and reused when the partition came back, and the first send failed (ProducerFenced).
+        Dropped now, it is created afresh (a new epoch) if the partition returns."""
+        if not exactly_once:
+            return
+        assignor = app.assignor
+        active = {tp.partition for tp in assigned if tp.topic == settings.topic_clickstream and assignor.is_active(tp)}
+        try:
+            prefix = f"{settings.app_id}-{assignor.group_for_topic(settings.topic_clickstream)}-"
+        except KeyError:  # nothing of ours assigned
+            return
+        producers = app.producer._transaction_producers  # type: ignore[attr-defined]
+        for tid in [t for t in producers if t.startswith(prefix) and int(t[len(prefix) :]) not in active]:
+            log.info("event=transactional_producer_dropped id=%s", tid)
+            await producers.pop(tid).stop()
 
     refused_paths: set[Path] = set()
 

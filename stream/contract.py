@@ -9,6 +9,7 @@ events, churn alerts, dead-letter records) are built here too so that their shap
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,9 @@ import orjson
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMAS = frozenset({1})
+# A DLQ record carries at most this much of a rejected key or value (base64 of 256 KiB: 342 KiB, well under the
+# producer's 1 MB request size; inputs are refused over max_record_bytes, 64 KiB by default, anyway).
+DLQ_MAX_ORIGINAL_BYTES = 262_144
 
 # Order matters: the index is the event type's code in state and model inputs (append only).
 EVENT_TYPES: tuple[str, ...] = (
@@ -284,17 +288,27 @@ def dlq_record(
     offset: int,
     rejected_at_ms: int,
 ) -> bytes:
-    """Dead-letter record: the original bytes (base64), why, and where it came from."""
-    return orjson.dumps(
-        {
-            "schema": SCHEMA_VERSION,
-            "reason": reason,
-            "key_b64": None if key is None else base64.b64encode(key).decode(),
-            "value_b64": None if value is None else base64.b64encode(value).decode(),
-            "source": {"topic": topic, "partition": partition, "offset": offset},
-            "rejected_at": rejected_at_ms,
-        }
-    )
+    """Dead-letter record: the original bytes (base64), why, and where it came from.
+
+    A key or value longer than DLQ_MAX_ORIGINAL_BYTES is cut to that length and described under "truncated"
+    (its length and sha256; the whole record stays in the input topic at its source offset): base64 makes
+    bytes a third longer, and a DLQ record over the producer's request size could never be delivered."""
+    record: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "reason": reason,
+        "key_b64": None if key is None else base64.b64encode(key[:DLQ_MAX_ORIGINAL_BYTES]).decode(),
+        "value_b64": None if value is None else base64.b64encode(value[:DLQ_MAX_ORIGINAL_BYTES]).decode(),
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "rejected_at": rejected_at_ms,
+    }
+    truncated = {
+        name: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+        for name, b in (("key", key), ("value", value))
+        if b is not None and len(b) > DLQ_MAX_ORIGINAL_BYTES
+    }
+    if truncated:
+        record["truncated"] = truncated
+    return orjson.dumps(record)
 
 
 def intent_record(
