@@ -33,14 +33,14 @@ async def passthrough(settings: Settings, stop: asyncio.Event) -> int:
 
     consumer = AIOKafkaConsumer(
         settings.topic_clickstream,
-        **kafka_client_kwargs(settings),  # type: ignore[arg-type]
+        **kafka_client_kwargs(settings),
         group_id=settings.app_id,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
     producer = AIOKafkaProducer(
-        **kafka_client_kwargs(settings),  # type: ignore[arg-type]
+        **kafka_client_kwargs(settings),
         acks="all",  # Faust's default (the engine's producer): same durability for both
         linger_ms=5,
         max_batch_size=262_144,

@@ -27,6 +27,7 @@ Writes DIR/model_report.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import tempfile
@@ -184,7 +185,7 @@ def bench(device: torch.device, batches: tuple[int, ...], min_seconds: float, tm
             hidden = np.random.default_rng(1).standard_normal((b, 64)).astype(np.float32) * 0.5
             users = user_batches(model, mode, rec, hidden)
             seconds = {
-                "score_batch": timed(lambda m=model, u=users: score_batch(m, u, device), device, min_seconds),
+                "score_batch": timed(functools.partial(score_batch, model, users, device), device, min_seconds),
                 "stacked": timed(stacked_scorer(model, mode, rec, hidden, device), device, min_seconds),
                 "device": timed(device_scorer(model, mode, rec, hidden, device), device, min_seconds),
             }

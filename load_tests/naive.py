@@ -134,7 +134,7 @@ def create_app(settings: Settings) -> faust.App:
             return self.json(
                 {
                     "status": "ok",
-                    "ready": bool(app.tables.recovery.completed.is_set() and not app.rebalancing),
+                    "ready": bool(app.tables.recovery.completed.is_set() and not app.rebalancing),  # type: ignore[attr-defined]
                     "partitions": sorted(
                         tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_clickstream
                     ),

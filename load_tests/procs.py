@@ -239,9 +239,9 @@ class Offsets:
         from aiokafka import AIOKafkaConsumer
         from aiokafka.admin import AIOKafkaAdminClient
 
-        self.consumer = AIOKafkaConsumer(**kafka_client_kwargs(self.settings), enable_auto_commit=False)  # type: ignore[arg-type]
+        self.consumer = AIOKafkaConsumer(**kafka_client_kwargs(self.settings), enable_auto_commit=False)
         await self.consumer.start()
-        self.admin = AIOKafkaAdminClient(**kafka_client_kwargs(self.settings))  # type: ignore[arg-type]
+        self.admin = AIOKafkaAdminClient(**kafka_client_kwargs(self.settings))
         await self.admin.start()
 
     async def stop(self) -> None:
@@ -270,7 +270,7 @@ class Offsets:
 async def create_topics(settings: Settings, topics: dict[str, int]) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))  # type: ignore[arg-type]
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -285,7 +285,7 @@ async def delete_topics(settings: Settings, prefix: str) -> list[str]:
     """Delete every topic whose name starts with ``prefix`` (ours: inputs, outputs, changelogs)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))  # type: ignore[arg-type]
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
     await admin.start()
     try:
         ours = [t for t in await admin.list_topics() if t.startswith(prefix)]

@@ -711,7 +711,7 @@ async def read_latencies(settings: Settings, topic: str) -> np.ndarray:
     from stream.topics import kafka_client_kwargs
 
     consumer = AIOKafkaConsumer(
-        **kafka_client_kwargs(settings),  # type: ignore[arg-type]
+        **kafka_client_kwargs(settings),
         enable_auto_commit=False,
         max_partition_fetch_bytes=8 * 1024 * 1024,
     )
@@ -745,7 +745,7 @@ async def output_times(settings: Settings, topics: list[str]) -> np.ndarray:
     from stream.topics import kafka_client_kwargs
 
     consumer = AIOKafkaConsumer(
-        **kafka_client_kwargs(settings),  # type: ignore[arg-type]
+        **kafka_client_kwargs(settings),
         enable_auto_commit=False,
         max_partition_fetch_bytes=8 * 1024 * 1024,
     )

@@ -1,0 +1,126 @@
+"""CPU cost of ``Engine.process`` per event, in process: the engine of a git revision against the working tree.
+
+    python -m load_tests.engine_ab [--rev REV] [--events N] [--batch B] [--turns T]
+
+No Kafka, no Faust: both engines (stream/engine.py and stream/emit.py of ``--rev``, and those of the working tree)
+process the same simulator batches (every_event policy, a dict as the table, one untrained GRU model), taking
+turns (A B, B A, ...) so that a change in the machine's load hits both alike. Reported: CPU microseconds per
+event (``time.process_time``, which counts this process only) per turn and their medians, and whether both
+produced the same output records (``scored_at`` and ``latency_ms`` aside: they hold the wall clock).
+
+It isolates the part of a worker that stream/engine.py owns: on a busy shared machine an end-to-end A/B of a
+change worth a few percent of a worker's time is lost in the noise (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_at(rev: str, path: str, name: str) -> types.ModuleType:
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, check=True).stdout
+    module = types.ModuleType(name)
+    module.__file__ = str(ROOT / path)
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, str(ROOT / path), "exec"), module.__dict__)
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m load_tests.engine_ab", description=__doc__.split("\n")[0])
+    parser.add_argument("--rev", default="HEAD", help="git revision of the engine to compare with (default HEAD)")
+    parser.add_argument("--events", type=int, default=24_000, help="events per turn (default 24,000)")
+    parser.add_argument("--batch", type=int, default=135, help="events per batch (default 135: the worker's mean)")
+    parser.add_argument("--turns", type=int, default=6, help="turns per engine (default 6)")
+    args = parser.parse_args(argv)
+
+    from load_tests.traffic import Traffic
+    from models.artifact import load_newest, save_artifact, untrained_model
+    from models.features import FeaturizerConfig
+    from stream import engine as current
+    from stream.settings import Settings
+
+    old_emit = module_at(args.rev, "stream/emit.py", "_engine_ab_emit")
+    old = module_at(args.rev, "stream/engine.py", "_engine_ab_engine")
+    old.emit = old_emit  # type: ignore[attr-defined]
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_artifact(
+            untrained_model("gru", seed=0),
+            Path(tmp),
+            featurizer=FeaturizerConfig(window=64),
+            calibration={},
+            thresholds={"purchase": {"medium": 0.3, "high": 0.6}, "churn": {"alert": 0.5}},
+            horizon_s=3600,
+            churn_days=14,
+            data_hash="engine-ab",
+            metrics={},
+            name="untrained-gru",
+        )
+        model, _ = load_newest(Path(tmp), expect_window=64)
+    assert model is not None
+    settings = Settings.from_env(emit_policy="every_event")
+    records = list(itertools.islice(Traffic(users=1_000_000).records(), args.events))
+    now = int(time.time() * 1000)
+    batches = [
+        [current.InRecord(k, v, "clickstream", hash(k) % 4, i, now) for i, (k, v) in enumerate(chunk, start=j)]
+        for j, chunk in ((j, records[j : j + args.batch]) for j in range(0, len(records), args.batch))
+    ]
+
+    def turn(module: Any) -> tuple[float, list[Any]]:
+        engine = module.Engine(settings, model, torch.device("cpu"))
+        table: dict[str, bytes] = {}
+        outputs: list[Any] = []
+        started = time.process_time()
+        for batch in batches:
+            result = engine.process(batch, lambda uid, rec: table.get(uid))
+            for uid, (blob, _rec) in result.states.items():
+                table[uid] = blob
+            outputs.append([(o.topic, o.key, o.value) for o in result.outputs])
+        return time.process_time() - started, outputs
+
+    systems = {f"rev {args.rev}": old, "working tree": current}
+    us: dict[str, list[float]] = {name: [] for name in systems}
+    outs: dict[str, list[Any]] = {}
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    for t in range(args.turns):
+        for name in list(systems) if t % 2 == 0 else list(reversed(systems)):
+            seconds, outs[name] = turn(systems[name])
+            us[name].append(1e6 * seconds / len(records))
+
+    def comparable(batches_out: list[Any]) -> list[Any]:
+        drop = ("scored_at", "latency_ms")
+        return [
+            [(topic, key, {k: v for k, v in orjson.loads(value).items() if k not in drop}) for topic, key, value in b]
+            for b in batches_out
+        ]
+
+    a, b = (comparable(o) for o in outs.values())
+    print(f"engine_ab: {len(records):,} events in batches of {args.batch}, {args.turns} turns each; load {load_start}")
+    print(f"same outputs (scored_at, latency_ms aside): {a == b} ({sum(map(len, b)):,} records)")
+    for name, values in us.items():
+        print(
+            f"{name:>14}: median {np.median(values):6.1f} us/event CPU; turns {', '.join(f'{x:.1f}' for x in values)}"
+        )
+    ratio = np.median(us["working tree"]) / np.median(us[f"rev {args.rev}"])
+    print(f"working tree / rev {args.rev}: {ratio:.3f}")
+    return 0 if a == b else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
