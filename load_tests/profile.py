@@ -80,9 +80,38 @@ def area_of(stack: list[tuple[str, str]]) -> str:
     return "asyncio event loop" if cut or any("asyncio/" in p or "selectors" in p for _, p in stack) else stack[-1][0]
 
 
+def component_of(thread: str, stack: list[tuple[str, str]]) -> str:
+    """Where a sample's time goes, in the worker's own terms (the README's performance section uses these)."""
+    if thread and "MainThread" not in thread:
+        return (
+            "stall-watchdog thread (GIL waits)" if "watchdog" in thread else "Faust consumer thread (aiokafka fetches)"
+        )
+    cut = 0
+    for i, (func, _path) in enumerate(stack):
+        if func in ("Handle._run", "BaseEventLoop._run_once"):
+            cut = i + 1
+    inner = stack[cut:]
+    funcs = {func for func, _path in inner}
+    if "Engine.process" in funcs:
+        return "Engine.process (validate, state, score, emit: stream/engine.py and below)"
+    if "create_app.<locals>.write_batch" in funcs:
+        if "create_app.<locals>.send_output" in funcs:
+            return "app.py write_batch: one Faust Topic.send per output"
+        return "app.py write_batch: RocksDB writes, changelog sends, waiting for acks"
+    if "create_app.<locals>.score" in funcs:
+        return "app.py agent loop (take_events, acks, records, metrics)"
+    paths = [path for _func, path in inner]
+    if any("aiokafka/" in path or path.startswith("kafka/") for path in paths):
+        return "aiokafka in the event loop (producer sender, client)"
+    if any(path.startswith(("faust/", "mode/")) or "/faust/" in path or "/mode/" in path for path in paths):
+        return "Faust and mode services (stream plumbing, conductor, commits, timers)"
+    return "asyncio event loop (select, callbacks)"
+
+
 def summarise(raw: str, top: int = 25) -> dict[str, Any]:
     """Areas, self and inclusive time from py-spy's raw output ("frame;frame;... count" per line)."""
     areas: collections.Counter[str] = collections.Counter()
+    components: collections.Counter[str] = collections.Counter()
     self_time: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     threads: collections.Counter[str] = collections.Counter()
@@ -104,6 +133,7 @@ def summarise(raw: str, top: int = 25) -> dict[str, Any]:
         total += count
         threads[thread or "?"] += count
         areas[area_of(stack)] += count
+        components[component_of(thread, stack)] += count
         func, path = stack[-1]
         self_time[f"{func} ({path.split('site-packages/')[-1]})"] += count
         for name in {f"{f} ({p.split('site-packages/')[-1]})" for f, p in stack}:
@@ -115,6 +145,7 @@ def summarise(raw: str, top: int = 25) -> dict[str, Any]:
     return {
         "samples": total,
         "threads": share(threads, 10),
+        "components": share(components, top),
         "areas": share(areas, top),
         "self": share(self_time, top),
         "inclusive": share(inclusive, top),
@@ -131,6 +162,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
     ]
     for title, key in (
+        ("Components", "components"),
         ("Areas (innermost own frame)", "areas"),
         ("Self time", "self"),
         ("Inclusive time", "inclusive"),
