@@ -137,7 +137,8 @@ def markdown(r: dict[str, Any]) -> str:
     if tg:
         lines += ["## Targets", "", "| target | wanted | reached | met |", "|---|---|---:|:-:|"]
         for k, v in tg.items():
-            lines.append(f"| {k} | {v['target']} | {v['reached']} | {'yes' if v['met'] else 'no'} |")
+            met = "-" if v["met"] is None else "yes" if v["met"] else "no"
+            lines.append(f"| {k} | {v['target']} | {v['reached']} | {met} |")
         lines.append("")
     lines += ["Plots: throughput_lag.png, latency.png, resources.png, capacity.png.", ""]
     return "\n".join(lines)

@@ -833,15 +833,17 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
             "reached": half["p99"],
             "met": half["p99"] <= TARGETS["p99_ms_at_50pct"],
         }
-    growth = [
-        s["rss_mb"]["growth_pct"] for s in report.get("steps", []) if s.get("rss_mb", {}).get("growth_pct") is not None
-    ]
-    if growth:
-        worst = max(growth, key=abs)
+    measured = [s for s in report.get("steps", []) if s.get("rss_mb", {}).get("growth_pct") is not None]
+    if measured:
+        worst = max(measured, key=lambda s: abs(s["rss_mb"]["growth_pct"]))
+        seconds = round(worst["t_end"] - worst["t_start"])
+        # The target is for a 10-minute step at 50% with 1,000,000 users (--rates 50% --duration 600 --preload):
+        # a shorter step says how memory moved, not whether the target holds.
         out["rss_growth_pct"] = {
-            "target": f"within {TARGETS['rss_growth_pct']}% (10-minute run at 50%)",
-            "reached": worst,
-            "met": abs(worst) <= TARGETS["rss_growth_pct"],
+            "target": f"within {TARGETS['rss_growth_pct']}% over a 10-minute step at 50% (worst step: "
+            f"{worst['requested']}, {seconds} s, {report.get('distinct_users', 0):,} distinct users)",
+            "reached": worst["rss_mb"]["growth_pct"],
+            "met": abs(worst["rss_mb"]["growth_pct"]) <= TARGETS["rss_growth_pct"] if seconds >= 590 else None,
         }
     return out
 
