@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-EVENTS_PER_USER_30_DAYS = 36.0  # simulator average over 30 days (measured), to size the population
+PILOT_USERS = 2000  # a small simulation first measures events per user (the simulator's rates change)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         sim_s = 0.0
         data = args.data
         if data is None:
-            users = math.ceil(args.events / EVENTS_PER_USER_30_DAYS)
-            data = Path(tmp) / "events.jsonl"
             t0 = time.perf_counter()
+            pilot = write_simulation(Path(tmp) / "pilot.jsonl", users=PILOT_USERS, days=30, seed=args.seed)
+            users = math.ceil(1.05 * args.events / (pilot["events"] / PILOT_USERS))  # at least N events
+            data = Path(tmp) / "events.jsonl"
             write_simulation(data, users=users, days=30, seed=args.seed)
             sim_s = time.perf_counter() - t0
         t0 = time.perf_counter()
