@@ -168,6 +168,10 @@ def test_metrics_thresholds_and_platt():
     assert a == pytest.approx(2.0, abs=0.25) and b == pytest.approx(-1.0, abs=0.15)
     p = M.sigmoid(a * z + b)
     assert M.expected_calibration_error(y, p) < 0.03
+    # Scores far from logits (the rule baseline's 0-4 points, rare positives) converge instead of diverging.
+    points = rng.integers(0, 5, 20_000).astype(float)
+    hits = (rng.random(20_000) < M.sigmoid(0.8 * points - 4.0)).astype(float)
+    assert M.platt_fit(points, hits) == pytest.approx([0.8, -4.0], abs=0.2)
     bands = M.band_thresholds(y, p, y, p)
     assert 0 < bands["purchase"]["medium"] <= bands["purchase"]["high"] < 1
     assert M.at_threshold(y, p, bands["purchase"]["medium"])["recall"] >= 0.8

@@ -102,21 +102,35 @@ def band_thresholds(
     return {"purchase": {"medium": medium, "high": high}, "churn": {"alert": f1_optimal_threshold(y_churn, p_churn)}}
 
 
-def platt_fit(logits: np.ndarray, y: np.ndarray, iters: int = 50, l2: float = 1e-6) -> list[float]:
-    """Platt scaling: [a, b] so that sigmoid(a * logit + b) is calibrated on (logits, y). Newton's method on the
-    two-parameter logistic loss (deterministic, no solver settings); [1, 0] (identity) when y has one class."""
+def platt_fit(logits: np.ndarray, y: np.ndarray, iters: int = 100, l2: float = 1e-6) -> list[float]:
+    """Platt scaling: [a, b] so that sigmoid(a * logit + b) is calibrated on (logits, y). Damped Newton on the
+    two-parameter logistic loss (deterministic, no solver settings): a step that does not lower the loss is
+    halved, so scores far from logits (a rule's 0-4 points) converge too instead of running off to infinity.
+    [1, 0] (identity) when y has one class."""
     y, z = _valid(y, logits)
     if len(np.unique(y)) < 2:
         return [1.0, 0.0]
+
+    def loss(a: float, b: float) -> float:
+        s = a * z + b
+        return float(np.sum(np.logaddexp(0.0, s) - y * s) + 0.5 * l2 * (a * a + b * b))
+
     a, b = 1.0, 0.0
+    current = loss(a, b)
     for _ in range(iters):
         p = 1.0 / (1.0 + np.exp(-np.clip(a * z + b, -40, 40)))
         w = np.maximum(p * (1 - p), 1e-12)
-        g = np.array([np.dot(p - y, z) + l2 * a, np.sum(p - y)])
+        g = np.array([np.dot(p - y, z) + l2 * a, np.sum(p - y) + l2 * b])
         h = np.array([[np.dot(w, z * z) + l2, np.dot(w, z)], [np.dot(w, z), w.sum() + l2]])
         step = np.linalg.solve(h, g)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-9:
+        t = 1.0
+        while t > 1e-10 and loss(a - t * step[0], b - t * step[1]) > current:
+            t *= 0.5
+        if t <= 1e-10:
+            break
+        a, b = a - t * step[0], b - t * step[1]
+        current = loss(a, b)
+        if np.abs(t * step).max() < 1e-9:
             break
     return [float(a), float(b)]
 
