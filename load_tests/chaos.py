@@ -627,9 +627,13 @@ def targets_met(result: dict[str, Any]) -> bool:
 # ---- recovery time with a large state ----------------------------------------------------------------------
 
 
+STATE_BASE_TS = 1_767_600_000_000 - 30 * 86_400_000  # user u's events: STATE_BASE_TS + u * 1000 + i * 60_000
+
+
 def user_states(n_users: int, seed: int) -> Any:
     """(key, state) of ``n_users`` users with four past events each, as the engine stores them (about 480 bytes:
-    header, a 64-float hidden state, four window records); every other user has an open session."""
+    header, a 64-float hidden state, four window records). As in a running partition, only the users active in the
+    last session gap (the newest 1,000) have an open session; the sessions of the others were judged already."""
     import numpy as np
 
     from models.features import FeaturizerConfig
@@ -638,13 +642,13 @@ def user_states(n_users: int, seed: int) -> Any:
 
     config = FeaturizerConfig()
     hidden = np.zeros(64, dtype=np.float32)
-    base = 1_767_600_000_000 - 30 * 86_400_000
+    base = STATE_BASE_TS
     for u in range(n_users):
         state = UserState()
         for i in range(4):
             state.accept(Event(f"r{u}-{i}", f"r{u:07d}", "product_view", base + u * 1000 + i * 60_000), config, 0)
         state.hidden, state.model_version, state.score = hidden, "v0001", 0.1
-        if u % 2:
+        if u < n_users - 1000:
             state.closed_ts = state.last_ts
         yield f"r{u:07d}".encode(), state.to_bytes()
 
@@ -726,12 +730,14 @@ def measure_recovery(out: Path, n_users: int, guarantee: str, seed: int = 7) -> 
             ready_s = time.monotonic() - t0
             before = asyncio.run(_end_sum(settings, settings.topic_intent, isolation))
             probe_round[0] += 1
-            now_ms = int(time.time() * 1000)
+            # Each probe comes just after its user's last event: in order for the user, and below the partition's
+            # watermark (the newest state), so it closes no sessions; a probe far ahead in event time would close
+            # every open session of the partition at once (half a million churn checks): not recovery work.
             probes = [
                 (
                     f"r{u:07d}".encode(),
                     orjson.dumps({"event_id": f"probe-{probe_round[0]}-{u}", "user_id": f"r{u:07d}",
-                                  "type": "add_to_cart", "ts": now_ms - 3_600_000}),
+                                  "type": "add_to_cart", "ts": STATE_BASE_TS + u * 1000 + 3 * 60_000 + probe_round[0]}),
                 )
                 for u in range(0, n_users, max(1, n_users // 64))
             ]  # fmt: skip
