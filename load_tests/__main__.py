@@ -8,6 +8,8 @@
         py-spy profile of one engine worker at its maximum rate, summarised by function and by area
     python -m load_tests ab --variant NAME [--rate EPS] --out DIR
         the engine against proposed changes (load_tests/variants.py), in alternating time slices
+    python -m load_tests chaos [--guarantee at_least_once|exactly_once] [--short] --out DIR
+        crashes, a rebalance, a broker restart, a paused worker and a model swap; every input matched to its outcome
 
 The bench_*.py modules beside this one are single-purpose benchmarks with their own entry points.
 """
@@ -21,9 +23,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m load_tests", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from load_tests import ab, model_bench, profile, run
+    from load_tests import ab, chaos, model_bench, profile, run
 
-    modules = {"run": run, "model": model_bench, "profile": profile, "ab": ab}
+    modules = {"run": run, "model": model_bench, "profile": profile, "ab": ab, "chaos": chaos}
     for name, module in modules.items():
         doc = (module.__doc__ or "").strip().split("\n")[0]
         module.add_arguments(sub.add_parser(name, help=doc, description=doc))
