@@ -109,9 +109,7 @@ def brute_force(events: list[tuple[str, int, bool, float]], end: int, horizon: i
     rank = {i: r for r, i in enumerate(order)}
     p, c, v = [], [], []
     for i, (user, t, _, _) in enumerate(events):
-        later = sorted(
-            (j for j, e in enumerate(events) if e[0] == user and rank[j] > rank[i]), key=lambda j: rank[j]
-        )
+        later = sorted((j for j, e in enumerate(events) if e[0] == user and rank[j] > rank[i]), key=lambda j: rank[j])
         buys = [j for j in later if events[j][2] and events[j][1] <= t + horizon]
         if buys:
             p.append(1.0)
