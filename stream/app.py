@@ -28,12 +28,14 @@ import faust
 import orjson
 import torch
 from faust.streams import _current_event  # the partition of a table write follows the current event
+from faust.types import TP
 from faust.web import Request, Response, View
 
 from models.artifact import LoadedModel, list_versions, load_artifact, load_newest, resolve_device
 from stream import metrics
 from stream.contract import EVENT_TYPES
 from stream.engine import Engine, InRecord
+from stream.offsets import InputOffsets, Verdict
 from stream.settings import Settings
 from stream.state.user import BANDS, UserState
 from stream.topics import kafka_client_kwargs
@@ -190,10 +192,8 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
     # worker stalled), and once it is done Faust seeks every partition back to its committed offset, so their
     # partition's owner replays them. Applying them now would apply them twice.
     stale: dict[str, Any] = {"upto_generation": -1, "stalled": False}
-    # Next offset to process, per input partition, since the last revocation. Faust can hand a record over twice
-    # in one generation (fetched from the consumer's starting position, then again after Faust's own seek to the
-    # committed offset); a duplicate of a valid event is caught by the user's window, a rejected record is not.
-    next_offset: dict[int, int] = {}
+    # The next input offset to process per partition, and what may be committed: ours, not Faust's (stream/offsets.py).
+    offsets = InputOffsets(settings, read_committed=exactly_once)
 
     def guard_consumer() -> None:
         """Wrap the consumer's commit (every caller: the commit timer, commit_every, rebalances, the stop) and its
@@ -203,6 +203,14 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
             return
         commit = consumer.commit
         revoke = consumer.on_partitions_revoked
+
+        # Faust's commit asks these two which partitions and offsets to commit; records are never acked to Faust
+        # (settle below), so its own acked lists and gap trees stay empty.
+        def committable(tps: Any = None) -> dict[Any, int]:
+            return offsets.committable(consumer.assignment() if tps is None else tps, consumer._committed_offset)
+
+        consumer._filter_tps_with_pending_acks = lambda topics=None: list(committable())
+        consumer._filter_committable_offsets = committable
 
         async def guarded_commit(*args: Any, **kwargs: Any) -> bool:
             async with batch_lock:
@@ -223,21 +231,22 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         async def guarded_revoke(revoked: set) -> None:
             async with batch_lock:
                 stale["upto_generation"] = app.consumer_generation_id
-                next_offset.clear()
                 if exactly_once:
                     # Faust forgets what was acked in revoked partitions before it would commit it (and aiokafka has
                     # emptied the assignment by then, so the commit would be discarded anyway). Their open
                     # transactions hold the outputs of those records, which the partitions' next owners replay:
                     # committed twice. Commit them now, with their offsets, as Kafka Streams does on revocation.
                     # The consumer's own keys: aiokafka refuses Faust's TP tuples that ``revoked`` holds.
-                    tps = [tp for tp in consumer._acked if tp in revoked and tp.topic == settings.topic_clickstream]
-                    offsets = consumer._filter_committable_offsets(tps)
-                    if offsets:
+                    tps = [tp for tp in revoked if tp.topic == settings.topic_clickstream]
+                    pending = committable(tps)
+                    if pending:
                         try:
-                            await consumer.transactions.commit(offsets, start_new_transaction=True)
+                            await consumer.transactions.commit(pending, start_new_transaction=True)
                         except Exception as exc:
                             exit_without_commit("commit_failed", exc)
-                        app.tables.on_commit(offsets)
+                        app.tables.on_commit(pending)
+                        consumer._committed_offset.update(pending)
+                offsets.reset()
             await revoke(revoked)
 
         consumer.commit = guarded_commit
@@ -307,6 +316,37 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                 fut.add_done_callback(unacked_changelog.discard)
         _current_event.set(None)
 
+    def settle(e: Any) -> None:
+        """Done with a record, for Faust: never acked to its consumer (stream/offsets.py commits), and no longer
+        awaited by a rebalance."""
+        e.message.acked = True
+        app.consumer._unacked_messages.discard(e.message)  # type: ignore[attr-defined]
+
+    async def admit(events: list[Any]) -> list[Any]:
+        """The records of a batch to process, in order: the next record of each partition, once. Stale records
+        (fetched before the latest revocation), repeats and records after a made-up gap are settled and left out;
+        after a made-up gap the consumer seeks back to the first record it never handed over."""
+        admitted, skipped = [], {"stale": 0, "repeat": 0, "refetch": 0}
+        for e in events:
+            m = e.message
+            if m.generation_id <= stale["upto_generation"]:
+                verdict, back = None, None
+                skipped["stale"] += 1
+            else:
+                verdict, back = await offsets.judge(m.partition, m.offset)
+            if verdict is Verdict.PROCESS:
+                admitted.append(e)
+                continue
+            settle(e)
+            if verdict is not None:
+                skipped[verdict.value] += 1
+            if back is not None:
+                log.info("event=offset_gap partition=%d offset=%d seek_to=%d", m.partition, m.offset, back)
+                await app.consumer.seek(TP(m.topic, m.partition), back)
+        if any(skipped.values()):
+            log.info("event=records_skipped %s", " ".join(f"{k}={v}" for k, v in skipped.items()))
+        return admitted
+
     @app.agent(clickstream, name="score")
     async def score(stream: faust.StreamT) -> None:
         guard_consumer()
@@ -314,20 +354,9 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
             async with batch_lock:
                 if stalled():
                     exit_without_commit("stalled", None)
-                if any(e.message.generation_id <= stale["upto_generation"] for e in events):
-                    # Marked acked without telling the consumer: never committed, replayed by the owner.
-                    for e in events:
-                        e.message.acked = True
-                    log.info("event=stale_batch_skipped records=%d", len(events))
+                events = await admit(events)
+                if not events:
                     continue
-                again = [e for e in events if e.message.offset < next_offset.get(e.message.partition, -1)]
-                if again:
-                    for e in again:  # processed (and acked) already: this copy is neither applied nor acked
-                        e.message.acked = True
-                    log.info("event=redelivered_skipped records=%d", len(again))
-                    events = [e for e in events if e.message.offset >= next_offset.get(e.message.partition, -1)]
-                    if not events:
-                        continue
                 records = []
                 for e in events:
                     m = e.message
@@ -341,11 +370,8 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                     await write_batch(result, by_record)
                 except DeliveryError as exc:
                     exit_without_commit("delivery_failed", exc.__cause__)
-                for e in events:  # acked before the lock is released: a commit sees the whole batch
-                    e.ack()
-                    next_offset[e.message.partition] = max(
-                        next_offset.get(e.message.partition, 0), e.message.offset + 1
-                    )
+                for e in events:
+                    settle(e)
             metrics.observe_batch(result, len(records))
 
     @app.on_partitions_revoked.connect
