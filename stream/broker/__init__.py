@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import logging
 import os
 import shutil
@@ -70,6 +71,17 @@ def ensure_artifacts(settings: Settings) -> Path:
     marker = libs / ".complete"
     if marker.exists():
         return libs
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    # Two brokers started at once (parallel tests, two chaos runs) would run two Mavens into one folder, and
+    # one of them fails: the second waits for the first and then finds the marker.
+    with open(libs.parent / ".resolve.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():
+            return libs
+        return _resolve(libs, marker)
+
+
+def _resolve(libs: Path, marker: Path) -> Path:
     _require("java", "install a Java 17+ runtime (Debian: apt-get install openjdk-17-jre-headless)")
     mvn = _require("mvn", "install Apache Maven (Debian: apt-get install maven) to fetch the Kafka jars")
     libs.mkdir(parents=True, exist_ok=True)
