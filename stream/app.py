@@ -83,6 +83,26 @@ def _use_broker_highwaters() -> None:
     AIOKafkaConsumerThread._highwaters = _highwaters  # type: ignore[method-assign]
 
 
+def _bound_fetch_wait(ms: int) -> None:
+    """Faust builds its worker consumer with ``fetch_max_wait_ms=1500``, hard-coded. aiokafka keeps one fetch in
+    flight per broker, and a fetch that holds only partitions without new data (the assignor's topic, an idle
+    changelog) waits those 1.5 s at the broker while the input partitions cannot be fetched: under paced
+    traffic that wait was the latency (p99 981 -> 177 ms at 500 ev/s with 100 ms, docs/performance.md)."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    create = getattr(AIOKafkaConsumerThread, "_faust_create_worker_consumer", None)
+    if create is None:
+        create = AIOKafkaConsumerThread._create_worker_consumer
+        AIOKafkaConsumerThread._faust_create_worker_consumer = create  # type: ignore[attr-defined]
+
+    def create_worker_consumer(self: Any, transport: Any) -> Any:
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = ms  # read by AIOKafkaConsumer.start() when it builds its fetcher
+        return consumer
+
+    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+
+
 def load_model(settings: Settings, device: torch.device) -> LoadedModel:
     model, refused = load_newest(settings.model_dir, device, expect_window=settings.window_size)
     for line in refused:
@@ -108,6 +128,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         await init_group_offsets(settings, settings.app_id, settings.topic_clickstream)
 
     asyncio.run(prepare())
+    _bound_fetch_wait(settings.fetch_max_wait_ms)
     datadir = datadir or settings.state_dir / f"worker-{settings.web_port}"
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(

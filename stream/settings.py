@@ -62,6 +62,9 @@ class Settings:
     batch_max_ms: float = _f(20.0, "... or once its oldest event has waited this long (ms).", minimum=0)
     queue_max_events: int = _f(4096, "Bound of the scoring queue; a full queue slows consumption.", minimum=1)
     torch_threads: int = _f(1, "CPU threads for model scoring (the event loop keeps the other cores).", minimum=1)
+    fetch_max_wait_ms: int = _f(
+        100, "Longest wait of a worker's fetch at the broker (Faust's fixed 1500 ms stalls paced traffic).", minimum=1
+    )
     processing_guarantee: str = _f(
         "at_least_once", "Faust processing guarantee.", choices=("at_least_once", "exactly_once")
     )
