@@ -106,3 +106,10 @@ def test_produce_and_consume_on_the_real_broker(fresh: Settings):
     # Keyed records keep their order per key (same key -> same partition).
     for user in {k for k, _ in records}:
         assert [v for k, v in got if k == user] == [v for k, v in records if k == user]
+
+
+def test_cluster_ids_never_look_like_an_option():
+    # A leading '-' made the storage tool read the id as an option (one broker start in 64 failed).
+    ids = [broker.new_cluster_id() for _ in range(5000)]
+    assert not any(i.startswith("-") for i in ids)
+    assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)

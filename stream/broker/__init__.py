@@ -65,6 +65,15 @@ def _require(tool: str, hint: str) -> str:
     return path
 
 
+def new_cluster_id() -> str:
+    """A random cluster id as Kafka writes them (URL-safe base64 of a UUID), never starting with '-': the storage
+    tool would read one such as '-Xb3...' as an option and refuse to format (one start in 64 failed)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def ensure_artifacts(settings: Settings) -> Path:
     """Resolve Kafka's jars into the cache folder once; later calls only check the marker."""
     libs = _libs(settings)
@@ -211,7 +220,7 @@ def start(settings: Settings, timeout_s: float = START_TIMEOUT_S) -> BrokerStatu
     config = home / "server.properties"
     config.write_text(_server_properties(settings, data_dir))
     if not (data_dir / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = new_cluster_id()
         fmt = subprocess.run(
             _java_cmd(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)),
             capture_output=True,
