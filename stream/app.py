@@ -27,8 +27,8 @@ from typing import Any, NoReturn
 import faust
 import orjson
 import torch
+from aiokafka import TopicPartition
 from faust.streams import _current_event  # the partition of a table write follows the current event
-from faust.types import TP
 from faust.web import Request, Response, View
 
 from models.artifact import LoadedModel, list_versions, load_artifact, load_newest, resolve_device
@@ -267,8 +267,10 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                             exit_without_commit("commit_failed", exc)
                         app.tables.on_commit(pending)
                         consumer._committed_offset.update(pending)
+            try:
+                await revoke(revoked)  # at-least-once: its wait_empty commits what was written, if it still can
+            finally:
                 offsets.reset()
-            await revoke(revoked)
 
         consumer.commit = guarded_commit
         consumer.on_partitions_revoked = guarded_revoke
@@ -337,6 +339,19 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                 fut.add_done_callback(unacked_changelog.discard)
         _current_event.set(None)
 
+    async def seek(partition: int, offset: int) -> None:
+        # In the consumer's own thread (Faust's seek_wait), which also moves Faust's read offset back.
+        await app.consumer.seek_wait({TopicPartition(settings.topic_clickstream, partition): offset})
+
+    @app.timer(interval=1.0)
+    async def reseek() -> None:
+        stuck = offsets.stuck_seeks(older_than_s=2.0)
+        if stuck:
+            async with batch_lock:
+                for partition, offset in stuck.items():
+                    log.info("event=offset_gap_reseek partition=%d seek_to=%d", partition, offset)
+                    await seek(partition, offset)
+
     def settle(e: Any) -> None:
         """Done with a record, for Faust: never acked to its consumer (stream/offsets.py commits), and no longer
         awaited by a rebalance."""
@@ -363,7 +378,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                 skipped[verdict.value] += 1
             if back is not None:
                 log.info("event=offset_gap partition=%d offset=%d seek_to=%d", m.partition, m.offset, back)
-                await app.consumer.seek(TP(m.topic, m.partition), back)
+                await seek(m.partition, back)
         if any(skipped.values()):
             log.info("event=records_skipped %s", " ".join(f"{k}={v}" for k, v in skipped.items()))
         return admitted
@@ -375,24 +390,31 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
             async with batch_lock:
                 if stalled():
                     exit_without_commit("stalled", None)
-                events = await admit(events)
-                if not events:
-                    continue
-                records = []
-                for e in events:
-                    m = e.message
-                    records.append(InRecord(m.key, m.value, m.topic, m.partition, m.offset, int(m.timestamp * 1000)))
-                    if m.partition not in engine.sessions:
-                        restore_sessions(m.partition)
-                by_record = {id(r): e for r, e in zip(records, events, strict=True)}
-                metrics.EVENTS_IN.inc(len(records))
-                result = engine.process(records, get_state)
                 try:
+                    events = await admit(events)
+                    if not events:
+                        continue
+                    records = []
+                    for e in events:
+                        m = e.message
+                        records.append(
+                            InRecord(m.key, m.value, m.topic, m.partition, m.offset, int(m.timestamp * 1000))
+                        )
+                        if m.partition not in engine.sessions:
+                            restore_sessions(m.partition)
+                    by_record = {id(r): e for r, e in zip(records, events, strict=True)}
+                    metrics.EVENTS_IN.inc(len(records))
+                    result = engine.process(records, get_state)
                     await write_batch(result, by_record)
                 except DeliveryError as exc:
                     exit_without_commit("delivery_failed", exc.__cause__)
+                except Exception as exc:
+                    # Admitted records move the partition's next offset; an agent restarted by Faust would skip
+                    # them. The restarted worker replays from the last commit instead.
+                    exit_without_commit("batch_failed", exc)
                 for e in events:
                     settle(e)
+                    offsets.written(e.message.partition, e.message.offset)
             metrics.observe_batch(result, len(records))
 
     @app.on_partitions_revoked.connect

@@ -10,9 +10,10 @@ chaos scenario, and in ``__consumer_offsets``.
 
 So the worker keeps its own: per input partition, the next offset to process. It starts, in every consumer
 generation, at the group's committed offset as the broker reports it; a record below it is a repeat, a record
-at it is processed, and a record above it is a gap that is checked against the broker: a real gap (a
+at it is admitted, and a record above it is a gap that is checked against the broker: a real gap (a
 transaction marker, aborted records under read_committed, records removed by retention) is stepped over; a
-made-up one makes the consumer seek back. The committable offset of a partition is then simply its next offset.
+made-up one makes the consumer seek back. The committable offset of a partition is the offset after its last
+record whose batch was written (``done``), never after a record only admitted.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class Verdict(Enum):
 class InputOffsets:
     settings: Settings
     read_committed: bool
-    next: dict[int, int] = field(default_factory=dict)  # partition -> next offset to process
+    next: dict[int, int] = field(default_factory=dict)  # partition -> next offset to admit
+    done: dict[int, int] = field(default_factory=dict)  # partition -> offset after the last record written
     _sought: dict[int, tuple[int, float]] = field(default_factory=dict)  # partition -> (offset, monotonic time)
     _client: Any = None
 
@@ -56,6 +58,7 @@ class InputOffsets:
                 group_id=self.settings.app_id,
                 enable_auto_commit=False,
                 isolation_level="read_committed" if self.read_committed else "read_uncommitted",
+                auto_offset_reset="earliest",  # a check below the log start (retention) reads from the start
                 max_partition_fetch_bytes=65_536,
             )
             await self._client.start()
@@ -69,6 +72,7 @@ class InputOffsets:
     def reset(self) -> None:
         """A revocation: the next generation starts again from what the group has committed."""
         self.next.clear()
+        self.done.clear()
         self._sought.clear()
 
     async def start_partition(self, partition: int) -> int:
@@ -78,7 +82,7 @@ class InputOffsets:
         committed = await consumer.committed(tp)
         if committed is None or committed < 0:
             committed = (await consumer.beginning_offsets([tp]))[tp]
-        self.next[partition] = committed
+        self.next[partition] = self.done[partition] = committed
         return committed
 
     async def judge(self, partition: int, offset: int) -> tuple[Verdict, int | None]:
@@ -121,14 +125,30 @@ class InputOffsets:
         finally:
             consumer.unsubscribe()
 
+    def written(self, partition: int, offset: int) -> None:
+        """The batch holding the record at ``offset`` is written (outputs acknowledged, states stored)."""
+        if offset + 1 > self.done.get(partition, -1):
+            self.done[partition] = offset + 1
+
+    def stuck_seeks(self, older_than_s: float) -> dict[int, int]:
+        """Partitions sent back by a seek longer ago than ``older_than_s`` whose record at the sought offset has
+        not come (a fetch already under way can overwrite the seek): they are sought again."""
+        now = time.monotonic()
+        out = {}
+        for partition, (offset, at) in self._sought.items():
+            if self.next.get(partition) == offset and now - at > older_than_s:
+                out[partition] = offset
+                self._sought[partition] = (offset, now)
+        return out
+
     def committable(self, tps: Any, committed: Any) -> dict[Any, int]:
-        """Offsets to commit for the input partitions among ``tps`` (Faust TPs): the next offset, where it moved
-        past what ``committed`` (Faust's last committed offsets) holds."""
+        """Offsets to commit for the input partitions among ``tps`` (Faust TPs): the offset after the last written
+        record, where it moved past what ``committed`` (Faust's last committed offsets) holds."""
         out = {}
         for tp in tps:
-            if tp.topic != self.settings.topic_clickstream or tp.partition not in self.next:
+            if tp.topic != self.settings.topic_clickstream or tp.partition not in self.done:
                 continue
-            nxt = self.next[tp.partition]
+            nxt = self.done[tp.partition]
             done = committed.get(tp)
             if done is None or nxt > done:
                 # aiokafka's commits refuse Faust's TP tuples (equal and of equal hash, but not its class)

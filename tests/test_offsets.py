@@ -62,11 +62,15 @@ def test_resume_repeat_process_and_made_up_gap(fresh: Settings):
         try:
             assert await offsets.judge(0, 2) == (Verdict.REPEAT, None)  # committed already
             assert await offsets.judge(0, 3) == (Verdict.PROCESS, None)
+            tp = TP(fresh.topic_clickstream, 0)
+            assert offsets.committable([tp], {}) == {TopicPartition(fresh.topic_clickstream, 0): 3}  # not written yet
+            offsets.written(0, 3)
             assert await offsets.judge(0, 3) == (Verdict.REPEAT, None)  # handed over twice
             # 4..6 were never handed over: a made-up gap, the consumer must seek back to 4
             assert await offsets.judge(0, 7) == (Verdict.REFETCH, 4)
             assert await offsets.judge(0, 8) == (Verdict.REFETCH, None)  # still queued from before the seek
             assert await offsets.judge(0, 4) == (Verdict.PROCESS, None)
+            offsets.written(0, 4)
             assert offsets.committable([TP(fresh.topic_clickstream, 0)], {}) == {
                 TopicPartition(fresh.topic_clickstream, 0): 5
             }
@@ -118,6 +122,49 @@ def test_real_gaps_are_stepped_over(fresh: Settings, read_committed: bool):
             for offset in visible:
                 assert await offsets.judge(0, offset) == (Verdict.PROCESS, None), offset
             assert offsets.next[0] == visible[-1] + 1
+        finally:
+            await offsets.stop()
+
+    asyncio.run(run())
+
+
+def test_records_removed_by_retention_are_stepped_over(fresh: Settings):
+    """The group's committed offset is below the log start (records deleted by retention): the first record
+    that still exists is the next one, as with auto_offset_reset=earliest."""
+    from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+
+    async def run() -> None:
+        await ensure_topics_async(fresh)
+        await _produce(fresh, [b"r%d" % i for i in range(10)])
+        await _commit(fresh, 2)
+        admin = AIOKafkaAdminClient(**kafka_client_kwargs(fresh))
+        await admin.start()
+        try:
+            await admin.delete_records({TopicPartition(fresh.topic_clickstream, 0): RecordsToDelete(6)})
+        finally:
+            await admin.close()
+        offsets = InputOffsets(fresh, read_committed=False)
+        try:
+            assert await offsets.judge(0, 6) == (Verdict.PROCESS, None)
+            assert offsets.next[0] == 7
+        finally:
+            await offsets.stop()
+
+    asyncio.run(run())
+
+
+def test_a_seek_whose_record_never_came_is_sought_again(fresh: Settings):
+    async def run() -> None:
+        await ensure_topics_async(fresh)
+        await _produce(fresh, [b"r%d" % i for i in range(5)])
+        await _commit(fresh, 0)
+        offsets = InputOffsets(fresh, read_committed=False)
+        try:
+            assert await offsets.judge(0, 3) == (Verdict.REFETCH, 0)
+            assert offsets.stuck_seeks(older_than_s=60) == {}
+            assert offsets.stuck_seeks(older_than_s=0) == {0: 0}
+            assert await offsets.judge(0, 0) == (Verdict.PROCESS, None)
+            assert offsets.stuck_seeks(older_than_s=0) == {}  # the record came
         finally:
             await offsets.stop()
 
