@@ -265,7 +265,6 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                         except Exception as exc:
                             exit_without_commit("commit_failed", exc)
                         app.tables.on_commit(pending)
-                        consumer._committed_offset.update(pending)
             try:
                 await revoke(revoked)  # at-least-once: its wait_empty commits what was written, if it still can
             finally:
@@ -385,16 +384,15 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         for e in events:
             m = e.message
             if m.generation_id <= stale["upto_generation"]:
-                verdict, back = None, None
+                settle(e)
                 skipped["stale"] += 1
-            else:
-                verdict, back = await offsets.judge(m.partition, m.offset)
+                continue
+            verdict, back = await offsets.judge(m.partition, m.offset)
             if verdict is Verdict.PROCESS:
                 admitted.append(e)
                 continue
             settle(e)
-            if verdict is not None:
-                skipped[verdict.value] += 1
+            skipped[verdict.value] += 1
             if back is not None:
                 log.info("event=offset_gap partition=%d offset=%d seek_to=%d", m.partition, m.offset, back)
                 await seek(m.partition, back)

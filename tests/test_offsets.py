@@ -71,11 +71,9 @@ def test_resume_repeat_process_and_made_up_gap(fresh: Settings):
             assert await offsets.judge(0, 8) == (Verdict.REFETCH, None)  # still queued from before the seek
             assert await offsets.judge(0, 4) == (Verdict.PROCESS, None)
             offsets.written(0, 4)
-            assert offsets.committable([TP(fresh.topic_clickstream, 0)], {}) == {
-                TopicPartition(fresh.topic_clickstream, 0): 5
-            }
+            assert offsets.committable([tp], {}) == {TopicPartition(fresh.topic_clickstream, 0): 5}
             # nothing new since the last commit: nothing to commit
-            assert offsets.committable([TP(fresh.topic_clickstream, 0)], {TP(fresh.topic_clickstream, 0): 5}) == {}
+            assert offsets.committable([tp], {tp: 5}) == {}
             offsets.reset()  # a revocation: the next generation resumes from the group's commit (3)
             assert await offsets.judge(0, 4) == (Verdict.REFETCH, 3)
         finally:
