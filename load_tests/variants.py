@@ -58,6 +58,16 @@ def before_reasons() -> None:
 BEFORE_REASONS = "35a1e4f"
 
 
+def before_batch_ingest() -> None:
+    """stream/app.py before ingest by record batch (35fa8c2): every input record through Faust's stream path (a
+    Message and an Event each, ``take_events``), table writes one key at a time, a changelog record per user per
+    batch. The rest of the worker is today's."""
+    _module_from_git("stream.app", "stream/app.py", BEFORE_BATCH_INGEST)
+
+
+BEFORE_BATCH_INGEST = "35fa8c2"
+
+
 def fetch_wait(ms: int) -> Callable[[], None]:
     """The worker with another ``INTENTSTREAM_FETCH_MAX_WAIT_MS`` (stream/app.py bounds the wait of Faust's worker
     consumer, hard-coded at 1500 ms in Faust; the default is 100). ``fetch-wait-1500`` is Faust's own."""
@@ -114,6 +124,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "head-app": head_app,
     "head-engine": head_engine,
     "before-reasons": before_reasons,
+    "before-batch-ingest": before_batch_ingest,
     "fetch-wait-20": fetch_wait(20),
     "fetch-wait-100": fetch_wait(100),
     "fetch-wait-1500": fetch_wait(1500),

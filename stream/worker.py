@@ -27,6 +27,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from faust.worker import Worker
 
     from stream.app import NoModelError, create_app
+    from stream.compat import CompatError
 
     if args.web_port:
         settings = Settings.from_env(web_port=args.web_port)
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     try:
         app = create_app(settings)
-    except NoModelError as exc:
+    except (NoModelError, CompatError) as exc:
         print(f"intentstream: {exc}", file=sys.stderr)
         return 2
     worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True)

@@ -1,0 +1,258 @@
+"""Every use of Faust's and aiokafka's private members, in one marked place.
+
+The worker depends on internals of the versions below (pinned in pyproject.toml). ``check_internals`` runs
+before the app is built and refuses to start, naming the missing attribute in one line, when one of them is
+not there (a newer Faust renamed it, say): a patch that silently stopped applying would turn into lost or
+repeated records, not an error. Instance attributes are checked where they are first used (``require``).
+
+What is patched, and why (docs/reliability.md, docs/performance.md):
+1. Ingest by record batch: Faust's ``Consumer.getmany`` hands records of the input topic over as whole fetched
+   batches (``IngestHook``), raw aiokafka records, not one ``Message``, ``Event``, queue hop and sensor call each.
+2. The worker consumer's fetch wait (Faust hard-codes 1500 ms).
+3. Exactly-once table recovery reads the changelogs' end offsets from the broker.
+4. The consumer's commit asks ``stream.offsets`` which offsets to commit (records are never acked to Faust).
+5. Outputs go out with aiokafka's producers: the transactional producer of the source partition under
+   exactly-once (faust-streaming issue #177), the plain one otherwise.
+6. State writes go to the partition's RocksDB as one WriteBatch, and the table's key index learns each key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+FAUST_VERSION = "0.15.3"
+AIOKAFKA_VERSION = "0.14.0"
+
+
+class CompatError(RuntimeError):
+    """A Faust or aiokafka internal the worker patches is missing."""
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    return f"faust-streaming {version('faust-streaming')}, aiokafka {version('aiokafka')}"
+
+
+def require(obj: Any, name: str) -> Any:
+    """``getattr(obj, name)``, or a CompatError that names the missing attribute."""
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        owner = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+        raise CompatError(
+            f"{owner}.{name} is missing ({_versions()} installed; the worker is written against faust-streaming "
+            f"{FAUST_VERSION} and aiokafka {AIOKAFKA_VERSION}: install those, `pip install -e .`)"
+        ) from None
+
+
+def check_internals() -> None:
+    """Refuse to start when a class-level internal the worker patches or calls is missing."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.producer import AIOKafkaProducer
+    from faust.stores.rocksdb import Store
+    from faust.transport.consumer import Consumer
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    needed: list[tuple[type, str]] = [
+        (Consumer, "getmany"),
+        (Consumer, "_wait_next_records"),
+        (Consumer, "perform_seek"),
+        (Consumer, "_filter_tps_with_pending_acks"),
+        (Consumer, "_filter_committable_offsets"),
+        (Consumer, "seek_wait"),
+        (Consumer, "flow_active"),
+        (AIOKafkaConsumerThread, "_highwaters"),
+        (AIOKafkaConsumerThread, "_create_worker_consumer"),
+        (AIOKafkaConsumerThread, "_ensure_consumer"),
+        (AIOKafkaConsumer, "position"),
+        (AIOKafkaProducer, "create_batch"),
+        (AIOKafkaProducer, "send_batch"),
+        (Store, "_db_for_partition"),
+    ]
+    for cls, name in needed:
+        require(cls, name)
+
+
+# ---- 1. ingest by record batch --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FetchedBatch:
+    """The input topic's records of one fetch: aiokafka ConsumerRecords per partition, in offset order."""
+
+    generation_id: int  # the consumer generation when it was fetched (a rebalance since makes it stale)
+    records: dict[int, list[Any]]  # partition -> records
+
+
+HandOver = Callable[[FetchedBatch], Awaitable[None]]
+
+
+def divert_input_topic(app: Any, topic: str, hand_over: HandOver) -> None:
+    """Make the app's consumer hand every fetched batch of ``topic`` to ``hand_over`` (awaited: a bounded queue
+    there holds the fetcher back), and every other record (table changelogs during recovery) to Faust as usual.
+
+    Faust's ``getmany`` turns each record into a ``ConsumerMessage`` and yields it to ``_drain_messages``, which
+    awaits the conductor's callback per record (an ``Event`` per subscribed stream, a queue put, sensors). For
+    the input topic that per-record path cost more than the whole engine (docs/performance.md). The patch is on
+    the class, checks a marker on the app and otherwise behaves as Faust's own, so other apps are unaffected."""
+    from faust.transport.consumer import Consumer
+
+    app._intentstream_ingest = (topic, hand_over)
+    if getattr(Consumer, "_intentstream_getmany", None) is not None:
+        return
+    faust_getmany = require(Consumer, "getmany")
+    Consumer._intentstream_getmany = faust_getmany  # type: ignore[attr-defined]
+
+    async def getmany(self: Any, timeout: float) -> Any:
+        hook = getattr(self.app, "_intentstream_ingest", None)
+        if hook is None:
+            async for pair in faust_getmany(self, timeout):
+                yield pair
+            return
+        our_topic, deliver = hook
+        # From here on, Faust's getmany (faust/transport/consumer.py) with the input topic taken out.
+        records, active_partitions = await self._wait_next_records(timeout)
+        generation_id = self.app.consumer_generation_id
+        if records is None or self.should_stop:
+            return
+        if not self.flow_active:
+            try:
+                await self.perform_seek()
+            except Exception as exc:
+                self.log.warning(f"exception performing seek when flow not active {exc}")
+            return
+        buffered = self._buffered_partitions
+        ours: dict[int, list[Any]] = {}
+        for tp in [tp for tp in records if tp.topic == our_topic]:
+            batch = records.pop(tp)
+            if batch and (active_partitions is None or tp in active_partitions or tp in buffered):
+                ours[tp.partition] = batch
+        if ours:
+            await deliver(FetchedBatch(generation_id, ours))
+        if not records:
+            return
+        to_message = self._to_message
+        for tp, record in self.scheduler.iterate(records):
+            if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                break
+            if active_partitions is None or tp in active_partitions or tp in buffered:
+                self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                yield tp, to_message(tp, record)
+
+    Consumer.getmany = getmany  # type: ignore[method-assign]
+
+
+# ---- 2. fetch wait ---------------------------------------------------------------------------------------------
+
+
+def bound_fetch_wait(ms: int) -> None:
+    """Faust builds its worker consumer with ``fetch_max_wait_ms=1500``, hard-coded. aiokafka keeps one fetch in
+    flight per broker, and a fetch that holds only partitions without new data (the assignor's topic, an idle
+    changelog) waits those 1.5 s at the broker while the input partitions cannot be fetched: under paced
+    traffic that wait was the latency (p99 981 -> 177 ms at 500 ev/s with 100 ms, docs/performance.md)."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    create = getattr(AIOKafkaConsumerThread, "_faust_create_worker_consumer", None)
+    if create is None:
+        create = require(AIOKafkaConsumerThread, "_create_worker_consumer")
+        AIOKafkaConsumerThread._faust_create_worker_consumer = create  # type: ignore[attr-defined]
+
+    def create_worker_consumer(self: Any, transport: Any) -> Any:
+        consumer = create(self, transport)
+        require(consumer, "_fetch_max_wait_ms")
+        consumer._fetch_max_wait_ms = ms  # read by AIOKafkaConsumer.start() when it builds its fetcher
+        return consumer
+
+    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+
+
+# ---- 3. exactly-once table recovery -----------------------------------------------------------------------------
+
+
+def use_broker_highwaters() -> None:
+    """Exactly-once: let table recovery ask the broker for the changelogs' last stable offsets.
+
+    Faust reads them from the consumer's fetch state (``last_stable_offset``), unknown (None) until a partition
+    has been fetched, i.e. always at the start of a recovery: a restarted worker then skipped restoring its
+    tables, and a rebalance crashed it with ConsistencyError ("persisted offset ... higher than ... -1").
+    ``end_offsets`` on a read_committed consumer (Faust's under exactly-once) returns the same offsets, from
+    the broker."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    async def _highwaters(self: Any, partitions: list[Any]) -> Any:
+        return await self._ensure_consumer().end_offsets(partitions)
+
+    AIOKafkaConsumerThread._highwaters = _highwaters  # type: ignore[method-assign]
+
+
+# ---- 4. offset commits -----------------------------------------------------------------------------------------
+
+
+def consumer_commit_hooks(
+    consumer: Any,
+    committable: Callable[[Any, Any], dict[Any, int]],
+    wrap_commit: Callable[[Callable[..., Awaitable[bool]]], Callable[..., Awaitable[bool]]],
+    wrap_revoke: Callable[[Callable[[set], Awaitable[None]]], Callable[[set], Awaitable[None]]],
+) -> None:
+    """Faust's commit asks ``_filter_tps_with_pending_acks`` and ``_filter_committable_offsets`` which partitions
+    and offsets to commit; ``committable(tps, last_committed)`` answers both. ``wrap_commit`` and ``wrap_revoke``
+    wrap every commit (the commit timer, rebalances, the stop) and the revocation handler."""
+    if getattr(consumer, "_intentstream_guarded", False):
+        return
+    last_committed = require(consumer, "_committed_offset")
+    require(consumer, "_filter_tps_with_pending_acks")
+
+    def committable_offsets(tps: Any = None) -> dict[Any, int]:
+        return committable(consumer.assignment() if tps is None else tps, last_committed)
+
+    consumer._filter_tps_with_pending_acks = lambda topics=None: list(committable_offsets())
+    consumer._filter_committable_offsets = committable_offsets
+    consumer.commit = wrap_commit(consumer.commit)
+    consumer.on_partitions_revoked = wrap_revoke(consumer.on_partitions_revoked)
+    consumer._intentstream_guarded = True
+
+
+async def commit_transaction(app: Any, offsets: dict[Any, int]) -> None:
+    """Exactly-once: commit ``offsets`` in the open transactions of their partitions, start new ones, and tell the
+    tables (Faust's own commit path, for a revocation that must not wait for the next commit)."""
+    await app.consumer.transactions.commit(offsets, start_new_transaction=True)
+    app.tables.on_commit(offsets)
+
+
+# ---- 5. output producers ---------------------------------------------------------------------------------------
+
+
+def plain_producer(app: Any) -> Any:
+    """The app's aiokafka producer (at-least-once)."""
+    return require(app.producer, "_ensure_producer")()
+
+
+def transactional_producers(app: Any) -> dict[str, Any]:
+    """Exactly-once: Faust's transactional aiokafka producers by transactional id (``{app}-{group}-{partition}``)."""
+    return require(app.producer, "_transaction_producers")
+
+
+# ---- 6. table writes -------------------------------------------------------------------------------------------
+
+
+def partition_db(table: Any, partition: int) -> Any:
+    """The RocksDB (rocksdict Rdict) of one partition of a table."""
+    return require(table.data, "_db_for_partition")(partition)
+
+
+def write_partition(table: Any, partition: int, items: Iterable[tuple[bytes, bytes]]) -> None:
+    """Put ``items`` into one partition's RocksDB as one WriteBatch (one write, one WAL append), and tell the
+    table's key index where each key lives (what Faust's ``Store._set`` does per key, through a context variable
+    holding the current event)."""
+    from rocksdict import WriteBatch
+
+    store = table.data
+    key_index = require(store, "_key_index")
+    batch = WriteBatch(raw_mode=True)
+    for key, value in items:
+        batch.put(key, value)
+        key_index[key] = partition
+    partition_db(table, partition).write(batch)

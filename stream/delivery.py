@@ -1,0 +1,153 @@
+"""Delivery: a batch's outputs, its users' states and their changelog, in the order that makes a crash safe.
+
+The checkpoint of a batch, step by step (docs/reliability.md):
+1. Outputs (intent events, churn alerts, DLQ records) go to the broker as whole record batches per topic and
+   partition, each to the partition of the input record it answers, and are acknowledged.
+2. The batch's user states are written to the partitions' RocksDB, one WriteBatch per partition.
+3. The states' changelog records are queued, one per user: a user touched by several batches within a commit
+   interval sends only its last state.
+4. The batch's input offsets become committable (``stream.offsets``).
+And the commit (every ``broker_commit_interval``, at a revocation, at the stop), under the same lock:
+5. The queued changelog records are sent and acknowledged.
+6. The offsets are committed: at-least-once by the consumer, exactly-once in the partitions' transactions.
+
+At-least-once: a crash before 6 replays the batch against states that may already hold it (its events are then
+duplicates, and their outputs were acknowledged in 1). A state in RocksDB never holds an event whose output is
+missing. Exactly-once: 1, 5 and 6 go to the source partition's transaction and commit or abort together; a
+restart rebuilds RocksDB from the committed changelog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from stream import compat
+from stream.engine import BatchResult, Output
+from stream.settings import Settings
+
+# Changelog records held back for the next commit; past this many users they go out at once (memory bound).
+MAX_PENDING_CHANGELOG = 50_000
+
+
+class DeliveryError(RuntimeError):
+    """A batch's outputs or state records could not be delivered to the broker."""
+
+
+@dataclass
+class Delivery:
+    app: Any  # the Faust app
+    table: Any  # the users table
+    settings: Settings
+    exactly_once: bool
+    changelog_topic: str = ""
+    # partition -> user key -> state: step 3's changelog records not sent yet
+    pending: dict[int, dict[bytes, bytes]] = field(default_factory=lambda: defaultdict(dict))
+    unacked: set[asyncio.Future] = field(default_factory=set)  # at-least-once: changelog sent, not acknowledged
+
+    def producer(self, partition: int) -> Any:
+        """The aiokafka producer for the records of an input partition."""
+        if not self.exactly_once:
+            return compat.plain_producer(self.app)
+        # Faust's transaction manager picks the transactional producer from the *consumer's* metadata, which
+        # lacks topics we only write to, and then sends outside any transaction (faust-streaming issue #177).
+        # So we send with the transactional producer of the source partition ourselves: the one that commits
+        # this partition's offsets and changelog.
+        group = self.app.assignor.group_for_topic(self.settings.topic_clickstream)
+        tid = f"{self.settings.app_id}-{group}-{partition}"
+        producer = compat.transactional_producers(self.app).get(tid)
+        if producer is None:
+            raise RuntimeError(f"no transactional producer {tid} (partition {partition} revoked?)")
+        return producer
+
+    async def send(
+        self, topic: str, partition: int, records: Iterable[tuple[bytes | None, bytes]]
+    ) -> list[tuple[asyncio.Future, int]]:
+        """Hand records to the producer as whole record batches; returns each batch's delivery future (it resolves
+        to the RecordMetadata of the batch: the offset of its first record) and number of records."""
+        producer = self.producer(partition)
+        futures = []
+        batch, n = producer.create_batch(), 0
+        for key, value in records:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start anew
+                futures.append((await producer.send_batch(batch, topic, partition=partition), n))
+                batch, n = producer.create_batch(), 0
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    raise RuntimeError(f"a record of {len(value)} bytes does not fit in a record batch")
+            n += 1
+        if n:
+            futures.append((await producer.send_batch(batch, topic, partition=partition), n))
+        return futures
+
+    async def send_outputs(self, outs: list[Output]) -> list[Any]:
+        """Step 1: every output to the partition of the input record it answers (co-partitioned; a DLQ record
+        without a key too), in the batch's order."""
+        groups: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = defaultdict(list)
+        for out in outs:
+            groups[(out.topic, out.source.partition)].append((out.key, out.value))
+        futures = []
+        for (topic, partition), records in groups.items():
+            futures += [f for f, _ in await self.send(topic, partition, records)]
+        return futures
+
+    async def write_batch(self, result: BatchResult) -> None:
+        """Steps 1 to 3 for one batch."""
+        try:
+            sent = await self.send_outputs(result.outputs)
+            if sent:
+                await asyncio.gather(*sent)
+        except Exception as exc:  # a fenced transactional producer, a broker gone for longer than the timeouts
+            raise DeliveryError(str(exc)) from exc
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
+        for user_id, (blob, rec) in result.states.items():
+            by_partition[rec.partition].append((user_id.encode(), blob))
+        n_pending = 0
+        for partition, items in by_partition.items():
+            compat.write_partition(self.table, partition, items)
+            pending = self.pending[partition]
+            pending.update(items)
+            n_pending += len(pending)
+        if n_pending > MAX_PENDING_CHANGELOG:
+            await self.send_changelog()
+
+    async def send_changelog(self) -> list[Any]:
+        """Step 5, first half: send the queued changelog records; returns their delivery futures."""
+        if not self.changelog_topic:
+            self.changelog_topic = self.table.changelog_topic.get_topic_name()
+        futures = []
+        for partition, states in list(self.pending.items()):
+            if not states:
+                continue
+            self.pending[partition] = {}
+            for fut, n in await self.send(self.changelog_topic, partition, states.items()):
+                if not self.exactly_once:  # exactly-once: the store is rebuilt from the changelog at every start
+                    fut.add_done_callback(partial(self._persisted, n))
+                futures.append(fut)
+        if not self.exactly_once:
+            self.unacked.update(futures)
+            for fut in futures:
+                fut.add_done_callback(self.unacked.discard)
+        return futures
+
+    def _persisted(self, n_records: int, fut: asyncio.Future) -> None:
+        """At-least-once: the table's partition remembers the changelog offset its RocksDB holds (what Faust's
+        ``Table._on_changelog_sent`` does), so that recovery replays only what came after it."""
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        meta = fut.result()
+        self.table.data.set_persisted_offset(meta.topic_partition, meta.offset + n_records - 1)
+
+    async def flush(self) -> None:
+        """Step 5: every queued changelog record sent and acknowledged (and every one sent earlier)."""
+        await self.send_changelog()
+        if self.unacked:
+            await asyncio.gather(*list(self.unacked))
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Revoked partitions: their queued changelog records are not ours to send any more."""
+        for partition in partitions:
+            self.pending.pop(partition, None)

@@ -1,0 +1,54 @@
+"""The serving model: the newest valid artifact at start, and a newer one swapped in between two batches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import torch
+
+from models.artifact import LoadedModel, list_versions, load_artifact, load_newest
+from stream import metrics
+from stream.engine import Engine
+from stream.settings import Settings
+
+log = logging.getLogger("intentstream.worker")
+MODEL_POLL_S = 5.0
+
+
+class NoModelError(RuntimeError):
+    pass
+
+
+def load_model(settings: Settings, device: torch.device) -> LoadedModel:
+    model, refused = load_newest(settings.model_dir, device, expect_window=settings.window_size)
+    for line in refused:
+        log.error("event=model_refused %s", line)
+    if model is None:
+        raise NoModelError(
+            f"no usable model in {settings.model_dir}: train one with "
+            f"`intentstream train --data FILE --out {settings.model_dir}` (or run `intentstream demo`)"
+        )
+    return model
+
+
+def announce(model: LoadedModel) -> None:
+    metrics.MODEL_VERSION.info({"name": model.name, "version": model.version})
+
+
+async def poll_once(settings: Settings, engine: Engine, device: torch.device, refused: set[Path]) -> None:
+    """Swap in the newest valid artifact newer than the one served; a broken one is refused once and logged."""
+    for version, path in list_versions(settings.model_dir):
+        if version <= int(engine.model.manifest["version"]) or path in refused:
+            return
+        try:
+            model = await asyncio.to_thread(load_artifact, path, device, settings.window_size)
+        except Exception as exc:
+            refused.add(path)
+            log.error("event=model_refused path=%s reason=%s; still serving %s", path.name, exc, engine.model.version)
+            continue
+        engine.swap_model(model)
+        announce(model)
+        log.info("event=model_swapped name=%s version=%s", model.name, model.version)
+        return

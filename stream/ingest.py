@@ -1,0 +1,117 @@
+"""Ingest: the input topic's records from the consumer's fetcher to the scoring loop, a fetched batch at a time.
+
+The consumer hands over every fetch of the input topic whole (``stream.compat.divert_input_topic``) into
+a bounded queue; the scoring loop takes whole fetches until a batch holds ``batch_max_events`` records or its
+first fetch has waited ``batch_max_ms``. A full queue holds the fetcher back (back-pressure, bounded memory).
+Admission (``admit``) keeps, per partition, the next records in offset order, once (``stream.offsets``); the
+records stay aiokafka ConsumerRecords, bytes, until the engine decodes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from stream.compat import FetchedBatch
+from stream.engine import InRecord
+from stream.offsets import InputOffsets, Verdict
+
+log = logging.getLogger("intentstream.worker")
+
+
+@dataclass
+class InputQueue:
+    """Fetched batches between the fetcher and the scoring loop; at most ``max_fetches`` of them."""
+
+    max_fetches: int
+    queue: asyncio.Queue = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(maxsize=max(1, self.max_fetches))
+
+    async def put(self, batch: FetchedBatch) -> None:
+        await self.queue.put(batch)
+
+    def clear(self) -> int:
+        """Drop what is queued (a revocation: those records are replayed by their partitions' next owners)."""
+        n = 0
+        while True:
+            try:
+                self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return n
+            n += 1
+
+    async def take(self, max_events: int, within_s: float) -> list[FetchedBatch]:
+        """Whole fetches, the first awaited, until they hold ``max_events`` records or ``within_s`` has passed
+        since the first came."""
+        first = await self.queue.get()
+        fetches = [first]
+        n = sum(len(r) for r in first.records.values())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while n < max_events:
+            try:
+                more = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    more = await asyncio.wait_for(self.queue.get(), remaining)
+                except TimeoutError:
+                    break
+            fetches.append(more)
+            n += sum(len(r) for r in more.records.values())
+        return fetches
+
+
+@dataclass
+class Admission:
+    """What a batch's records came to: the records to process, and the partitions to seek back."""
+
+    records: list[InRecord] = field(default_factory=list)
+    seeks: dict[int, int] = field(default_factory=dict)  # partition -> offset
+    skipped: dict[str, int] = field(default_factory=lambda: {"stale": 0, "repeat": 0, "refetch": 0})
+
+
+async def admit(fetches: list[FetchedBatch], offsets: InputOffsets, stale_upto_generation: int) -> Admission:
+    """The records of a batch to process, in order: the next record of each partition, once. Records fetched in
+    a generation a revocation has ended are stale (their partitions' owners replay them from the committed
+    offset); repeats and records after a made-up gap are left out, and after a made-up gap the consumer must
+    seek back to the first record it never handed over (``Admission.seeks``)."""
+    out = Admission()
+    append = out.records.append
+    for fetch in fetches:
+        if fetch.generation_id <= stale_upto_generation:
+            out.skipped["stale"] += sum(len(r) for r in fetch.records.values())
+            continue
+        for partition, records in fetch.records.items():
+            if partition in out.seeks:  # sent back already: what follows is fetched again
+                out.skipped["refetch"] += len(records)
+                continue
+            if await offsets.admit_run(partition, records[0].offset, records[-1].offset, len(records)):
+                for r in records:  # the usual case: the partition's next records, contiguous
+                    append(InRecord(r.key, r.value, r.topic, partition, r.offset, r.timestamp))
+                continue
+            for i, r in enumerate(records):
+                verdict, back = await offsets.judge(partition, r.offset)
+                if verdict is Verdict.PROCESS:
+                    append(InRecord(r.key, r.value, r.topic, partition, r.offset, r.timestamp))
+                    continue
+                out.skipped[verdict.value] += 1
+                if verdict is Verdict.REFETCH:
+                    if back is not None:
+                        log.info("event=offset_gap partition=%d offset=%d seek_to=%d", partition, r.offset, back)
+                        out.seeks[partition] = back
+                    out.skipped["refetch"] += len(records) - i - 1
+                    break
+    return out
+
+
+def count(fetches: list[FetchedBatch]) -> int:
+    return sum(len(r) for f in fetches for r in f.records.values())
+
+
+__all__ = ["Admission", "InputQueue", "admit", "count"]
