@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,13 +33,46 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def module_at(rev: str, path: str, name: str) -> types.ModuleType:
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, check=True).stdout
-    module = types.ModuleType(name)
-    module.__file__ = str(ROOT / path)
-    sys.modules[name] = module  # dataclasses look their module up
-    exec(compile(source, str(ROOT / path), "exec"), module.__dict__)
-    return module
+ENGINE_MODULES = [  # the modules of the engine's hot path, in import order
+    ("stream.state.user", "stream/state/user.py"),
+    ("stream.churn", "stream/churn.py"),
+    ("stream.emit", "stream/emit.py"),
+    ("stream.scoring", "stream/scoring.py"),
+    ("stream.engine", "stream/engine.py"),
+]
+
+
+class NoRevision(LookupError):
+    pass
+
+
+def engine_at(rev: str) -> types.ModuleType:
+    """stream.engine as it was at ``rev``, importing the other engine modules of that revision, in modules of its
+    own (sys.modules is put back afterwards). NoRevision when git or the revision is not there."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        raise NoRevision("needs git and a clone of the repository")
+    saved = {name: sys.modules.get(name) for name, _ in ENGINE_MODULES}
+    parents = {name: getattr(sys.modules[name.rpartition(".")[0]], name.rpartition(".")[2]) for name in saved}
+    loaded: dict[str, types.ModuleType] = {}
+    try:
+        for name, path in ENGINE_MODULES:
+            got = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True)
+            if got.returncode != 0:
+                raise NoRevision(f"git has no {rev}:{path} here (a shallow clone?)")
+            module = types.ModuleType(name)
+            module.__file__ = f"{rev}:{path}"
+            sys.modules[name] = module  # dataclasses look their module up
+            parent, _, child = name.rpartition(".")
+            setattr(sys.modules[parent], child, module)
+            exec(compile(got.stdout, module.__file__, "exec"), module.__dict__)
+            loaded[name] = module
+    finally:
+        for name, module in saved.items():
+            if module is not None:
+                sys.modules[name] = module
+            parent, _, child = name.rpartition(".")
+            setattr(sys.modules[parent], child, parents[name])
+    return loaded["stream.engine"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from stream import engine as current
     from stream.settings import Settings
 
-    old_emit = module_at(args.rev, "stream/emit.py", "_engine_ab_emit")
-    old = module_at(args.rev, "stream/engine.py", "_engine_ab_engine")
-    old.emit = old_emit  # type: ignore[attr-defined]
+    old = engine_at(args.rev)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         save_artifact(

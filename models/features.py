@@ -81,9 +81,10 @@ def event_hash(event_id: str) -> int:
 
 
 def encode_event(
-    event: Event, prev: np.void | tuple | None, count: int, config: FeaturizerConfig
+    event: Event, prev: np.void | tuple | None, count: int, config: FeaturizerConfig, hashed: int | None = None
 ) -> tuple[int | float, ...]:
-    """The record of ``event`` given the user's previous record (``None`` for a first event)."""
+    """The record of ``event`` given the user's previous record (``None`` for a first event); ``hashed``: its
+    ``event_hash`` when the caller has it already."""
     item, session = _crc(event.item_id), _crc(event.session_id)
     flags = 0
     if prev is None:
@@ -97,7 +98,7 @@ def encode_event(
             flags |= FLAG_SAME_ITEM
     return (
         event.ts,
-        event_hash(event.event_id),
+        event_hash(event.event_id) if hashed is None else hashed,
         gap_s,
         math.nan if event.price is None else event.price,
         item,

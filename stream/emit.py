@@ -85,6 +85,78 @@ def intent_reasons(records: np.ndarray, limit: int = 3) -> list[str]:
     return reasons[:limit]
 
 
+def intent_reasons_at(windows: list[np.ndarray], ends: list[list[int]], limit: int = 3) -> list[list[str]]:
+    """``intent_reasons(window[:end])`` for every window and each of its ends (the window as of an event), in
+    order, with the same reasons, computed for a whole batch at once: the windows laid end to end, one prefix
+    sum or prefix maximum per signal, then a few integer lookups per event instead of loops over its window."""
+    if not windows:
+        return []
+    # An event that left the window (a user with more new events in one batch than the window holds) has no
+    # records before it: no reasons, like intent_reasons of an empty window.
+    empty = [e == 0 for es in ends for e in es]
+    ends = [[max(e, 1) for e in es] for es in ends]
+    records = np.concatenate(windows)
+    sizes = np.array([len(w) for w in windows])
+    starts_of = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    counts = np.array([len(e) for e in ends])
+    seg = np.repeat(np.arange(len(windows)), counts)  # the window of each query
+    start = starts_of[seg]
+    end = start + np.concatenate([np.asarray(e, dtype=np.int64) for e in ends])  # exclusive
+    ts, types, flags = records["ts"], records["type"], records["flags"]
+    idx = np.arange(len(records))
+
+    def last_where(mask: np.ndarray) -> np.ndarray:  # per query: last index < end where mask holds, else -1
+        return np.maximum.accumulate(np.where(mask, idx, -1))[end - 1]
+
+    def count_between(mask: np.ndarray, lo: np.ndarray) -> np.ndarray:  # per query: mask's count in [lo, end)
+        cum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        return cum[end] - cum[lo]
+
+    session_from = np.maximum(last_where((flags & FLAG_NEW_SESSION) > 0), start)
+    now = ts[end - 1]
+    # Ten minutes back: each window is in event-time order, so a sort key of (window, time) finds the first event
+    # at or after the cutoff in every window with one search.
+    tmin = int(ts.min())
+    window_of = np.repeat(np.arange(len(windows), dtype=np.int64), sizes)
+    key = (window_of << 42) | (ts - tmin)
+    cutoff = np.maximum(now - 600_000 - tmin, 0)
+    recent_from = np.minimum(np.searchsorted(key, (seg.astype(np.int64) << 42) | cutoff), end)
+    n_add_recent = count_between(types == ADD, recent_from).tolist()
+    last_checkout = last_where(types == CHECKOUT)
+    last_purchase = last_where(types == PURCHASE)
+    checkout_open = ((last_checkout >= session_from) & (last_purchase < last_checkout)).tolist()
+    n_remove = count_between(types == REMOVE, session_from).tolist()
+    repeat = count_between((flags & FLAG_SAME_ITEM) > 0, session_from).tolist()
+    n_views = count_between(types == VIEW, session_from).tolist()
+    gap_ms = np.where(session_from > start, records["gap_s"][session_from].astype(np.float64) * 1000, 0.0).tolist()
+    has_purchase = (last_purchase >= start).tolist()
+    since_purchase = (now - ts[np.maximum(last_purchase, 0)]).tolist()
+    out: list[list[str]] = []
+    append = out.append
+    columns = (empty, n_add_recent, checkout_open, n_remove, repeat, gap_ms, has_purchase, since_purchase, n_views)
+    for is_empty, n_add, checkout, n_rem, rep, gap, purchased, since, views in zip(*columns, strict=True):
+        if is_empty:
+            append([])
+            continue
+        reasons = []
+        if n_add:
+            reasons.append(f"{n_add} add_to_cart in 10 min")
+        if checkout:
+            reasons.append("checkout_start without purchase")
+        if n_rem:
+            reasons.append(f"{n_rem} remove_from_cart this session")
+        if rep >= 2:
+            reasons.append(f"same item viewed {rep + 1} times")
+        if gap >= 86_400_000:
+            reasons.append(f"returned after {_ago(int(gap))}")
+        if purchased and since < 2_592_000_000 and len(reasons) < limit:  # 30 days
+            reasons.append(f"purchased {_ago(since)} ago")
+        if not reasons:
+            reasons.append(f"{views} product_view this session" if views else "browsing")
+        append(reasons[:limit] if len(reasons) > limit else reasons)
+    return out
+
+
 def churn_reasons(state: UserState) -> list[str]:
     records = state.records
     if not len(records):
@@ -106,4 +178,4 @@ def churn_reasons(state: UserState) -> list[str]:
     return reasons[:3]
 
 
-__all__ = ["BANDS", "band_of", "churn_reasons", "intent_reasons", "should_emit"]
+__all__ = ["BANDS", "band_of", "churn_reasons", "intent_reasons", "intent_reasons_at", "should_emit"]

@@ -1,8 +1,11 @@
 """The engine's logic for one batch of input records, free of Faust so it can be tested and reused:
 ingest (validate) -> state (window, dedup, lateness) -> score (one forward pass) -> emit (intents, churn).
 
-The Faust agent (stream/app.py) feeds it batches and writes back what it returns: output records and
-the new state of every user the batch touched.
+The worker (stream/app.py) feeds it batches and writes back what it returns: output records and the new state of
+every user the batch touched. Per record it does only what the order of records decides (validation, session
+closing by the partition's watermark, the window's append or late insert); everything else is done once per
+batch: the states read in one call, the windows built once per user, one forward pass, the reasons of every
+emitted event computed together (docs/engine.md).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from stream.churn import PartitionSessions
 from stream.contract import Event
 from stream.scoring import UserBatch, score_batch
 from stream.settings import Settings
-from stream.state.user import BANDS, Accept, UserState
+from stream.state.user import BANDS, Accept, PendingWindow, UserState
 
 MAX_FUTURE_MS = 86_400_000  # event times more than a day ahead of the wall clock are rejected
 
@@ -58,12 +61,17 @@ class BatchResult:
 
 @dataclass(slots=True)
 class _Touched:
-    state: UserState
-    batch: UserBatch
+    window: PendingWindow
+    prior: np.ndarray  # the window before this batch
+    hidden: np.ndarray | None  # the state's hidden state, when the serving model made it
     churn_risk_before: float
     last_record: InRecord
     items: list[tuple[InRecord, Event]] = field(default_factory=list)
     rescore: bool = False  # a late event was inserted: score the final window instead of the new records
+
+    @property
+    def state(self) -> UserState:
+        return self.window.state
 
 
 class Engine:
@@ -98,86 +106,102 @@ class Engine:
         s, model = self.settings, self.model
         result = BatchResult()
         now_ms = int(time.time() * 1000)
+        max_ts_ms = now_ms + MAX_FUTURE_MS
         touched: dict[str, _Touched] = {}
         closed: list[tuple[str, int, InRecord]] = []  # (user, last_ts of the closed session, record that closed it)
+        featurizer, version, lateness_ms, gap_ms = model.featurizer, model.version, self.lateness_ms, self.gap_ms
+        validate, max_bytes = contract.validate, s.max_record_bytes
 
         def load(user_id: str, rec: InRecord) -> _Touched:
             t = touched.get(user_id)
             if t is None:
                 blob = get_state(user_id, rec)
                 st = UserState.from_bytes(blob) if blob else UserState()
-                valid_hidden = st.hidden if st.model_version == model.version else None
-                t = _Touched(st, UserBatch(prior=st.records, hidden=valid_hidden), st.churn_risk, rec)
-                touched[user_id] = t
+                hidden = st.hidden if st.model_version == version else None
+                t = touched[user_id] = _Touched(
+                    PendingWindow.of(st, featurizer), st.records, hidden, st.churn_risk, rec
+                )
             return t
 
         for rec in records:
-            event = contract.validate(
-                rec.value, rec.key, max_bytes=s.max_record_bytes, max_ts_ms=now_ms + MAX_FUTURE_MS
-            )
+            event = validate(rec.value, rec.key, max_bytes=max_bytes, max_ts_ms=max_ts_ms)
             if isinstance(event, str):
                 self._dlq(result, rec, event, now_ms)
                 continue
-            sessions = self.sessions.setdefault(rec.partition, PartitionSessions())
-            for user_id in sessions.advance(event.ts):  # sessions closed by this record's event time
-                t = load(user_id, rec)
-                st = t.state
-                if st.last_ts + self.gap_ms > sessions.watermark:
-                    sessions.touch(user_id, st.last_ts, self.gap_ms)  # came back since: still open
-                elif st.closed_ts != st.last_ts:
-                    closed.append((user_id, st.last_ts, rec))
-                    st.closed_ts = st.last_ts
-                    t.last_record = rec
+            sessions = self.sessions.get(rec.partition)
+            if sessions is None:
+                sessions = self.sessions[rec.partition] = PartitionSessions()
+            if sessions.heap and sessions.heap[0][0] <= max(event.ts, sessions.watermark):
+                for user_id in sessions.advance(event.ts):  # sessions closed by this record's event time
+                    t = load(user_id, rec)
+                    st, last_ts = t.window.state, t.window.last_ts
+                    if last_ts + gap_ms > sessions.watermark:
+                        sessions.touch(user_id, last_ts, gap_ms)  # came back since: still open
+                    elif st.closed_ts != last_ts:
+                        closed.append((user_id, last_ts, rec))
+                        st.closed_ts = last_ts
+                        t.last_record = rec
+            elif event.ts > sessions.watermark:
+                sessions.watermark = event.ts
             t = load(event.user_id, rec)
-            outcome = t.state.accept(event, model.featurizer, self.lateness_ms)
-            if outcome is Accept.DUPLICATE:
+            outcome = t.window.accept(event, lateness_ms)
+            if outcome is Accept.APPENDED:
+                pass
+            elif outcome is Accept.DUPLICATE:
                 result.duplicates += 1
                 continue
-            if outcome is Accept.TOO_LATE:
+            elif outcome is Accept.TOO_LATE:
                 self._dlq(result, rec, "ts: later than the allowed lateness or older than the user's window", now_ms)
                 continue
-            if outcome is Accept.INSERTED:
+            else:  # INSERTED
                 t.rescore = True
-            else:
-                t.batch.new.append(tuple(t.state.records[-1].item()))
             t.items.append((rec, event))
             t.last_record = rec
-            sessions.touch(event.user_id, t.state.last_ts, self.gap_ms)
+            sessions.touch(event.user_id, t.window.last_ts, gap_ms)
 
+        for t in touched.values():
+            t.window.finish()
         scored = [(uid, t) for uid, t in touched.items() if t.items]
-        for _, t in scored:
-            if t.rescore:
-                t.batch.rescore_window = t.state.records
+        risk_at: dict[tuple[str, int], float] = {}
         if scored:
+            batches = []
+            for _, t in scored:
+                ub = UserBatch(prior=t.prior, hidden=t.hidden, new=t.window.appended)
+                if t.rescore:
+                    ub.rescore_window = t.state.records
+                batches.append(ub)
             started = time.perf_counter()
-            user_scores = score_batch(model, [t.batch for _, t in scored], self.device)
+            user_scores = score_batch(model, batches, self.device)
             result.model_seconds = time.perf_counter() - started
             scored_at = int(time.time() * 1000)
-            risk_at: dict[tuple[str, int], float] = {}
-            version = model.version
-            for (uid, t), us in zip(scored, user_scores, strict=True):
-                per_item = self._per_item(t, us.probs).tolist()  # Python floats: one conversion per user
-                self._emit_intents(result, uid, t, per_item, scored_at)
+            emitted: list[tuple[str, _Touched, InRecord, Event, list[float], int]] = []
+            windows: list[np.ndarray] = []
+            ends: list[list[int]] = []
+            for (uid, t), us, ub in zip(scored, user_scores, batches, strict=True):
+                per_item = (
+                    np.repeat(us.probs[-1:], len(t.items), axis=0) if ub.rescore_window is not None else us.probs
+                ).tolist()  # Python floats: one conversion per user
+                n_before = len(emitted)
+                self._emit_intents(result, uid, t, per_item, scored_at, emitted)
+                if len(emitted) > n_before:
+                    window_ts = t.state.records["ts"]
+                    windows.append(t.state.records)
+                    ends.append(window_ts.searchsorted([e[3].ts for e in emitted[n_before:]], side="right").tolist())
                 for (_, ev), p in zip(t.items, per_item, strict=True):
                     risk_at[(uid, ev.ts)] = p[1]
-                t.state.hidden = us.hidden
-                t.state.model_version = version
+                st = t.state
+                st.hidden = us.hidden
+                st.model_version = version
                 last = per_item[-1]
-                t.state.score, t.state.churn_risk = last[0], last[1]
-        else:
-            risk_at = {}
+                st.score, st.churn_risk = last[0], last[1]
+            self._intent_records(result, emitted, emit.intent_reasons_at(windows, ends), scored_at)
         for user_id, last_ts, rec in closed:
             t = touched[user_id]
             risk = risk_at.get((user_id, last_ts), t.churn_risk_before)
-            self._maybe_alert(result, user_id, t, last_ts, risk, rec)
+            self._maybe_alert(result, user_id, t.state, last_ts, risk, rec)
         for uid, t in touched.items():
             result.states[uid] = (t.state.to_bytes(), t.last_record)
         return result
-
-    @staticmethod
-    def _per_item(t: _Touched, probs: np.ndarray) -> np.ndarray:
-        # A rescored window gives one output (the user's current state) for all of its items.
-        return np.repeat(probs[-1:], len(t.items), axis=0) if t.batch.rescore_window is not None else probs
 
     def _dlq(self, result: BatchResult, rec: InRecord, reason: str, now_ms: int) -> None:
         value = contract.dlq_record(reason, rec.key, rec.value, rec.topic, rec.partition, rec.offset, now_ms)
@@ -185,27 +209,44 @@ class Engine:
         result.dlq_reasons.append(reason)
 
     def _emit_intents(
-        self, result: BatchResult, uid: str, t: _Touched, per_item: list[list[float]], scored_at: int
+        self,
+        result: BatchResult,
+        uid: str,
+        t: _Touched,
+        per_item: list[list[float]],
+        scored_at: int,
+        emitted: list[tuple[str, _Touched, InRecord, Event, list[float], int]],
     ) -> None:
-        """Intent outputs of a user's scored items; ``per_item``: one [purchase, churn, value] row per item."""
-        s, model, st = self.settings, self.model, t.state
-        thresholds = model.thresholds["purchase"]
-        model_name, model_version = model.name, model.version
+        """Which of a user's scored items emit an intent event (the policy, in order: each emission moves the
+        user's last emitted score and band); ``per_item``: one [purchase, churn, value] row per item."""
+        s, st = self.settings, t.state
+        thresholds = self.model.thresholds["purchase"]
         cooldown_ms = int(s.emit_cooldown_s * 1000)
-        window_ts = st.records["ts"]
+        policy, delta = s.emit_policy, s.emit_delta
+        latencies = result.latencies_ms
         for (rec, ev), p in zip(t.items, per_item, strict=True):
-            result.scored += 1
-            latency = scored_at - rec.timestamp_ms
-            result.latencies_ms.append(latency)
+            latencies.append(scored_at - rec.timestamp_ms)
             score = p[0]
             band = emit.band_of(score, thresholds)
-            if not emit.should_emit(st, score, band, ev.ts, s.emit_policy, s.emit_delta, cooldown_ms):
+            if not emit.should_emit(st, score, band, ev.ts, policy, delta, cooldown_ms):
                 continue
-            # The window as of this event: the window is in event-time order, so a slice (a view, no copy).
-            upto = st.records[: int(window_ts.searchsorted(ev.ts, side="right"))]
+            emitted.append((uid, t, rec, ev, p, band))
+            st.last_score, st.last_band, st.last_emit_ts = score, band, ev.ts
+        result.scored += len(t.items)
+
+    def _intent_records(
+        self,
+        result: BatchResult,
+        emitted: list[tuple[str, _Touched, InRecord, Event, list[float], int]],
+        reasons: list[list[str]],
+        scored_at: int,
+    ) -> None:
+        model_name, model_version, topic = self.model.name, self.model.version, self.settings.topic_intent
+        outputs = result.outputs
+        for (uid, _, rec, ev, p, band), why in zip(emitted, reasons, strict=True):
             value = contract.intent_record(
                 user_id=uid,
-                score=score,
+                score=p[0],
                 band=BANDS[band],
                 expected_order_value=p[2],
                 model_name=model_name,
@@ -214,16 +255,15 @@ class Engine:
                 event_ts=ev.ts,
                 produced_at_ms=rec.timestamp_ms,
                 scored_at_ms=scored_at,
-                reasons=emit.intent_reasons(upto),
+                reasons=why,
             )
-            result.outputs.append(Output(s.topic_intent, rec.key, value, rec))
-            result.intents += 1
-            st.last_score, st.last_band, st.last_emit_ts = score, band, ev.ts
+            outputs.append(Output(topic, rec.key, value, rec))
+        result.intents += len(emitted)
 
     def _maybe_alert(
-        self, result: BatchResult, uid: str, t: _Touched, last_ts: int, risk: float, rec: InRecord
+        self, result: BatchResult, uid: str, st: UserState, last_ts: int, risk: float, rec: InRecord
     ) -> None:
-        st, model = t.state, self.model
+        model = self.model
         threshold = model.thresholds["churn"]["alert"]
         if risk < threshold or st.churn_alert_ts == last_ts:
             return

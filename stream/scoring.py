@@ -36,42 +36,50 @@ class UserScores:
     hidden: np.ndarray | None  # hidden state after the user's last event
 
 
-def _rows(model: LoadedModel, user: UserBatch) -> tuple[np.ndarray, int, np.ndarray | None, int]:
-    """(records of the row, context_len, h0, number of outputs to read at the end of the row)."""
+def _rows(model: LoadedModel, user: UserBatch) -> tuple[np.ndarray, list[tuple], int, np.ndarray | None, int]:
+    """(records of the row before the new ones, the new ones, context_len, h0, number of outputs to read at the end
+    of the row)."""
     cfg = model.config
     if user.rescore_window is not None:
-        return user.rescore_window, 0, None, 1
-    new = np.array(user.new, dtype=RECORD_DTYPE)
-    k = len(new)
+        return user.rescore_window, [], 0, None, 1
+    new, k, prior = user.new, len(user.new), user.prior
     ctx = cfg.context_len
-    if cfg.arch == "gru" and (user.hidden is not None or len(user.prior) == 0):
-        return new, 0, user.hidden, k
+    if cfg.arch == "gru" and (user.hidden is not None or len(prior) == 0):
+        return prior[:0], new, 0, user.hidden, k
     if cfg.arch == "cnn":
-        return np.concatenate([user.prior[len(user.prior) - min(ctx, len(user.prior)) :], new]), 0, None, k
-    if cfg.arch == "hybrid" and user.hidden is not None and len(user.prior) >= ctx:
-        return np.concatenate([user.prior[len(user.prior) - ctx :], new]), ctx, user.hidden, k
+        return prior[len(prior) - min(ctx, len(prior)) :], new, 0, None, k
+    if cfg.arch == "hybrid" and user.hidden is not None and len(prior) >= ctx:
+        return prior[len(prior) - ctx :], new, ctx, user.hidden, k
     # Rebuild from the window. For a user whose whole history is in the window this is exact.
-    return np.concatenate([user.prior, new]), 0, None, k
+    return prior, new, 0, None, k
 
 
 def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device) -> list[UserScores]:
-    """Score every user's new events; one forward pass per distinct context length (at most two)."""
+    """Score every user's new events; one forward pass per distinct context length (at most two). The rows are
+    assembled with one array per batch and one scatter, not an assignment per user."""
     rows = [_rows(model, u) for u in users]
     results: list[UserScores | None] = [None] * len(users)
-    for ctx in sorted({r[1] for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r[1] == ctx]
-        lengths = np.array([len(rows[i][0]) for i in idx])
+    for ctx in sorted({r[2] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r[2] == ctx]
+        n_prior = np.array([len(rows[i][0]) for i in idx], dtype=np.int64)
+        n_new = np.array([len(rows[i][1]) for i in idx], dtype=np.int64)
+        lengths = n_prior + n_new
         width = int(lengths.max())
         padded = np.zeros((len(idx), width), dtype=RECORD_DTYPE)  # right padding: causal models ignore it
-        for j, i in enumerate(idx):
-            padded[j, : lengths[j]] = rows[i][0]
+        if n_new.any():
+            flat = np.array([t for i in idx for t in rows[i][1]], dtype=RECORD_DTYPE)
+            row = np.repeat(np.arange(len(idx)), n_new)
+            padded[row, np.repeat(n_prior, n_new) + _ranks(n_new)] = flat
+        if n_prior.any():
+            flat = np.concatenate([rows[i][0] for i in idx if len(rows[i][0])])
+            padded[np.repeat(np.arange(len(idx)), n_prior), _ranks(n_prior)] = flat
         x = model_inputs(padded, model.featurizer)
         h0 = None
         if model.config.has_state:
             h = np.zeros((len(idx), model.config.gru_hidden), dtype=np.float32)
-            for j, i in enumerate(idx):
-                if rows[i][2] is not None:
-                    h[j] = rows[i][2]
+            have = [j for j, i in enumerate(idx) if rows[i][3] is not None]
+            if have:
+                h[have] = np.stack([rows[idx[j]][3] for j in have])  # type: ignore[misc]
             h0 = torch.from_numpy(h).to(device)
         with torch.inference_mode():
             out, states = model.model(
@@ -79,9 +87,15 @@ def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device
             )
             probs = probabilities(out, model.calibration).float().cpu().numpy()
             states_np = None if states is None else states.float().cpu().numpy()
+        ends = (lengths - ctx).tolist()  # outputs exclude the context positions
         for j, i in enumerate(idx):
-            end = lengths[j] - ctx  # outputs exclude the context positions
-            k = rows[i][3]
+            end, k = ends[j], rows[i][4]
             hidden = None if states_np is None else states_np[j, end - 1].copy()
             results[i] = UserScores(probs=probs[j, end - k : end], hidden=hidden)
     return results  # type: ignore[return-value]
+
+
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., c - 1 for each count c, end to end."""
+    starts = np.cumsum(counts) - counts
+    return np.arange(int(counts.sum())) - np.repeat(starts, counts)

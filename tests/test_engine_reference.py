@@ -1,0 +1,145 @@
+"""The batch engine against the per-record engine it replaced, byte for byte.
+
+The reference is the engine as it was at REFERENCE_REV (stream/engine.py and the modules it drove one event at a
+time: stream/state/user.py, stream/emit.py, stream/scoring.py, stream/churn.py), loaded from git into modules of
+its own. Both process the same batches (every architecture, batch sizes 1, 7 and 256, full 64-event windows,
+more events for one user in a batch than the window holds, late events, duplicates, malformed records, a model
+swap in the middle, both emission policies) under one fixed clock, and must return the same output records, in
+the same order, and the same user states.
+
+Kept until the batch engine has run in production long enough; then this file and REFERENCE_REV go.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import torch
+
+from load_tests.engine_ab import NoRevision, engine_at
+from models.artifact import load_newest
+from stream import engine as current
+from stream.settings import Settings
+from tests.helpers import BASE_TS, make_events, write_model
+
+REFERENCE_REV = "35fa8c2"  # the last per-record engine
+
+
+def reference_engine() -> types.ModuleType:
+    try:
+        return engine_at(REFERENCE_REV)
+    except NoRevision as exc:
+        pytest.skip(f"the reference engine is read from git history: {exc}")
+
+
+def traffic(seed: int) -> list[tuple[bytes | None, bytes | None]]:
+    """Records of a real shape and every awkward case the engine handles."""
+    rng = random.Random(seed)
+    events = make_events(n_users=40, sessions=6, per_session=14, seed=seed)  # 84 events a user: full windows
+    flood = [  # before anyone else: one user with more events than the window holds, all in the first batch of 256
+        {"event_id": f"f-{i}", "user_id": "flood", "type": "product_view", "ts": BASE_TS - 1_000_000 + i * 1_000}
+        for i in range(150)
+    ]
+    # a shopper who views one item again and again, removes from the cart and leaves at checkout, and comes back
+    shopper = [
+        ("product_view", "i1"), ("product_view", "i1"), ("product_view", "i1"), ("product_view", "i1"),
+        ("add_to_cart", "i1"), ("remove_from_cart", "i1"), ("add_to_cart", "i2"), ("checkout_start", None),
+    ]  # fmt: skip
+    picky = [
+        {"event_id": f"p-{d}-{i}", "user_id": f"picky-{u}", "type": kind, "ts": BASE_TS + d * 2 * 86_400_000 + u * 7_000 + i * 20_000,
+         "session_id": f"ps-{u}-{d}", **({"item_id": item} if item else {})}
+        for u in range(6) for d in range(3) for i, (kind, item) in enumerate(shopper)
+    ]  # fmt: skip
+    # exactly ten minutes after an add_to_cart (the edge of "add_to_cart in 10 min")
+    picky += [
+        {"event_id": f"p-edge-{u}", "user_id": f"picky-{u}", "type": "page_view", "ts": BASE_TS + u * 7_000 + 680_000,
+         "session_id": f"ps-{u}-0"}
+        for u in range(6)
+    ]  # fmt: skip
+    events = sorted(events + flood + picky, key=lambda e: e["ts"])
+    # the flood's event 35 again just after it left the window (100 - 64 - 1): late, older than the window
+    events.insert(events.index(flood[100]), dict(flood[35]))
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for i, e in enumerate(events):
+        records.append((e["user_id"].encode(), orjson.dumps(e)))
+        r = rng.random()
+        if r < 0.03:  # a producer retry: the same event again, soon after
+            records.append(records[-1])
+        elif r < 0.06 and i > 20:  # a late event: an earlier time, within the allowed lateness or not
+            late = dict(events[i - rng.randrange(1, 20)])
+            late["event_id"] = f"late-{i}"
+            late["ts"] -= rng.choice([1_000, 30_000, 400_000, 90_000_000])
+            records.append((late["user_id"].encode(), orjson.dumps(late)))
+        elif r < 0.075:
+            records.append(rng.choice([(b"x", b"{oops"), (None, b"{}"), (b"u", None), (b"u", b'{"ts": 1}')]))
+    return records
+
+
+def run(module: Any, settings: Settings, models: list[Any], records: list, batch: int, swap_at: int) -> list:
+    engine = module.Engine(settings, models[0], torch.device("cpu"))
+    table: dict[str, bytes] = {}
+    out = []
+    for n, i in enumerate(range(0, len(records), batch)):
+        if n == swap_at:
+            engine.swap_model(models[1])
+        chunk = [
+            current.InRecord(k, v, "clickstream", (hash(k) if k else 0) % 2, i + j, BASE_TS)
+            for j, (k, v) in enumerate(records[i : i + batch])
+        ]
+        result = engine.process(chunk, lambda uid, rec: table.get(uid))
+        states = {uid: blob for uid, (blob, _rec) in result.states.items()}
+        table.update(states)
+        out.append(
+            (
+                [(o.topic, o.key, o.value, o.source.offset) for o in result.outputs],
+                states,
+                (result.scored, result.duplicates, result.intents, result.alerts, result.dlq_reasons),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gru", "cnn", "hybrid"])
+@pytest.mark.parametrize("batch", [1, 7, 256])
+def test_the_batch_engine_gives_the_reference_outputs_and_states(
+    arch: str, batch: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    reference = reference_engine()
+    monkeypatch.setattr(time, "time", lambda: BASE_TS / 1000 + 86_400.0)  # one clock for both
+    other = {"gru": "cnn", "cnn": "hybrid", "hybrid": "gru"}[arch]
+    write_model(tmp_path / "a", arch, seed=1, churn_alert=0.3)
+    write_model(tmp_path / "b", other, seed=2, churn_alert=0.3)
+    models = [load_newest(tmp_path / d, expect_window=64)[0] for d in ("a", "b")]
+    records = traffic(seed=batch)
+    swap_at = len(records) // batch // 2
+    for policy in ("every_event", "on_change"):
+        settings = Settings.from_env({}, emit_policy=policy, allowed_lateness_s=600.0)
+        want = run(reference, settings, models, records, batch, swap_at)
+        got = run(current, settings, models, records, batch, swap_at)
+        assert len(got) == len(want)
+        for n, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert g[0] == w[0], f"{policy}: outputs of batch {n} differ"
+            assert g[1] == w[1], f"{policy}: states of batch {n} differ"
+            assert g[2] == w[2], f"{policy}: counts of batch {n} differ"
+        kinds = [o[0] for b in got for o in b[0]]
+        # the traffic exercised what it is meant to: intents, alerts, DLQ records, duplicates, every intent reason
+        assert {settings.topic_intent, settings.topic_churn, settings.topic_dlq} <= set(kinds), policy
+        assert sum(b[2][1] for b in got) > 0
+        if policy == "every_event":
+            reasons = {
+                r.split(" ", 1)[1] if r[0].isdigit() else r.split(" ")[0]
+                for b in got
+                for topic, _, value, _ in b[0]
+                if topic == settings.topic_intent
+                for r in orjson.loads(value)["reasons"]
+            }
+            assert reasons >= {
+                "add_to_cart in 10 min", "checkout_start", "remove_from_cart this session",
+                "same", "returned", "purchased", "product_view this session", "browsing",
+            }, reasons  # fmt: skip
