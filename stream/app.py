@@ -178,7 +178,12 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
             "event=sessions_restored partition=%d users=%d seconds=%.2f", partition, n, time.perf_counter() - started
         )
 
+    inflight_states = delivery.inflight_states
+
     def get_state(user_id: str, rec: InRecord) -> bytes | None:
+        blob = inflight_states.get(user_id)  # written by the batch in flight, not yet in RocksDB
+        if blob is not None:
+            return blob
         return compat.partition_db(users, rec.partition).get(user_id.encode())
 
     def wrap_commit(commit: Any) -> Any:
@@ -212,13 +217,13 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                     # committed twice. Commit them now, with their offsets, as Kafka Streams does on revocation.
                     # The consumer's own keys: aiokafka refuses Faust's TP tuples that ``revoked`` holds.
                     tps = [tp for tp in revoked if tp.topic == settings.topic_clickstream]
-                    pending = offsets.committable(tps, app.consumer._committed_offset)  # type: ignore[attr-defined]
-                    if pending:
-                        try:
-                            await delivery.flush()
+                    try:
+                        await delivery.flush()  # the batch in flight written, the changelog in the transactions
+                        pending = offsets.committable(tps, app.consumer._committed_offset)  # type: ignore[attr-defined]
+                        if pending:
                             await compat.commit_transaction(app, pending)
-                        except Exception as exc:
-                            exit_without_commit("commit_failed", exc)
+                    except Exception as exc:
+                        exit_without_commit("commit_failed", exc)
                 else:
                     try:
                         await delivery.flush()  # its wait_empty then commits what was written, if it still can
@@ -245,8 +250,24 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                     log.info("event=offset_gap_reseek partition=%d seek_to=%d", partition, offset)
                     await seek(partition, offset)
 
+    def before_write() -> None:
+        if stall.check():
+            exit_without_commit("stalled", None)
+
+    def on_written(last_offsets: dict[int, int]) -> None:
+        for partition, offset in last_offsets.items():
+            offsets.written(partition, offset)
+
+    delivery.before_write, delivery.on_written = before_write, on_written
+
     async def score_batches() -> None:
         while True:
+            if delivery.inflight is not None and inputs.queue.empty():
+                async with batch_lock:  # nothing to overlap with: finish the batch in flight now
+                    try:
+                        await delivery.complete()
+                    except Exception as exc:
+                        exit_without_commit("delivery_failed", exc)
             fetches = await inputs.take(settings.batch_max_events, settings.batch_max_ms / 1000)
             async with batch_lock:
                 if stall.check():
@@ -264,20 +285,16 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                         restore_sessions(partition)
                     metrics.EVENTS_IN.inc(len(records))
                     result = engine.process(records, get_state)
-                    await delivery.write_batch(result)
-                    if stall.check():
-                        exit_without_commit("stalled", None)
+                    last: dict[int, int] = {}
+                    for r in records:
+                        last[r.partition] = r.offset
+                    await delivery.start_batch(result, last)
                 except DeliveryError as exc:
                     exit_without_commit("delivery_failed", exc.__cause__)
                 except Exception as exc:
                     # Admitted records move the partition's next offset; a loop restarted here would skip them.
                     # The restarted worker replays from the last commit instead.
                     exit_without_commit("batch_failed", exc)
-                last: dict[int, int] = {}
-                for r in records:
-                    last[r.partition] = r.offset
-                for partition, offset in last.items():
-                    offsets.written(partition, offset)
             metrics.observe_batch(result, len(records))
 
     @app.agent(clickstream, name="score")

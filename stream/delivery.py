@@ -7,6 +7,9 @@ The checkpoint of a batch, step by step (docs/reliability.md):
 3. The states' changelog records are queued, one per user: a user touched by several batches within a commit
    interval sends only its last state.
 4. The batch's input offsets become committable (``stream.offsets``).
+Steps 2 to 4 of a batch run once its outputs are acknowledged, which is after the next batch has been scored
+(``start_batch``): the broker's round trip overlaps the next batch's work. Meanwhile the next batch reads the
+states of the batch in flight from memory (``inflight_states``), never from RocksDB.
 And the commit (every ``broker_commit_interval``, at a revocation, at the stop), under the same lock:
 5. The queued changelog records are sent and acknowledged.
 6. The offsets are committed: at-least-once by the consumer, exactly-once in the partitions' transactions.
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -38,6 +41,15 @@ class DeliveryError(RuntimeError):
     """A batch's outputs or state records could not be delivered to the broker."""
 
 
+@dataclass(slots=True)
+class InFlight:
+    """A batch whose outputs are handed to the producer and whose states wait for their acknowledgement."""
+
+    result: BatchResult
+    sent: list[Any]  # delivery futures of its outputs
+    offsets: dict[int, int]  # input partition -> offset of its last record in the batch
+
+
 @dataclass
 class Delivery:
     app: Any  # the Faust app
@@ -48,6 +60,10 @@ class Delivery:
     # partition -> user key -> state: step 3's changelog records not sent yet
     pending: dict[int, dict[bytes, bytes]] = field(default_factory=lambda: defaultdict(dict))
     unacked: set[asyncio.Future] = field(default_factory=set)  # at-least-once: changelog sent, not acknowledged
+    inflight: InFlight | None = None
+    inflight_states: dict[str, bytes] = field(default_factory=dict)  # user -> state of the batch in flight
+    before_write: Callable[[], None] | None = None  # called between the acknowledgements and the state writes
+    on_written: Callable[[dict[int, int]], None] | None = None  # a batch's input offsets, once written
 
     def producer(self, partition: int) -> Any:
         """The aiokafka producer for the records of an input partition."""
@@ -94,17 +110,36 @@ class Delivery:
             futures += [f for f, _ in await self.send(topic, partition, records)]
         return futures
 
-    async def write_batch(self, result: BatchResult) -> None:
-        """Steps 1 to 3 for one batch."""
+    async def start_batch(self, result: BatchResult, offsets: dict[int, int]) -> None:
+        """Step 1 begun: the batch's outputs handed to the producer. The previous batch is completed now (its acks
+        have usually come back while this one was scored), so a batch is scored while the one before it is in
+        flight; until it is completed, its users' states are read from ``inflight_states``."""
         try:
             sent = await self.send_outputs(result.outputs)
-            if sent:
-                await asyncio.gather(*sent)
+        except Exception as exc:
+            raise DeliveryError(str(exc)) from exc
+        await self.complete()
+        self.inflight = InFlight(result, sent, offsets)
+        self.inflight_states.update((uid, blob) for uid, (blob, _rec) in result.states.items())
+
+    async def complete(self) -> dict[int, int]:
+        """Steps 1 to 3 finished for the batch in flight, if any: its outputs acknowledged, its states written, its
+        changelog records queued. Returns its input offsets (partition -> last offset), now committable."""
+        batch, self.inflight = self.inflight, None
+        if batch is None:
+            return {}
+        try:
+            if batch.sent:
+                await asyncio.gather(*batch.sent)
         except Exception as exc:  # a fenced transactional producer, a broker gone for longer than the timeouts
             raise DeliveryError(str(exc)) from exc
+        if self.before_write is not None:
+            self.before_write()
         by_partition: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
-        for user_id, (blob, rec) in result.states.items():
+        for user_id, (blob, rec) in batch.result.states.items():
             by_partition[rec.partition].append((user_id.encode(), blob))
+            if self.inflight_states.get(user_id) is blob:  # not superseded by a later batch in flight
+                del self.inflight_states[user_id]
         n_pending = 0
         for partition, items in by_partition.items():
             compat.write_partition(self.table, partition, items)
@@ -113,6 +148,9 @@ class Delivery:
             n_pending += len(pending)
         if n_pending > MAX_PENDING_CHANGELOG:
             await self.send_changelog()
+        if self.on_written is not None:
+            self.on_written(batch.offsets)
+        return batch.offsets
 
     async def send_changelog(self) -> list[Any]:
         """Step 5, first half: send the queued changelog records; returns their delivery futures."""
@@ -142,7 +180,9 @@ class Delivery:
         self.table.data.set_persisted_offset(meta.topic_partition, meta.offset + n_records - 1)
 
     async def flush(self) -> None:
-        """Step 5: every queued changelog record sent and acknowledged (and every one sent earlier)."""
+        """Step 5: the batch in flight completed, every queued changelog record sent and acknowledged (and every
+        one sent earlier)."""
+        await self.complete()
         await self.send_changelog()
         if self.unacked:
             await asyncio.gather(*list(self.unacked))

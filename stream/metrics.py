@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
+from stream import compat
 from stream.contract import reason_field
 
 if TYPE_CHECKING:
@@ -49,8 +51,7 @@ def observe_batch(result: BatchResult, n_records: int) -> None:
         DLQ.labels(field=reason_field(reason)).inc()
     if result.scored:
         MODEL_SECONDS.observe(result.model_seconds)
-    for ms in result.latencies_ms:
-        LATENCY.observe(ms / 1000)
+    compat.observe_many(LATENCY, np.asarray(result.latencies_ms, dtype=np.float64) / 1000)
 
 
 def render() -> tuple[bytes, str]:

@@ -1,0 +1,106 @@
+"""The compat module's start check, and the ingest path's queue and admission (unit tests: the worker tests run the
+same code on the real broker)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from faust.transport.consumer import Consumer
+
+from stream import compat
+from stream.compat import CompatError, FetchedBatch
+from stream.ingest import InputQueue, admit
+from stream.offsets import InputOffsets
+from stream.settings import Settings
+
+
+def test_the_pinned_versions_have_every_internal_the_worker_uses():
+    compat.check_internals()
+
+
+def test_a_missing_internal_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delattr(Consumer, "_filter_committable_offsets")
+    with pytest.raises(CompatError) as err:
+        compat.check_internals()
+    message = str(err.value)
+    assert "Consumer._filter_committable_offsets is missing" in message
+    assert "faust-streaming 0.15.3" in message and "\n" not in message
+
+
+def test_the_worker_refuses_to_start_without_a_patched_internal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path
+):
+    from stream.worker import run
+
+    monkeypatch.delattr(Consumer, "_wait_next_records")
+    settings = Settings.from_env({}, model_dir=tmp_path / "models", state_dir=tmp_path / "state")
+    assert run(argparse.Namespace(web_port=None), settings) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Consumer._wait_next_records is missing" in err[0], err
+
+
+def test_require_names_an_instance_attribute():
+    with pytest.raises(CompatError, match=r"SimpleNamespace\._key_index is missing"):
+        compat.require(SimpleNamespace(), "_key_index")
+
+
+def record(partition: int, offset: int) -> SimpleNamespace:
+    return SimpleNamespace(key=b"u", value=b"{}", topic="clickstream", partition=partition, offset=offset, timestamp=7)
+
+
+def fetch(generation: int, runs: dict[int, range]) -> FetchedBatch:
+    return FetchedBatch(generation, {p: [record(p, o) for o in offsets] for p, offsets in runs.items()})
+
+
+def test_queue_takes_whole_fetches_up_to_the_batch_size_or_the_wait():
+    async def scenario() -> tuple[list[int], list[int], int]:
+        q = InputQueue(max_fetches=8)
+        for i in range(3):
+            await q.put(fetch(1, {0: range(i * 10, i * 10 + 10)}))
+        first = await q.take(max_events=15, within_s=0.0)  # 10 < 15: a second fetch joins, then 20 >= 15
+        second = await q.take(max_events=15, within_s=0.05)  # the last one, then waits 50 ms for more
+        await q.put(fetch(1, {0: range(30, 31)}))
+        return [len(f.records[0]) for f in first], [len(f.records[0]) for f in second], q.clear()
+
+    first, second, cleared = asyncio.run(scenario())
+    assert first == [10, 10] and second == [10] and cleared == 1
+
+
+def test_admission_takes_the_next_records_once_and_drops_stale_fetches():
+    offsets = InputOffsets(Settings.from_env({}), read_committed=False)
+    offsets.next.update({0: 100, 1: 5})
+
+    async def scenario() -> tuple:
+        first = await admit([fetch(3, {0: range(100, 104), 1: range(5, 7)})], offsets, stale_upto_generation=2)
+        # a fetch from before a revocation, and a repeat of records already admitted
+        second = await admit([fetch(2, {0: range(104, 106)}), fetch(3, {0: range(102, 106)})], offsets, 2)
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert [(r.partition, r.offset) for r in first.records] == [(0, 100), (0, 101), (0, 102), (0, 103), (1, 5), (1, 6)]
+    assert first.records[0].timestamp_ms == 7 and not first.seeks
+    assert [(r.partition, r.offset) for r in second.records] == [(0, 104), (0, 105)]
+    assert second.skipped == {"stale": 2, "repeat": 2, "refetch": 0}
+    assert offsets.next == {0: 106, 1: 7}
+
+
+def test_a_histogram_takes_a_batch_as_it_takes_each_value():
+    import numpy as np
+    from prometheus_client import CollectorRegistry, Histogram
+
+    bounds = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+    one, many = (Histogram("lat", "x", buckets=bounds, registry=CollectorRegistry()) for _ in range(2))
+    values = np.random.default_rng(0).exponential(0.1, 5000)
+    values[:6] = [0.005, 0.01, 1.0, 2.0, 0.0, 0.25]  # on the bounds, past the last, zero
+    for v in values:
+        one.observe(float(v))
+    compat.observe_many(many, values)
+    samples = [{s.name: s.value for s in h.collect()[0].samples if s.name != "lat_created"} for h in (one, many)]
+    by_bucket = [
+        {s.labels.get("le"): s.value for s in h.collect()[0].samples if s.name == "lat_bucket"} for h in (one, many)
+    ]
+    assert by_bucket[0] == by_bucket[1] and samples[0]["lat_count"] == samples[1]["lat_count"] == 5000
+    assert samples[1]["lat_sum"] == pytest.approx(samples[0]["lat_sum"], rel=1e-12)
