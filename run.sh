@@ -23,7 +23,7 @@ ensure_venv() {
   want="$(sha256sum pyproject.toml | cut -c1-16)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "run.sh: installing Python packages (first time: torch is large, allow several minutes)"
-    "$VENV/bin/pip" install -q --progress-bar off -e ".[dev]"
+    "$VENV/bin/pip" install -q --progress-bar off -e ".[dev,bench]"
     echo "$want" > "$stamp"
   else
     "$VENV/bin/pip" install -q --no-deps -e . >/dev/null 2>&1
