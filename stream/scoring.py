@@ -87,11 +87,11 @@ def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device
             )
             probs = probabilities(out, model.calibration).float().cpu().numpy()
             states_np = None if states is None else states.float().cpu().numpy()
-        ends = (lengths - ctx).tolist()  # outputs exclude the context positions
-        for j, i in enumerate(idx):
-            end, k = ends[j], rows[i][4]
-            hidden = None if states_np is None else states_np[j, end - 1].copy()
-            results[i] = UserScores(probs=probs[j, end - k : end], hidden=hidden)
+        ends = lengths - ctx  # outputs exclude the context positions
+        # Each row's last hidden state, gathered in one copy (the rows of a fresh array, not views of all states)
+        hidden = [None] * len(idx) if states_np is None else list(states_np[np.arange(len(idx)), ends - 1])
+        for j, (i, end) in enumerate(zip(idx, ends.tolist(), strict=True)):
+            results[i] = UserScores(probs=probs[j, end - rows[i][4] : end], hidden=hidden[j])
     return results  # type: ignore[return-value]
 
 
