@@ -120,6 +120,53 @@ def reasons_lists() -> None:
     emit.intent_reasons = intent_reasons
 
 
+def gc_log() -> None:
+    """Log every garbage collection that pauses the worker for 10 ms or more (``event=gc_pause``): to tell GC
+    pauses from other causes of latency spikes."""
+    import gc
+    import logging
+    import time
+
+    log = logging.getLogger("intentstream.gc")
+    started: dict[str, float] = {}
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            ms = (time.perf_counter() - started.pop("t")) * 1000
+            if ms >= 10:
+                log.warning(
+                    "event=gc_pause generation=%d ms=%.1f collected=%d", info["generation"], ms, info["collected"]
+                )
+
+    gc.callbacks.append(callback)
+
+
+def gc_freeze() -> None:
+    """``gc.freeze()`` once the first batch is processed (imports, the app and the restored tables are in place):
+    what existed then leaves the cyclic collector's generations, so a full collection no longer walks it. Logs
+    its pauses like ``gc-log``."""
+    import gc
+
+    from stream import engine
+
+    gc_log()
+
+    process = engine.Engine.process
+    frozen = []
+
+    def first_then_process(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = process(self, *args, **kwargs)
+        if not frozen:
+            frozen.append(True)
+            gc.collect()
+            gc.freeze()
+        return result
+
+    engine.Engine.process = first_then_process  # type: ignore[method-assign]
+
+
 VARIANTS: dict[str, Callable[[], None]] = {
     "head-app": head_app,
     "head-engine": head_engine,
@@ -129,6 +176,8 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "fetch-wait-100": fetch_wait(100),
     "fetch-wait-1500": fetch_wait(1500),
     "reasons-lists": reasons_lists,
+    "gc-log": gc_log,
+    "gc-freeze": gc_freeze,
 }
 
 

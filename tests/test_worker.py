@@ -218,3 +218,54 @@ def test_model_swap_during_traffic_loses_and_repeats_nothing(fresh: Settings, tm
         assert worker.alive()
     finally:
         worker.stop()
+
+
+def metrics_of(worker: Worker) -> dict[str, float]:
+    """The worker's /metrics as {series with labels: value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_every_documented_metric_has_a_value_that_moves_with_traffic(fresh: Settings, tmp_path: Path):
+    write_model(fresh.model_dir)
+    worker = Worker(fresh, tmp_path, emit_policy="every_event").start()
+    try:
+        wait_assigned([worker], fresh.partitions)
+        before = metrics_of(worker)
+        # the model being served is reported from the start, not only after a hot swap
+        assert before['intentstream_model_info{name="untrained-gru",version="v0001"}'] == 1.0
+        events = make_events(n_users=20, seed=3)
+        produce(fresh, encode(events) + BAD_RECORDS[:3])
+        consume(fresh, [fresh.topic_intent], until=lambda g: len(g[fresh.topic_intent]) >= len(events))
+
+        def moved() -> bool:
+            after = metrics_of(worker)
+            lag = [v for k, v in after.items() if k.startswith("intentstream_consumer_lag{")]
+            return (
+                after.get("intentstream_events_in_total", 0) >= len(events) + 3
+                and len(lag) == fresh.partitions  # one gauge per owned input partition, set by the lag timer
+                and all(v == 0 for v in lag)  # and it saw the partitions drained
+                and after.get("intentstream_latency_seconds_count", 0) >= len(events)
+            )
+
+        wait_for(moved, 30, "the metrics to take the traffic in")
+        after = metrics_of(worker)
+        assert after["intentstream_events_in_total"] - before.get("intentstream_events_in_total", 0) == len(events) + 3
+        assert after["intentstream_events_scored_total"] == len(events)
+        assert after["intentstream_intents_emitted_total"] == len(events)
+        assert sum(v for k, v in after.items() if k.startswith("intentstream_dlq_total{")) == 3
+        assert after["intentstream_batch_size_count"] > 0 and after["intentstream_batch_size_sum"] == len(events) + 3
+        assert after["intentstream_model_seconds_count"] > 0 and after["intentstream_model_seconds_sum"] > 0
+        assert after["intentstream_latency_seconds_count"] == len(events)
+        assert after['intentstream_latency_seconds_bucket{le="+Inf"}'] == len(events)
+        assert "intentstream_duplicates_total" in after and "intentstream_churn_alerts_total" in after
+    finally:
+        worker.stop()
