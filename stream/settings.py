@@ -58,9 +58,15 @@ class Settings:
     model_dir: Path = _f(Path("var/models"), "Model directory: one sub-folder per versioned artifact.")
     device: str = _f("auto", "Scoring device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     window_size: int = _f(64, "Events kept per user in the rolling window.", minimum=1)
-    batch_max_events: int = _f(256, "Score a batch once it holds this many events ...", minimum=1)
-    batch_max_ms: float = _f(20.0, "... or once its oldest event has waited this long (ms).", minimum=0)
-    queue_max_events: int = _f(4096, "Bound of the scoring queue; a full queue slows consumption.", minimum=1)
+    batch_max_events: int = _f(
+        256,
+        "Score a batch once its whole fetches hold this many events (a fetch brings at most this many) ...",
+        minimum=1,
+    )
+    batch_max_ms: float = _f(20.0, "... or once its first fetch has waited this long (ms).", minimum=0)
+    queue_max_events: int = _f(
+        4096, "Bound of the input queue, in events; a full queue holds the consumer's fetches back.", minimum=1
+    )
     torch_threads: int = _f(1, "CPU threads for model scoring (the event loop keeps the other cores).", minimum=1)
     fetch_max_wait_ms: int = _f(
         100, "Longest wait of a worker's fetch at the broker (Faust's fixed 1500 ms stalls paced traffic).", minimum=1
