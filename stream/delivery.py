@@ -153,7 +153,12 @@ class Delivery:
         return batch.offsets
 
     async def send_changelog(self) -> list[Any]:
-        """Step 5, first half: send the queued changelog records; returns their delivery futures."""
+        """Step 5, first half: send the queued changelog records; returns their delivery futures. They wait in
+        memory for up to a commit interval: a worker that was frozen meanwhile (and whose partitions another
+        worker may own by now) must not send them, or the changelog would go back in time for those users
+        (``before_write`` ends the worker then; under at-least-once nothing else fences it)."""
+        if self.before_write is not None and any(self.pending.values()):
+            self.before_write()
         if not self.changelog_topic:
             self.changelog_topic = self.table.changelog_topic.get_topic_name()
         futures = []
