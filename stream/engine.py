@@ -174,7 +174,7 @@ class Engine:
             user_scores = score_batch(model, batches, self.device)
             result.model_seconds = time.perf_counter() - started
             scored_at = int(time.time() * 1000)
-            emitted: list[tuple[str, _Touched, InRecord, Event, list[float], int]] = []
+            emitted: list[tuple[str, InRecord, Event, list[float], int]] = []
             windows: list[np.ndarray] = []
             ends: list[list[int]] = []
             for (uid, t), us, ub in zip(scored, user_scores, batches, strict=True):
@@ -186,7 +186,7 @@ class Engine:
                 if len(emitted) > n_before:
                     window_ts = t.state.records["ts"]
                     windows.append(t.state.records)
-                    ends.append(window_ts.searchsorted([e[3].ts for e in emitted[n_before:]], side="right").tolist())
+                    ends.append(window_ts.searchsorted([e[2].ts for e in emitted[n_before:]], side="right").tolist())
                 for (_, ev), p in zip(t.items, per_item, strict=True):
                     risk_at[(uid, ev.ts)] = p[1]
                 st = t.state
@@ -215,7 +215,7 @@ class Engine:
         t: _Touched,
         per_item: list[list[float]],
         scored_at: int,
-        emitted: list[tuple[str, _Touched, InRecord, Event, list[float], int]],
+        emitted: list[tuple[str, InRecord, Event, list[float], int]],
     ) -> None:
         """Which of a user's scored items emit an intent event (the policy, in order: each emission moves the
         user's last emitted score and band); ``per_item``: one [purchase, churn, value] row per item."""
@@ -230,20 +230,20 @@ class Engine:
             band = emit.band_of(score, thresholds)
             if not emit.should_emit(st, score, band, ev.ts, policy, delta, cooldown_ms):
                 continue
-            emitted.append((uid, t, rec, ev, p, band))
+            emitted.append((uid, rec, ev, p, band))
             st.last_score, st.last_band, st.last_emit_ts = score, band, ev.ts
         result.scored += len(t.items)
 
     def _intent_records(
         self,
         result: BatchResult,
-        emitted: list[tuple[str, _Touched, InRecord, Event, list[float], int]],
+        emitted: list[tuple[str, InRecord, Event, list[float], int]],
         reasons: list[list[str]],
         scored_at: int,
     ) -> None:
         model_name, model_version, topic = self.model.name, self.model.version, self.settings.topic_intent
         outputs = result.outputs
-        for (uid, _, rec, ev, p, band), why in zip(emitted, reasons, strict=True):
+        for (uid, rec, ev, p, band), why in zip(emitted, reasons, strict=True):
             value = contract.intent_record(
                 user_id=uid,
                 score=p[0],

@@ -48,7 +48,7 @@ class InputQueue:
         since the first came."""
         first = await self.queue.get()
         fetches = [first]
-        n = sum(len(r) for r in first.records.values())
+        n = size(first)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within_s
         while n < max_events:
@@ -63,7 +63,7 @@ class InputQueue:
                 except TimeoutError:
                     break
             fetches.append(more)
-            n += sum(len(r) for r in more.records.values())
+            n += size(more)
         return fetches
 
 
@@ -85,7 +85,7 @@ async def admit(fetches: list[FetchedBatch], offsets: InputOffsets, stale_upto_g
     append = out.records.append
     for fetch in fetches:
         if fetch.generation_id <= stale_upto_generation:
-            out.skipped["stale"] += sum(len(r) for r in fetch.records.values())
+            out.skipped["stale"] += size(fetch)
             continue
         for partition, records in fetch.records.items():
             if partition in out.seeks:  # sent back already: what follows is fetched again
@@ -110,8 +110,9 @@ async def admit(fetches: list[FetchedBatch], offsets: InputOffsets, stale_upto_g
     return out
 
 
-def count(fetches: list[FetchedBatch]) -> int:
-    return sum(len(r) for f in fetches for r in f.records.values())
+def size(fetch: FetchedBatch) -> int:
+    """Records in a fetch."""
+    return sum(len(r) for r in fetch.records.values())
 
 
-__all__ = ["Admission", "InputQueue", "admit", "count"]
+__all__ = ["Admission", "InputQueue", "admit", "size"]
