@@ -156,8 +156,9 @@ def test_rate_mode_paces_and_reports_a_consistent_rate(fresh, tmp_path):
     stats = orjson.loads(out.read_bytes())
     assert stats["sent"] == n and stats["bad"] == 0
     assert stats["rate"] == pytest.approx(stats["sent"] / stats["seconds"])
-    # Record i is not produced before i / rate seconds: the achieved rate can only fall short of the target.
-    assert stats["rate"] <= rate * n / (n - 1)
+    # Record i is not produced before i / rate seconds: the achieved rate can only fall short of the target, up to
+    # the clocks' granularity at its two ends (one CI run measured 0.4% over the exact bound); unpaced it is >10x.
+    assert stats["rate"] <= rate * n / (n - 1) * 1.02
     assert len(asyncio.run(read_topic(fresh, fresh.topic_clickstream))) == n
 
 
