@@ -155,7 +155,7 @@ class Engine:
                 result.duplicates += 1
                 continue
             elif outcome is Accept.TOO_LATE:
-                self._dlq(result, rec, "ts: later than the allowed lateness or older than the user's window", now_ms)
+                self._dlq(result, rec, contract.TOO_LATE_REASON, now_ms)
                 continue
             else:  # INSERTED
                 t.rescore = True
