@@ -232,3 +232,34 @@ def test_staged_bucketed_scoring_equals_in_place_and_reuses_its_buffers(arch: st
     for p, p_copy, h, h_copy in kept:  # results handed out earlier were not overwritten by later batches
         np.testing.assert_array_equal(p, p_copy)
         np.testing.assert_array_equal(h, h_copy)
+
+
+def test_the_model_bench_reports_every_runtime_side_by_side(tmp_path: Path):
+    from load_tests import __main__ as load_tests_main
+
+    args = [
+        "model",
+        "--device",
+        "cpu",
+        "--batches",
+        "1,3",
+        "--seconds",
+        "0.01",
+        "--turns",
+        "2",
+        "--no-accuracy",
+        "--out",
+    ]
+    rc = load_tests_main.main([*args, str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "model_report.json").read_text())
+    assert report["runtimes"] == list(RUNTIMES)
+    assert {(r["mode"], r["batch"]) for r in report["results"]} == {
+        (m, b) for m in ("gru", "gru-rebuild", "cnn", "hybrid") for b in (1, 3)
+    }
+    for row in report["results"]:
+        assert all(row[f"{rt}_scores_per_s"] > 0 for rt in RUNTIMES)
+        assert row["speedup_vs_torch"]["torch"] == 1.0
+    for mode, by_runtime in report["parity"]["cpu"].items():
+        assert by_runtime["onnx"]["max_abs_diff_probs"] <= FP32_TOL, mode
+        assert by_runtime["onnx-int8"]["max_abs_diff_probs"] <= INT8_TOL, mode
