@@ -128,6 +128,9 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [
             "## Scoring runtimes (INTENTSTREAM_RUNTIME), side by side",
             "",
+            "Capacity of each on the same backlog (in turns with --repeat); then the same rate steps for each, set "
+            "from the first one's capacity.",
+            "",
             "| runtime | capacity/s | RSS MB max (capacity) | at 50%: offered/s | p50 ms | p99 ms | RSS MB max (steps) | "
             "all scored |",
             "|---|---:|---:|---:|---:|---:|---:|:-:|",

@@ -570,10 +570,9 @@ class Run:
             self.report.update(steps)
             self.report["distinct_users"] = len(traffic.sent_users)
             compared = {v: await self.steps(rates, traffic, variant=v) for v in cfg.compare_steps}
-            by_runtime = {  # each runtime's steps at the shares of its own capacity
-                rt: await self.steps(resolve_rates(cfg.rates, capacity[f"engine-{rt}"]["eps"]), traffic, runtime=rt)
-                for rt in self.other_runtimes
-            }
+            # Each other runtime's steps at the same rates as the engine's: latency compared at one load (a rate
+            # derived from each one's own capacity would compare latencies at different loads).
+            by_runtime = {rt: await self.steps(rates, traffic, runtime=rt) for rt in self.other_runtimes}
 
             # 3. latency, from the intent topics
             self.say("reading the intent topics for end-to-end latencies")
@@ -591,10 +590,10 @@ class Run:
                 }
             if self.other_runtimes:
                 self.report["runtimes"] = {
-                    rt: runtime_summary(capacity[name], group, rates_of)
-                    for rt, name, group, rates_of in (
-                        (self.runtime, "engine", steps, engine_eps),
-                        *((rt, f"engine-{rt}", by_runtime[rt], capacity[f"engine-{rt}"]["eps"]) for rt in by_runtime),
+                    rt: runtime_summary(capacity[name], group, engine_eps)
+                    for rt, name, group in (
+                        (self.runtime, "engine", steps),
+                        *((rt, f"engine-{rt}", by_runtime[rt]) for rt in by_runtime),
                     )
                 }
             sustained = [x for x in self.report["steps"] if x["sustained"]]
@@ -863,7 +862,8 @@ def latency_at_half(steps: list[dict[str, Any]], engine_eps: float) -> dict[str,
 
 
 def runtime_summary(capacity: dict[str, Any], steps: dict[str, Any], eps: float) -> dict[str, Any]:
-    """One runtime's figures: capacity, latency at half of it, the workers' resident memory."""
+    """One runtime's figures: capacity, latency at half of ``eps`` (the first runtime's capacity), the workers'
+    resident memory."""
     half = latency_at_half(steps["steps"], eps) or {}
     return {
         "capacity_eps": capacity["eps"],
@@ -950,7 +950,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--runtime",
         default="",
         help="scoring runtime of the engine (default INTENTSTREAM_RUNTIME); R1,R2,...: the engine with each, side "
-        "by side (capacity in turns, rate steps at the shares of each one's capacity); onnx ones exported if needed",
+        "by side (capacity in turns, then the same rate steps, set from R1's capacity); exported when needed",
     )
 
 
