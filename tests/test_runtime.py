@@ -263,3 +263,17 @@ def test_the_model_bench_reports_every_runtime_side_by_side(tmp_path: Path):
     for mode, by_runtime in report["parity"]["cpu"].items():
         assert by_runtime["onnx"]["max_abs_diff_probs"] <= FP32_TOL, mode
         assert by_runtime["onnx-int8"]["max_abs_diff_probs"] <= INT8_TOL, mode
+
+
+def test_the_export_command_writes_the_newest_artifacts_graphs(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from stream import cli
+
+    assert cli.main(["export", "--model", str(tmp_path / "nothing-here"), "--format", "onnx"]) == 2
+    assert "no model artifacts" in capsys.readouterr().out
+    write_model(tmp_path, "gru", seed=1)
+    newest = write_model(tmp_path, "hybrid", seed=2)
+    assert cli.main(["export", "--model", str(tmp_path), "--format", "onnx", "--int8"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(str(newest)) == 4  # fp32 and int8, each at context 0 and 62
+    assert load_artifact(newest, runtime="onnx-int8").runtime == "onnx-int8"
+    assert "exports" not in json.loads((tmp_path / "v0001-gru" / "manifest.json").read_text())
