@@ -1,6 +1,6 @@
 """CPU cost of ``Engine.process`` per event, in process: the engine of a git revision against the working tree.
 
-    python -m load_tests.engine_ab [--rev REV] [--events N] [--batch B] [--turns T]
+    python -m load_tests.engine_ab [--rev REV] [--events N] [--batch B] [--turns T] [--users U]
 
 No Kafka, no Faust: both engines (stream/engine.py and stream/emit.py of ``--rev``, and those of the working tree)
 process the same simulator batches (every_event policy, a dict as the table, one untrained GRU model), taking
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=24_000, help="events per turn (default 24,000)")
     parser.add_argument("--batch", type=int, default=135, help="events per batch (default 135: the worker's mean)")
     parser.add_argument("--turns", type=int, default=6, help="turns per engine (default 6)")
+    parser.add_argument(
+        "--users", type=int, default=1_000_000, help="traffic population (default 1,000,000; 1,000 fills windows)"
+    )
     args = parser.parse_args(argv)
 
     from load_tests.traffic import Traffic
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         model, _ = load_newest(Path(tmp), expect_window=64)
     assert model is not None
     settings = Settings.from_env(emit_policy="every_event")
-    records = list(itertools.islice(Traffic(users=1_000_000).records(), args.events))
+    records = list(itertools.islice(Traffic(users=args.users).records(), args.events))
     now = int(time.time() * 1000)
     batches = [
         [current.InRecord(k, v, "clickstream", hash(k) % 4, i, now) for i, (k, v) in enumerate(chunk, start=j)]

@@ -111,6 +111,12 @@ def encode_event(
     )
 
 
+def concat_records(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Record arrays end to end, read-only. Their bytes joined rather than np.concatenate, which promotes a
+    structured dtype once per array joined (~3 us each: the engine joins a batch's windows)."""
+    return np.frombuffer(b"".join([a.tobytes() for a in arrays]), dtype=RECORD_DTYPE)
+
+
 def records_from_bytes(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype=RECORD_DTYPE)
 

@@ -298,10 +298,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                         restore_sessions(partition)
                     metrics.EVENTS_IN.inc(len(records))
                     result = engine.process(records, get_state)
-                    last: dict[int, int] = {}
-                    for r in records:
-                        last[r.partition] = r.offset
-                    await delivery.start_batch(result, last)
+                    await delivery.start_batch(result, admitted.last_offsets)
                 except DeliveryError as exc:
                     exit_without_commit("delivery_failed", exc.__cause__)
                 except Exception as exc:

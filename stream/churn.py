@@ -2,7 +2,10 @@
 
 The watermark of a partition is the largest event time seen in it, advanced record by record in offset
 order, so the sessions that close (no event for ``session_gap``) are the same whatever the replay speed
-or batch boundaries. The heap is an index that can be rebuilt from the table after a restart.
+or batch boundaries. It never runs ahead of the wall clock by more than ``max_watermark_lead_s``: the caller
+caps each event time it advances by (``Engine``), so one producer with a clock hours ahead cannot close every
+open session of its partition at once. Replays of the past are not affected; a live stream's sessions close
+as event time catches up. The heap is an index that can be rebuilt from the table after a restart.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ EVENT_TYPES: tuple[str, ...] = (
 )
 TYPE_CODE: dict[str, int] = {name: i for i, name in enumerate(EVENT_TYPES)}
 
+# The dead-letter reason of a valid event that comes too late for its user's window (stream/state/user.py Accept).
+TOO_LATE_REASON = "ts: later than the allowed lateness or older than the user's window"
+
 MAX_ID_CHARS = 128  # event_id, user_id
 MAX_TEXT_CHARS = 256  # session_id, item_id, category, device
 MAX_PRICE = 1e7

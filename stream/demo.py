@@ -1,17 +1,25 @@
 """`intentstream demo`: the whole product in one command, ending with one summary line.
 
-Local broker (started if none is configured), topics, a model (trained if the model directory has none),
-a worker process, simulated traffic with malformed records mixed in, a few intent events and churn
-alerts printed as they arrive, a clean stop, then:
-``summary: events=N scored=N intents=N churn_alerts=N dlq=N p50_ms=X p99_ms=Y``.
+Local broker (started if none is configured), a model (trained if the model directory has none), topics and a
+worker of the run's own, simulated traffic with malformed records mixed in, a few intent events and churn alerts
+printed as they arrive, a clean stop, then:
+``summary: events=N scored=N duplicates=N late=N dlq=N intents=N churn_alerts=N p50_ms=X p99_ms=Y
+score_p50_ms=X score_p99_ms=Y``.
+
+Every run has its own topics, consumer group and worker state (``demo-<8 hex>``), deleted at the end unless
+``--keep``: a second run gives the same kind of result as the first (the same seeded events replayed into the
+first run's state would all be duplicates), and records already in the configured topics are none of its business.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import re
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +31,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from stream.contract import TOO_LATE_REASON
 from stream.settings import Settings
 
 
@@ -33,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=7, help="simulator seed of the replayed traffic")
     parser.add_argument("--show", type=int, default=5, help="intent events and churn alerts to print (each)")
     parser.add_argument("--json", metavar="PATH", help="also write the summary figures as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the run's topics and worker state at the end")
 
 
 def _say(text: str) -> None:
@@ -122,23 +132,49 @@ async def _watch(settings: Settings, stop: asyncio.Event, show: int, seen: dict[
         await consumer.stop()
 
 
+def run_settings(settings: Settings, run_id: str) -> Settings:
+    """The settings of one demo run: topics, consumer group (app id) and worker state of its own."""
+    return dataclasses.replace(
+        settings,
+        topic_clickstream=f"{run_id}-clickstream",
+        topic_dlq=f"{run_id}-clickstream-dlq",
+        topic_intent=f"{run_id}-purchase-intent",
+        topic_churn=f"{run_id}-churn-alerts",
+        app_id=run_id,
+        state_dir=settings.state_dir / "demo" / run_id,
+    )
+
+
+def _worker_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTENTSTREAM_") or k.endswith("_PASSWORD")}
+    for key, value in settings.public_dict().items():
+        if key != "kafka_sasl_password":  # masked there; the real one passes through from the environment
+            env[f"INTENTSTREAM_{key.upper()}"] = str(value)
+    return env
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from stream import broker
     from stream.topics import ensure_topics
 
     started_broker = _ensure_broker(settings)
     worker = None
+    run_id = f"demo-{secrets.token_hex(4)}"
+    own = run_settings(settings, run_id)
     try:
-        ensure_topics(settings)
         _ensure_model(settings)
-        log_path = settings.state_dir / "demo" / "worker.log"
+        ensure_topics(own)
+        _say(f"run {run_id}: topics {own.topic_clickstream}, {own.topic_intent}, {own.topic_churn}, {own.topic_dlq}")
+        log_path = own.state_dir / "worker.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         _say(f"starting a worker (log: {log_path})")
         with open(log_path, "ab") as log:
-            worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], stdout=log, stderr=log)
-        url = f"http://127.0.0.1:{settings.web_port}"
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "stream.cli", "worker"], stdout=log, stderr=log, env=_worker_env(own)
+            )
+        url = f"http://127.0.0.1:{own.web_port}"
         _wait_ready(url, worker, log_path)
-        summary = asyncio.run(_traffic(args, settings, url))
+        summary = asyncio.run(_traffic(args, own, url))
     finally:
         if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
@@ -146,6 +182,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 worker.wait(60)
             except subprocess.TimeoutExpired:
                 worker.kill()
+        if not args.keep:
+            _remove_run(own, settings)
         if started_broker:
             broker.stop(settings)
     line = " ".join(f"{k}={v}" for k, v in summary.items())
@@ -153,6 +191,29 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         Path(args.json).write_text(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+def _remove_run(own: Settings, settings: Settings) -> None:
+    """The run's topics (its changelog included) and worker state; a broker already gone is left alone."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from stream.topics import kafka_client_kwargs
+
+    async def delete_topics() -> None:
+        admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+        await admin.start()
+        try:
+            names = [t for t in await admin.list_topics() if t.startswith(f"{own.app_id}-")]
+            if names:
+                await admin.delete_topics(names)
+        finally:
+            await admin.close()
+
+    try:
+        asyncio.run(delete_topics())
+    except Exception as exc:  # the summary matters more than the clean-up; say what is left
+        _say(f"could not delete the topics of {own.app_id} ({type(exc).__name__}: {exc})")
+    shutil.rmtree(own.state_dir, ignore_errors=True)
 
 
 def _wait_ready(url: str, worker: subprocess.Popen, log_path: Path, timeout: float = 120.0) -> None:
@@ -201,12 +262,46 @@ async def _traffic(args: argparse.Namespace, settings: Settings, url: str) -> di
     await watcher
     latencies = [ts - v["input_ts"] for ts, v in seen[settings.topic_intent] if v.get("input_ts")]
     p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"), float("nan"))
+    buckets = _histogram(text, "intentstream_latency_seconds")
+    late = sum(1 for _ts, v in seen[settings.topic_dlq] if v.get("reason") == TOO_LATE_REASON)
     return {
         "events": stats.sent,
         "scored": int(_metric(text, "intentstream_events_scored_total")),
+        "duplicates": int(_metric(text, "intentstream_duplicates_total")),
+        "late": late,
+        "dlq": len(seen[settings.topic_dlq]),
         "intents": len(seen[settings.topic_intent]),
         "churn_alerts": len(seen[settings.topic_churn]),
-        "dlq": len(seen[settings.topic_dlq]),
+        # End to end, for the intent events emitted (one per event under every_event, fewer under on_change): from
+        # the input record's timestamp to the intent record's, both set by the broker's clients at production.
         "p50_ms": round(float(p50), 1),
         "p99_ms": round(float(p99), 1),
+        # Every scored event, from the worker's histogram (input record's timestamp to scoring), interpolated
+        # within its buckets as Prometheus' histogram_quantile does.
+        "score_p50_ms": round(1000 * _quantile(buckets, 0.50), 1),
+        "score_p99_ms": round(1000 * _quantile(buckets, 0.99), 1),
     }
+
+
+def _histogram(text: str, name: str) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count) of each bucket of a Prometheus histogram, in order."""
+    out = []
+    for m in re.finditer(rf'^{name}_bucket{{le="([^"]+)"}} ([0-9.eE+-]+)$', text, re.M):
+        out.append((float(m.group(1)), float(m.group(2))))
+    return sorted(out)
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """The q-quantile of a cumulative histogram, linear within the bucket it falls in; nan when empty. In the last,
+    unbounded bucket, the largest finite bound (what histogram_quantile returns)."""
+    if not buckets or buckets[-1][1] <= 0:
+        return float("nan")
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = upper, count
+    return lower

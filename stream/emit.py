@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.features import FLAG_NEW_SESSION, FLAG_SAME_ITEM
+from models.features import FLAG_NEW_SESSION, FLAG_SAME_ITEM, concat_records
 from stream.contract import TYPE_CODE
 from stream.state.user import BANDS, NO_BAND, UserState
 
@@ -95,7 +95,7 @@ def intent_reasons_at(windows: list[np.ndarray], ends: list[list[int]], limit: i
     # records before it: no reasons, like intent_reasons of an empty window.
     empty = [e == 0 for es in ends for e in es]
     ends = [[max(e, 1) for e in es] for es in ends]
-    records = np.concatenate(windows)
+    records = concat_records(windows)
     sizes = np.array([len(w) for w in windows])
     starts_of = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     counts = np.array([len(e) for e in ends])

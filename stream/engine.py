@@ -82,6 +82,7 @@ class Engine:
         self.sessions: dict[int, PartitionSessions] = {}
         self.gap_ms = int(settings.session_gap_s * 1000)
         self.lateness_ms = int(settings.allowed_lateness_s * 1000)
+        self.watermark_lead_ms = int(settings.max_watermark_lead_s * 1000)
 
     def restore_partition(self, partition: int, items: Iterable[tuple[str, bytes]]) -> int:
         """Rebuild a partition's watermark and open sessions from its users' states (after a restart or a
@@ -89,11 +90,12 @@ class Engine:
         session was not yet judged is queued again. Returns the number of users read."""
         sessions = self.sessions[partition] = PartitionSessions()
         n = 0
+        cap = int(time.time() * 1000) + self.watermark_lead_ms
         for user_id, blob in items:
             n += 1
             st = UserState.from_bytes(blob)
             last_ts = st.last_ts
-            sessions.watermark = max(sessions.watermark, last_ts)
+            sessions.watermark = max(sessions.watermark, min(last_ts, cap))
             if st.closed_ts != last_ts:
                 sessions.touch(user_id, last_ts, self.gap_ms)
         return n
@@ -107,6 +109,7 @@ class Engine:
         result = BatchResult()
         now_ms = int(time.time() * 1000)
         max_ts_ms = now_ms + MAX_FUTURE_MS
+        watermark_cap = now_ms + self.watermark_lead_ms
         touched: dict[str, _Touched] = {}
         closed: list[tuple[str, int, InRecord]] = []  # (user, last_ts of the closed session, record that closed it)
         featurizer, version, lateness_ms, gap_ms = model.featurizer, model.version, self.lateness_ms, self.gap_ms
@@ -131,8 +134,9 @@ class Engine:
             sessions = self.sessions.get(rec.partition)
             if sessions is None:
                 sessions = self.sessions[rec.partition] = PartitionSessions()
-            if sessions.heap and sessions.heap[0][0] <= max(event.ts, sessions.watermark):
-                for user_id in sessions.advance(event.ts):  # sessions closed by this record's event time
+            event_time = event.ts if event.ts <= watermark_cap else watermark_cap  # a skewed clock's outlier
+            if sessions.heap and sessions.heap[0][0] <= max(event_time, sessions.watermark):
+                for user_id in sessions.advance(event_time):  # sessions closed by this record's event time
                     t = load(user_id, rec)
                     st, last_ts = t.window.state, t.window.last_ts
                     if last_ts + gap_ms > sessions.watermark:
@@ -141,8 +145,8 @@ class Engine:
                         closed.append((user_id, last_ts, rec))
                         st.closed_ts = last_ts
                         t.last_record = rec
-            elif event.ts > sessions.watermark:
-                sessions.watermark = event.ts
+            elif event_time > sessions.watermark:
+                sessions.watermark = event_time
             t = load(event.user_id, rec)
             outcome = t.window.accept(event, lateness_ms)
             if outcome is Accept.APPENDED:
@@ -151,7 +155,7 @@ class Engine:
                 result.duplicates += 1
                 continue
             elif outcome is Accept.TOO_LATE:
-                self._dlq(result, rec, "ts: later than the allowed lateness or older than the user's window", now_ms)
+                self._dlq(result, rec, contract.TOO_LATE_REASON, now_ms)
                 continue
             else:  # INSERTED
                 t.rescore = True

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from models.artifact import LoadedModel
-from models.features import RECORD_DTYPE, model_inputs
+from models.features import RECORD_DTYPE, concat_records, model_inputs
 
 
 @dataclass(slots=True)
@@ -70,7 +70,7 @@ def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device
             row = np.repeat(np.arange(len(idx)), n_new)
             padded[row, np.repeat(n_prior, n_new) + _ranks(n_new)] = flat
         if n_prior.any():
-            flat = np.concatenate([rows[i][0] for i in idx if len(rows[i][0])])
+            flat = concat_records([rows[i][0] for i in idx if len(rows[i][0])])
             padded[np.repeat(np.arange(len(idx)), n_prior), _ranks(n_prior)] = flat
         x = model_inputs(padded, model.featurizer)
         h0: np.ndarray | None = None

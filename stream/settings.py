@@ -87,6 +87,12 @@ class Settings:
     emit_cooldown_s: float = _f(300.0, "... but at most once per user per this many seconds of event time.", minimum=0)
     session_gap_s: float = _f(1800.0, "A session closes after this much event time without an event.", minimum=1)
     churn_cooldown_s: float = _f(7 * 86400.0, "Quiet time after a churn alert unless the user returns.", minimum=0)
+    max_watermark_lead_s: float = _f(
+        60.0,
+        "A partition's watermark (which closes sessions) never runs ahead of the wall clock by more than this; "
+        "an event from a skewed clock is scored but closes no one's session early.",
+        minimum=0,
+    )
     allowed_lateness_s: float = _f(
         3600.0, "Events older than the user's newest event by more than this go to the DLQ.", minimum=0
     )

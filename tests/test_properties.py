@@ -42,7 +42,7 @@ from stream.contract import (
 )
 from stream.engine import Engine, InRecord
 from stream.settings import Settings
-from stream.state.user import HEADER, Accept, UserState
+from stream.state.user import HEADER, Accept, PendingWindow, UserState
 from tests.helpers import write_model
 
 BASE_TS = 1_767_600_000_000
@@ -129,6 +129,23 @@ def test_any_event_stream_leaves_a_well_formed_state_that_round_trips(events, co
         assert_well_formed(state, config)
         assert UserState.from_bytes(after).to_bytes() == after
         blob = after
+
+
+@SLOW
+@given(event_streams(), CONFIGS, LATENESS_MS, st.lists(st.integers(1, 70), min_size=1, max_size=8))
+def test_a_batch_window_accepts_like_the_state_one_event_at_a_time(events, config, lateness_ms, cuts):
+    """PendingWindow (the engine's batch path) against UserState.accept, event by event: the same outcome for every
+    event and the same state bytes after every batch, whatever the batches' sizes (repeated ids pushed out of a
+    small window by the batch itself, late insertions, duplicates in the window before the batch or in the batch)."""
+    one_by_one, blob, i = UserState(), UserState().to_bytes(), 0
+    while i < len(events):
+        batch = events[i : i + cuts[i % len(cuts)]]
+        i += len(batch)
+        pending = PendingWindow.of(UserState.from_bytes(blob), config)
+        for event in batch:
+            assert pending.accept(event, lateness_ms) is one_by_one.accept(event, config, lateness_ms)
+        blob = pending.finish().to_bytes()
+        assert blob == one_by_one.to_bytes()
 
 
 HEADER_FIELDS = st.fixed_dictionaries(

@@ -7,7 +7,6 @@ records (models.features.RECORD_DTYPE, oldest first). No JSON, no pickle: decodi
 from __future__ import annotations
 
 import struct
-from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from itertools import starmap
@@ -133,8 +132,9 @@ class UserState:
 class PendingWindow:
     """A user's state while one batch adds events to it: the same window, byte for byte, as ``UserState.accept``
     one event at a time, at a fraction of the cost. Appended records stay tuples and the window array is built
-    once (``finish``); duplicates are found in a multiset of the window's event hashes instead of a scan of its
-    bytes per event. A late event (older than the user's last) takes ``UserState.accept``'s own path."""
+    once (``finish``); duplicates are looked up among the hashes appended by the batch, then searched in the bytes
+    of the window's hash column, never in a structure built per user. A late event (older than the user's last)
+    takes ``UserState.accept``'s own path."""
 
     state: UserState
     config: FeaturizerConfig
@@ -142,8 +142,12 @@ class PendingWindow:
     last: tuple | np.void | None = None  # the window's newest record (``encode_event``'s ``prev``)
     last_ts: int = 0
     _unpacked: list[tuple] = field(default_factory=list)  # appended, not yet in ``state.records``
-    _hashes: dict[int, int] | None = None  # event hash -> occurrences in the window (built on first use)
-    _order: deque[int] = field(default_factory=deque)  # the window's event hashes, oldest first
+    # Duplicates: the window is the base (``state.records`` when first needed, or after a late insertion) followed
+    # by the records appended since. The base's event hashes stay bytes, searched in C; a user's state is read
+    # once per batch, often for one event, and a set of its 64 hashes cost more than the searches it saved.
+    _base_hashes: bytes | None = None  # the base's event_hash column, little-endian (None: not taken yet)
+    _since: dict[int, int] = field(default_factory=dict)  # event hash -> its index among the records appended since
+    _n_since: int = 0  # records appended since the base
 
     @classmethod
     def of(cls, state: UserState, config: FeaturizerConfig) -> PendingWindow:
@@ -153,8 +157,7 @@ class PendingWindow:
 
     def accept(self, event: Event, allowed_lateness_ms: int) -> Accept:
         h = event_hash(event.event_id)
-        hashes = self._hashes if self._hashes is not None else self._build_hashes()
-        if h in hashes:
+        if self._in_window(h):
             return Accept.DUPLICATE
         if self.last is not None and event.ts < self.last_ts:
             return self._accept_late(event, allowed_lateness_ms)
@@ -166,14 +169,8 @@ class PendingWindow:
         self.appended.append(rec)
         self._unpacked.append(rec)
         self.last, self.last_ts = rec, event.ts
-        hashes[h] = hashes.get(h, 0) + 1
-        self._order.append(h)
-        if len(self._order) > self.config.window:  # the oldest record leaves the window
-            gone = self._order.popleft()
-            if hashes[gone] == 1:
-                del hashes[gone]
-            else:
-                hashes[gone] -= 1
+        self._since[h] = self._n_since
+        self._n_since += 1
         return Accept.APPENDED
 
     def finish(self) -> UserState:
@@ -187,14 +184,24 @@ class PendingWindow:
             self._unpacked = []
         return self.state
 
-    def _build_hashes(self) -> dict[int, int]:
-        self.finish()
-        self._order = deque(self.state.records["event_hash"].tolist())
-        hashes: dict[int, int] = {}
-        for h in self._order:
-            hashes[h] = hashes.get(h, 0) + 1
-        self._hashes = hashes
-        return hashes
+    def _in_window(self, h: int) -> bool:
+        """Whether an event of hash ``h`` is in the window (the base, less what the appends pushed out, then the
+        appended records, less those pushed out by later ones)."""
+        gone = self._n_since - self.config.window  # the window's first record, counted from the base's end
+        j = self._since.get(h)
+        if j is not None and j >= gone:
+            return True
+        base = self._base_hashes
+        if base is None:
+            base = self._base_hashes = self.state.records["event_hash"].tobytes()
+        n_base = len(base) >> 3
+        needle = h.to_bytes(8, "little")
+        pos = base.find(needle)
+        while pos != -1:  # the 8 bytes may straddle two hashes: only a match on a hash's own bytes counts
+            if not pos & 7 and (pos >> 3) - n_base >= gone:
+                return True
+            pos = base.find(needle, pos + 1)
+        return False
 
     def _accept_late(self, event: Event, allowed_lateness_ms: int) -> Accept:
         st = self.finish()
@@ -202,7 +209,7 @@ class PendingWindow:
         if outcome is Accept.INSERTED:
             self.last = st.records[-1]
             self.last_ts = int(st.records["ts"][-1])
-            self._hashes = None  # rebuilt from the new window on the next event
+            self._base_hashes, self._since, self._n_since = None, {}, 0  # the new window is the base
         return outcome
 
 
