@@ -12,6 +12,7 @@ ONNX graphs live in the artifact folder (models/export.py writes them): one per 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from models.model import IntentModel, ModelConfig, probabilities
 
+log = logging.getLogger("intentstream.worker")
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 INPUTS = ("type", "category", "numeric")
 STATE_INPUTS = ("h0", "last")
@@ -176,8 +178,15 @@ class OnnxRunner:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            else:  # the device setting asks for the GPU: say why the model runs on the CPU instead
+                log.warning(
+                    "event=runtime_on_cpu runtime=%s: the installed onnxruntime has no CUDA execution provider "
+                    "(install onnxruntime-gpu); scoring on the CPU",
+                    runtime,
+                )
         self.providers = providers
         self.sessions = {c: ort.InferenceSession(str(p), opts, providers=providers) for c, p in graphs.items()}
         self.outputs = ["probs", "hidden"] if stateful else ["probs"]

@@ -32,6 +32,7 @@ def load_model(settings: Settings, device: torch.device) -> LoadedModel:
             f"no usable model in {settings.model_dir}: train one with "
             f"`intentstream train --data FILE --out {settings.model_dir}` (or run `intentstream demo`)"
         )
+    log.info("event=model_runtime version=%s runtime=%s", model.version, model.runtime)
     return model
 
 

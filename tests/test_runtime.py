@@ -277,3 +277,19 @@ def test_the_export_command_writes_the_newest_artifacts_graphs(tmp_path: Path, c
     assert printed.count(str(newest)) == 4  # fp32 and int8, each at context 0 and 62
     assert load_artifact(newest, runtime="onnx-int8").runtime == "onnx-int8"
     assert "exports" not in json.loads((tmp_path / "v0001-gru" / "manifest.json").read_text())
+
+
+def test_onnx_on_a_cuda_device_without_its_provider_says_it_scores_on_the_cpu(
+    artifacts: dict[str, Path], caplog: pytest.LogCaptureFixture
+):
+    import onnxruntime
+
+    from models.runtime import OnnxRunner
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA execution provider")
+    graph = artifacts["cnn"] / "model.ctx0.fp32.onnx"
+    with caplog.at_level("WARNING", logger="intentstream.worker"):
+        runner = OnnxRunner("onnx", {0: graph}, stateful=False, threads=1, device=torch.device("cuda"))
+    assert runner.providers == ["CPUExecutionProvider"]
+    assert "event=runtime_on_cpu" in caplog.text and "onnxruntime-gpu" in caplog.text
