@@ -5,7 +5,8 @@ COPY pyproject.toml README.md ./
 COPY stream ./stream
 COPY models ./models
 COPY training ./training
-RUN pip install --no-cache-dir .
+# The onnx extra: INTENTSTREAM_RUNTIME=onnx|onnx-int8 and `intentstream export`
+RUN pip install --no-cache-dir ".[onnx]"
 ENV INTENTSTREAM_STATE_DIR=/var/lib/intentstream \
     INTENTSTREAM_MODEL_DIR=/models
 ENTRYPOINT ["intentstream"]

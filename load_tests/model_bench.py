@@ -1,6 +1,7 @@
-"""Model scoring throughput: window scores/s against batch size, per architecture, on CPU and CUDA when present.
+"""Model scoring throughput: window scores/s against batch size, per architecture and runtime, on CPU and CUDA.
 
     python -m load_tests model [--out DIR] [--batches 1,16,...] [--device auto|cpu|cuda] [--threads N]
+                               [--runtimes torch,onnx,onnx-int8] [--turns 3] [--no-accuracy]
 
 One *window score* is what the engine computes for one new event of one user: purchase and churn
 probabilities and expected order value at that event, with the user's history as context. Per architecture
@@ -12,12 +13,15 @@ probabilities and expected order value at that event, with the user's history as
 - ``cnn``: the window's last 62 events as context of the new one;
 - ``hybrid``: CNN context plus the GRU step.
 
-Three figures per point, to show where the time goes:
-- ``score_batch``: the engine's function as it is, from UserBatch objects to numpy results;
-- ``stacked``: the same computation when the batch's records and hidden states already sit in one numpy
-  array each (what a vectorised score_batch would do; no per-user Python);
-- ``device``: the forward pass and the copy of the results back to the host alone (inputs already on the
-  device): the ceiling for this model on this device.
+Runtimes (models/runtime.py) side by side: each point times ``score_batch`` with every runtime in turn, ``--turns``
+times, and keeps each runtime's median; ``speedup`` is against torch fp32 in the same run. For torch two more
+figures show where the time goes: ``stacked`` (the computation when the batch's records and hidden states already
+sit in one numpy array each: no per-user Python) and ``device`` (the forward pass and the copy of the results back
+alone, inputs already on the device).
+
+Accuracy of each runtime against torch fp32: ``parity``, the largest differences of score_batch's results on the
+benchmark's own batches; ``accuracy``, PR-AUC of small models trained here on a simulated data set (sizes in the
+report), scored by each runtime on the test split's positions, and the largest probability difference there.
 
 On CUDA each figure is timed between ``torch.cuda.synchronize()`` calls, and before timing the CUDA results
 are compared with the CPU ones on the same inputs (``cuda_check``): a fast wrong answer is worth nothing.
@@ -30,6 +34,7 @@ import argparse
 import functools
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,6 +48,7 @@ import torch
 from models.artifact import LoadedModel, load_artifact, save_artifact, untrained_model
 from models.features import FLAG_NEW_SESSION, RECORD_DTYPE, FeaturizerConfig, model_inputs
 from models.model import probabilities
+from models.runtime import RUNTIMES
 from stream.scoring import UserBatch, score_batch
 
 MODES = ("gru", "gru-rebuild", "cnn", "hybrid")
@@ -51,7 +57,7 @@ CUDA_BATCHES = (*CPU_BATCHES, 16_384, 65_536)
 WINDOW = 64
 
 
-def load_model(arch: str, device: torch.device, tmp: Path) -> LoadedModel:
+def save_model(arch: str, tmp: Path, export: bool) -> Path:
     """A real artifact (saved and loaded as the engine does), untrained: the cost is the same as trained."""
     path = save_artifact(
         untrained_model(arch, seed=0),
@@ -64,7 +70,15 @@ def load_model(arch: str, device: torch.device, tmp: Path) -> LoadedModel:
         data_hash="model-bench",
         metrics={},
     )
-    return load_artifact(path, device, WINDOW)
+    if export:
+        from models.export import export_onnx
+
+        export_onnx(path, int8=True)
+    return path
+
+
+def load_model(arch: str, device: torch.device, tmp: Path) -> LoadedModel:
+    return load_artifact(save_model(arch, tmp, export=False), device, WINDOW)
 
 
 def windows(n: int, seed: int = 0) -> np.ndarray:
@@ -175,47 +189,150 @@ def cuda_check(models: dict[str, tuple[LoadedModel, LoadedModel]], n: int = 64) 
     return out
 
 
-def bench(device: torch.device, batches: tuple[int, ...], min_seconds: float, tmp: Path) -> list[dict[str, Any]]:
-    results = []
+def _diff(a: list, b: list) -> dict[str, float]:
+    """Largest differences between two runtimes' score_batch results: probabilities, expected order value (relative),
+    hidden states."""
+    probs = max(float(np.abs(x.probs[:, :2] - y.probs[:, :2]).max()) for x, y in zip(a, b, strict=True))
+    value = max(float((np.abs(x.probs[:, 2] - y.probs[:, 2]) / y.probs[:, 2]).max()) for x, y in zip(a, b, strict=True))
+    hidden = max(
+        (float(np.abs(x.hidden - y.hidden).max()) for x, y in zip(a, b, strict=True) if y.hidden is not None),
+        default=0.0,
+    )
+    return {"max_abs_diff_probs": probs, "max_rel_diff_order_value": value, "max_abs_diff_hidden": hidden}
+
+
+def bench(
+    device: torch.device,
+    batches: tuple[int, ...],
+    min_seconds: float,
+    turns: int,
+    runtimes: tuple[str, ...],
+    threads: int,
+    tmp: Path,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of scores/s per runtime, and the parity of each runtime with torch on batches of 64."""
+    results, parity = [], {}
+    onnx = any(r != "torch" for r in runtimes)
     for mode in MODES:
         arch = "gru" if mode.startswith("gru") else mode
-        model = load_model(arch, device, tmp / device.type)
+        path = save_model(arch, tmp / device.type / mode, export=onnx)
+        models = {rt: load_artifact(path, device, WINDOW, runtime=rt, threads=threads) for rt in ("torch", *runtimes)}
+        rec = windows(64, seed=5)
+        hidden = np.random.default_rng(6).standard_normal((64, 64)).astype(np.float32) * 0.5
+        want = score_batch(models["torch"], user_batches(models["torch"], mode, rec, hidden), device)
+        parity[mode] = {
+            rt: _diff(score_batch(m, user_batches(m, mode, rec, hidden), device), want)
+            for rt, m in models.items()
+            if rt != "torch"
+        }
         for b in batches:
             rec = windows(b)
             hidden = np.random.default_rng(1).standard_normal((b, 64)).astype(np.float32) * 0.5
-            users = user_batches(model, mode, rec, hidden)
-            seconds = {
-                "score_batch": timed(functools.partial(score_batch, model, users, device), device, min_seconds),
-                "stacked": timed(stacked_scorer(model, mode, rec, hidden, device), device, min_seconds),
-                "device": timed(device_scorer(model, mode, rec, hidden, device), device, min_seconds),
-            }
-            row = {
-                "device": str(device),
-                "mode": mode,
-                "batch": b,
-                **{f"{k}_scores_per_s": round(b / v) for k, v in seconds.items()},
-                **{f"{k}_ms": round(v * 1000, 3) for k, v in seconds.items()},
-            }
+            users = user_batches(models["torch"], mode, rec, hidden)
+            samples: dict[str, list[float]] = {rt: [] for rt in runtimes}
+            for _ in range(turns):  # alternating turns: a disturbance on the shared machine hits every runtime
+                for rt in runtimes:
+                    samples[rt].append(
+                        timed(functools.partial(score_batch, models[rt], users, device), device, min_seconds)
+                    )
+            seconds = {rt: statistics.median(v) for rt, v in samples.items()}
+            row: dict[str, Any] = {"device": str(device), "mode": mode, "batch": b}
+            row |= {f"{rt}_scores_per_s": round(b / v) for rt, v in seconds.items()}
+            row |= {f"{rt}_ms": round(v * 1000, 3) for rt, v in seconds.items()}
+            if "torch" in runtimes:
+                row["speedup_vs_torch"] = {rt: round(seconds["torch"] / v, 2) for rt, v in seconds.items()}
+                row["torch_stacked_scores_per_s"] = round(
+                    b / timed(stacked_scorer(models["torch"], mode, rec, hidden, device), device, min_seconds)
+                )
+                row["torch_device_scores_per_s"] = round(
+                    b / timed(device_scorer(models["torch"], mode, rec, hidden, device), device, min_seconds)
+                )
             results.append(row)
-            print(
-                f"{device.type:4s} {mode:12s} batch {b:>6}: score_batch {row['score_batch_scores_per_s']:>11,}/s  "
-                f"stacked {row['stacked_scores_per_s']:>11,}/s  device {row['device_scores_per_s']:>11,}/s",
-                flush=True,
-            )
-    return results
+            cells = "  ".join(f"{rt} {row[f'{rt}_scores_per_s']:>10,}/s" for rt in runtimes)
+            speed = " ".join(f"{rt} x{v}" for rt, v in row.get("speedup_vs_torch", {}).items() if rt != "torch")
+            print(f"{device.type:4s} {mode:12s} batch {b:>6}: {cells}  {speed}", flush=True)
+    return results, parity
+
+
+def accuracy(runtimes: tuple[str, ...], users: int, days: float, minutes: float, tmp: Path) -> dict[str, Any]:
+    """PR-AUC on the simulator's test split of a small model per architecture trained here, scored by each runtime
+    (each test user's whole history in one causal pass from a zero state, as ``intentstream evaluate`` does), and
+    each runtime's largest probability difference from torch fp32 on those positions."""
+    from models.export import export_onnx
+    from stream.simulator import write_simulation
+    from training import metrics
+    from training.data import TEST, DataConfig, load_dataset
+    from training.train import Tensors, predict, train_small
+
+    data = tmp / "accuracy" / "sim.jsonl.gz"
+    data.parent.mkdir(parents=True)
+    write_simulation(data, users=users, days=days, seed=1)
+    ds = load_dataset([data], DataConfig())  # train_small's data config: the same test users
+    tensors = Tensors(ds)
+    test_users = np.flatnonzero(ds.user_split == TEST)
+    masks = {h: ds.head_mask(TEST, h) & ~np.isnan(y) for h, y in (("purchase", ds.purchase), ("churn", ds.churn))}
+    out: dict[str, Any] = {
+        "data": f"intentstream simulate --users {users} --days {days:g} --seed 1: {len(ds):,} events",
+        "training": f"train_small, at most {minutes:g} min per architecture",
+        "test_positions": {h: int(m.sum()) for h, m in masks.items()},
+        "test_positives": {h: int(np.nansum(y[masks[h]])) for h, y in (("purchase", ds.purchase), ("churn", ds.churn))},
+    }
+    for arch in ("gru", "cnn", "hybrid"):
+        path = train_small([data], tmp / "accuracy" / arch, arch=arch, max_minutes=minutes)
+        export_onnx(path, int8=True)
+        probs = {}
+        for rt in ("torch", *(r for r in runtimes if r != "torch")):
+            loaded = load_artifact(path, runtime=rt)
+            probs[rt] = predict(_WholeHistory(loaded), ds, tensors, test_users, torch.device("cpu"))
+        row = {}
+        for rt, p in probs.items():
+            row[rt] = {f"{h}_pr_auc": round(metrics.pr_auc(ds.purchase[m] if h == "purchase" else ds.churn[m], p[m, k]), 4)
+                       for k, (h, m) in enumerate(masks.items())}  # fmt: skip
+            diff = max(float(np.abs(p[m, k] - probs["torch"][m, k]).max()) for k, m in enumerate(masks.values()))
+            row[rt]["max_abs_diff_probs"] = diff
+            for h in masks:
+                row[rt][f"{h}_pr_auc_delta"] = round(row[rt][f"{h}_pr_auc"] - row["torch"][f"{h}_pr_auc"], 4)
+        out[arch] = row
+        print(f"accuracy {arch}: {row}", flush=True)
+    return out
+
+
+class _WholeHistory:
+    """training.train.predict's model interface over a runtime: calibrated probabilities at every position from a
+    zero state (PR-AUC is the same on logits and on their calibrated probabilities)."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+
+    def __call__(self, t: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        b = t.shape[0]
+        h0 = np.zeros((b, self.loaded.config.gru_hidden), dtype=np.float32) if self.loaded.config.has_state else None
+        probs, _ = self.loaded.infer(
+            {"type": t, "category": c, "numeric": x}, h0, np.zeros(b, np.int64), 0, torch.device("cpu")
+        )
+        return torch.from_numpy(probs), None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("var/load-tests"), help="folder of model_report.json")
     parser.add_argument("--batches", help="batch sizes, comma separated (default: 1..4096, and 16384, 65536 on CUDA)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CPU, and CUDA too")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default INTENTSTREAM_TORCH_THREADS, 1)")
-    parser.add_argument("--seconds", type=float, default=0.5, help="timing per point, seconds (default 0.5)")
+    parser.add_argument("--threads", type=int, help="scoring CPU threads (default INTENTSTREAM_TORCH_THREADS, 1)")
+    parser.add_argument("--seconds", type=float, default=0.5, help="timing per point and turn, seconds (default 0.5)")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma separated, of {', '.join(RUNTIMES)}")
+    parser.add_argument("--turns", type=int, default=3, help="alternating turns per point; medians count (default 3)")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip training the models of the PR-AUC figures")
+    parser.add_argument("--accuracy-users", type=int, default=2000, help="simulated users of the accuracy data (2000)")
+    parser.add_argument("--accuracy-days", type=float, default=21, help="simulated days of the accuracy data (21)")
+    parser.add_argument("--train-minutes", type=float, default=1.0, help="training budget per architecture (1 min)")
 
 
 def main(args: argparse.Namespace) -> int:
     from stream.settings import Settings
 
+    runtimes = tuple(r.strip() for r in args.runtimes.split(",") if r.strip())
+    if not runtimes or set(runtimes) - set(RUNTIMES):
+        raise SystemExit(f"load_tests model: --runtimes takes {', '.join(RUNTIMES)}, got {args.runtimes!r}")
     threads = args.threads or Settings.from_env().torch_threads
     torch.set_num_threads(threads)
     devices = []
@@ -229,14 +346,19 @@ def main(args: argparse.Namespace) -> int:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(),
             "load_avg_start": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "torch_threads": threads,
+            "onnxruntime": _version("onnxruntime"),
+            "threads": threads,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
-        "what": "window scores/s: one new event of one user scored with its history as context",
+        "what": "window scores/s through stream.scoring.score_batch: one new event of one user scored with its history",
+        "runtimes": list(runtimes),
+        "turns": args.turns,
         "results": [],
+        "parity": {},
     }
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -255,18 +377,39 @@ def main(args: argparse.Namespace) -> int:
         for device in devices:
             default = CUDA_BATCHES if device.type == "cuda" else CPU_BATCHES
             batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else default
-            report["results"] += bench(device, batches, args.seconds, tmp)
+            rows, parity = bench(device, batches, args.seconds, args.turns, runtimes, threads, tmp)
+            report["results"] += rows
+            report["parity"][device.type] = parity
+            print(f"parity with torch ({device.type}): {parity}", flush=True)
+        if not args.no_accuracy:
+            report["accuracy"] = accuracy(runtimes, args.accuracy_users, args.accuracy_days, args.train_minutes, tmp)
     report["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     best: dict[str, Any] = {}
     for r in report["results"]:
-        key = f"{r['device'].split(':')[0]}/{r['mode']}"
-        if r["score_batch_scores_per_s"] > best.get(key, {}).get("score_batch_scores_per_s", 0):
-            best[key] = {
-                k: r[k] for k in ("batch", "score_batch_scores_per_s", "stacked_scores_per_s", "device_scores_per_s")
-            }
+        for rt in runtimes:
+            key = f"{r['device'].split(':')[0]}/{r['mode']}/{rt}"
+            if r[f"{rt}_scores_per_s"] > best.get(key, {}).get("scores_per_s", 0):
+                best[key] = {"batch": r["batch"], "scores_per_s": r[f"{rt}_scores_per_s"]}
     report["best"] = best
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "model_report.json"
     path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"load_tests model: wrote {path}")
     return 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

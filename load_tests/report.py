@@ -124,6 +124,24 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{_fmt(s.get('cpu_pct_mean'))} |"
             )
         lines.append("")
+    if r.get("runtimes"):
+        lines += [
+            "## Scoring runtimes (INTENTSTREAM_RUNTIME), side by side",
+            "",
+            "Capacity of each on the same backlog (in turns with --repeat); then the same rate steps for each, set "
+            "from the first one's capacity.",
+            "",
+            "| runtime | capacity/s | RSS MB max (capacity) | at 50%: offered/s | p50 ms | p99 ms | RSS MB max (steps) | "
+            "all scored |",
+            "|---|---:|---:|---:|---:|---:|---:|:-:|",
+        ]
+        for rt, x in r["runtimes"].items():
+            lines.append(
+                f"| {rt} | {_fmt(x['capacity_eps'])} | {_fmt(x['capacity_rss_mb_max'])} | "
+                f"{_fmt(x['offered_eps_at_50pct'])} | {_fmt(x['p50_ms_at_50pct'], 1)} | {_fmt(x['p99_ms_at_50pct'], 1)} | "
+                f"{_fmt(x['steps_rss_mb_max'])} | {'yes' if x['complete'] else 'no'} |"
+            )
+        lines.append("")
     acc = r.get("accounting")
     if acc:
         lines += [

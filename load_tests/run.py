@@ -76,6 +76,7 @@ class Config:
     variants: list[str] = field(default_factory=list)
     compare_steps: list[str] = field(default_factory=list)
     repeat: int = 1
+    runtimes: list[str] = field(default_factory=list)  # INTENTSTREAM_RUNTIME of the engine, then of the others
 
 
 # ---- display -------------------------------------------------------------------------------------------
@@ -192,9 +193,12 @@ class Run:
         self.logs = cfg.out / "logs"
         self.model_dir = cfg.model_dir or cfg.out / "model"
         self.report: dict[str, Any] = {}
+        # The engine's runtime, then others measured beside it (capacity in turns, rate steps after the engine's).
+        self.runtime, *self.other_runtimes = cfg.runtimes or [self.base.runtime]
 
-    def settings(self, name: str, input_topic: str) -> Settings:
+    def settings(self, name: str, input_topic: str, runtime: str | None = None) -> Settings:
         return Settings.from_env(
+            runtime=runtime or self.runtime,
             topic_clickstream=input_topic,
             topic_dlq=f"{self.tag}-{name}-dlq",
             topic_intent=f"{self.tag}-{name}-intent",
@@ -244,6 +248,13 @@ class Run:
             )
             model, _ = load_newest(self.model_dir, expect_window=self.base.window_size)
             assert model is not None
+        exports = model.manifest.get("exports", {})
+        missing = [r for r in (self.runtime, *self.other_runtimes) if r != "torch" and r not in exports]
+        if missing:
+            from models.export import export_onnx
+
+            self.say(f"exporting {model.version} for {', '.join(missing)}")
+            export_onnx(model.path, int8="onnx-int8" in missing or "onnx-int8" in exports)
         return {"name": model.name, "version": model.version, "arch": model.config.arch, "path": str(model.path)}
 
     # -- phases -----------------------------------------------------------------------------------------
@@ -264,10 +275,16 @@ class Run:
         return task.result()
 
     async def capacity(
-        self, name: str, kind: str, backlog_topic: str, backlog_n: int, argv: list[str] | None = None
+        self,
+        name: str,
+        kind: str,
+        backlog_topic: str,
+        backlog_n: int,
+        argv: list[str] | None = None,
+        runtime: str | None = None,
     ) -> dict:
         """Drain the backlog with ``kind`` processes: the output rate over ``capacity_s`` after the warm-up."""
-        s = self.settings(name, backlog_topic)
+        s = self.settings(name, backlog_topic, runtime)
         outputs = [s.topic_intent] if kind == "ceiling" else [s.topic_intent, s.topic_dlq]
         await P.create_topics(s, {t: s.partitions for t in s.output_topics})
         self.say(f"capacity of {name}: {self.cfg.workers} process(es) drain the backlog")
@@ -329,16 +346,18 @@ class Run:
         return result
 
     async def steps(
-        self, rates: list[tuple[str, float]], traffic: Traffic, variant: str | None = None
+        self, rates: list[tuple[str, float]], traffic: Traffic, variant: str | None = None, runtime: str | None = None
     ) -> dict[str, Any]:
-        """Fresh engine workers (of ``variant`` if given); optional preload; then each rate for ``duration_s``
-        and a drain. The traffic starts from its beginning: every group of steps gets the same records."""
+        """Fresh engine workers (of ``variant`` if given, with ``runtime`` if given); optional preload; then each
+        rate for ``duration_s`` and a drain. The traffic starts from its beginning: every group of steps gets the
+        same records."""
         from stream.replay import replay
 
         cfg = self.cfg
-        name = "steps" if variant is None else f"steps-{variant}"
-        prefix = "" if variant is None else f"{variant}/"  # phase names: the plots of the engine take "step:*"
-        s = self.settings(name, f"{self.tag}-{name}-in")
+        other = variant or runtime
+        name = "steps" if other is None else f"steps-{other}"
+        prefix = "" if other is None else f"{other}/"  # phase names: the plots of the engine take "step:*"
+        s = self.settings(name, f"{self.tag}-{name}-in", runtime)
         await P.create_topics(s, {t: s.partitions for t in (s.topic_clickstream, *s.output_topics)})
         self.say(f"rate steps: starting {cfg.workers} {variant or 'engine'} worker(s)")
         argv = None if variant is None else [sys.executable, "-m", "load_tests.variants", variant]
@@ -357,7 +376,7 @@ class Run:
                 await self.drain(f"{prefix}preload", target, sent_total, timeout=3600)
                 out["preload"] = {"events": stats.sent, "seconds": round(time.time() - t0, 1)}
                 out["preload"]["eps"] = round(stats.sent / max(time.time() - t0, 1e-6), 1)
-            records = traffic.records(track=variant is None)
+            records = traffic.records(track=other is None)
             for requested, rate in rates:
                 n = max(1, int(rate * cfg.duration_s))
                 phase = f"{prefix}step:{requested}"
@@ -483,6 +502,8 @@ class Run:
                 "variants": cfg.variants,
                 "compare_steps": cfg.compare_steps,
                 "repeat": cfg.repeat,
+                "runtime": self.runtime,
+                "other_runtimes": self.other_runtimes,
             },
         }
         self.report["model"] = self.ensure_model()
@@ -515,18 +536,21 @@ class Run:
                 "backlog",
             )
             self.report["backlog"] = {"events": stats.sent, "producer_eps": round(stats.rate, 1)}
-            systems: list[tuple[str, str, list[str] | None]] = [
-                (kind, kind, None) for kind in (["ceiling", "naive", "engine"] if cfg.baselines else ["engine"])
+            systems: list[tuple[str, str, list[str] | None, str | None]] = [
+                (kind, kind, None, None) for kind in (["ceiling", "naive", "engine"] if cfg.baselines else ["engine"])
             ]
             for variant in cfg.variants:  # proposed engine changes, measured beside the engine
-                systems.append((f"engine-{variant}", "engine", [sys.executable, "-m", "load_tests.variants", variant]))
+                variant_argv = [sys.executable, "-m", "load_tests.variants", variant]
+                systems.append((f"engine-{variant}", "engine", variant_argv, None))
+            for other in self.other_runtimes:  # the engine with another scoring runtime
+                systems.append((f"engine-{other}", "engine", None, other))
             # With --repeat, the systems take turns (A B C A B C ...): a change in the machine's load hits all of
             # them alike, and each figure is the median of its turns.
-            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in systems}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _, _ in systems}
             for turn in range(cfg.repeat):
-                for name, kind, argv in systems:
+                for name, kind, argv, rt in systems:
                     label = name if cfg.repeat == 1 else f"{name}-r{turn}"
-                    runs[name].append(await self.capacity(label, kind, backlog_topic, stats.sent, argv=argv))
+                    runs[name].append(await self.capacity(label, kind, backlog_topic, stats.sent, argv, rt))
             capacity: dict[str, Any] = {}
             for name, results in runs.items():
                 ranked = sorted(results, key=lambda r: r["eps"])
@@ -546,10 +570,13 @@ class Run:
             self.report.update(steps)
             self.report["distinct_users"] = len(traffic.sent_users)
             compared = {v: await self.steps(rates, traffic, variant=v) for v in cfg.compare_steps}
+            # Each other runtime's steps at the same rates as the engine's: latency compared at one load (a rate
+            # derived from each one's own capacity would compare latencies at different loads).
+            by_runtime = {rt: await self.steps(rates, traffic, runtime=rt) for rt in self.other_runtimes}
 
             # 3. latency, from the intent topics
             self.say("reading the intent topics for end-to-end latencies")
-            for group in (steps, *compared.values()):
+            for group in (steps, *compared.values(), *by_runtime.values()):
                 latencies = await read_latencies(self.base, group["intent_topic"])
                 for step in group["steps"]:
                     lo = (step["t_start"] + step["warmup_s"]) * 1000
@@ -560,6 +587,14 @@ class Run:
                 self.report["compare_steps"] = {
                     v: {k: g[k] for k in ("steps", "accounting", "latency_timeline") if k in g}
                     for v, g in compared.items()
+                }
+            if self.other_runtimes:
+                self.report["runtimes"] = {
+                    rt: runtime_summary(capacity[name], group, engine_eps)
+                    for rt, name, group in (
+                        (self.runtime, "engine", steps),
+                        *((rt, f"engine-{rt}", by_runtime[rt]) for rt in by_runtime),
+                    )
                 }
             sustained = [x for x in self.report["steps"] if x["sustained"]]
             self.report["max_sustainable_eps"] = max((x["offered_eps"] for x in sustained), default=None)
@@ -826,6 +861,21 @@ def latency_at_half(steps: list[dict[str, Any]], engine_eps: float) -> dict[str,
     return {"requested": step["requested"], "offered_eps": step["offered_eps"], **step.get("latency_ms", {})}
 
 
+def runtime_summary(capacity: dict[str, Any], steps: dict[str, Any], eps: float) -> dict[str, Any]:
+    """One runtime's figures: capacity, latency at half of ``eps`` (the first runtime's capacity), the workers'
+    resident memory."""
+    half = latency_at_half(steps["steps"], eps) or {}
+    return {
+        "capacity_eps": capacity["eps"],
+        "capacity_rss_mb_max": capacity.get("rss_mb_max"),
+        "p50_ms_at_50pct": half.get("p50"),
+        "p99_ms_at_50pct": half.get("p99"),
+        "offered_eps_at_50pct": half.get("offered_eps"),
+        "steps_rss_mb_max": max((x["rss_mb_max"] or 0 for x in steps["steps"]), default=None),
+        "complete": steps.get("accounting", {}).get("complete"),
+    }
+
+
 def targets(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("engine_vs_ceiling", "engine_vs_naive"):
@@ -896,6 +946,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=11, help="simulator seed")
     parser.add_argument("--keep-topics", action="store_true", help="leave the lt-<tag>-* topics on the broker")
     parser.add_argument("--keep-state", action="store_true", help="leave the workers' RocksDB folders in DIR/state")
+    parser.add_argument(
+        "--runtime",
+        default="",
+        help="scoring runtime of the engine (default INTENTSTREAM_RUNTIME); R1,R2,...: the engine with each, side "
+        "by side (capacity in turns, then the same rate steps, set from R1's capacity); exported when needed",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -921,6 +977,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         keep_topics=args.keep_topics,
         keep_state=args.keep_state,
+        runtimes=[r.strip() for r in args.runtime.split(",") if r.strip()],
     )
     run = Run(cfg)
     try:

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from models.features import FEATURIZER_VERSION, FeaturizerConfig
 from models.model import IntentModel, ModelConfig
+from models.runtime import RUNTIMES, OnnxRunner, Runner, TorchRunner, context_lengths
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -33,15 +35,36 @@ class ArtifactError(ValueError):
     """An artifact that must not be served; the message says why in one line."""
 
 
+class MissingExportError(ArtifactError):
+    """The artifact is fine but lacks the export the runtime needs; running `intentstream export` fixes it."""
+
+
 @dataclass
 class LoadedModel:
     model: IntentModel
     manifest: dict[str, Any]
     path: Path
+    runner: Runner | None = None  # None: PyTorch on the model's device
     featurizer: FeaturizerConfig = field(init=False)
 
     def __post_init__(self) -> None:
         self.featurizer = FeaturizerConfig.from_dict(self.manifest["featurizer"])
+        if self.runner is None:
+            self.runner = TorchRunner(self.model, self.calibration)
+
+    @property
+    def runtime(self) -> str:
+        assert self.runner is not None
+        return self.runner.runtime
+
+    def infer(
+        self, x: dict[str, torch.Tensor], h0: np.ndarray | None, last: np.ndarray, ctx: int, device: torch.device
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated probabilities [B, T - ctx, 3] and the hidden state at each row's ``last`` output position
+        (None for the CNN), from ``model_inputs`` of right-padded rows; see models/runtime.py."""
+        assert self.runner is not None
+        arrays = {k: v.numpy() for k, v in x.items()}
+        return self.runner.run(arrays, h0, last, ctx, device)
 
     @property
     def name(self) -> str:
@@ -136,8 +159,15 @@ def save_artifact(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_artifact(path: Path, device: str | torch.device = "cpu", expect_window: int | None = None) -> LoadedModel:
-    """Load one artifact after checking its manifest and sha256; raise ArtifactError otherwise."""
+def load_artifact(
+    path: Path,
+    device: str | torch.device = "cpu",
+    expect_window: int | None = None,
+    runtime: str = "torch",
+    threads: int = 1,
+) -> LoadedModel:
+    """Load one artifact after checking its manifest and sha256 (and those of the runtime's graphs); raise
+    ArtifactError otherwise. ``threads``: ONNX Runtime's intra-op threads (torch's are set process-wide)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
@@ -169,17 +199,57 @@ def load_artifact(path: Path, device: str | torch.device = "cpu", expect_window:
     except Exception as exc:  # wrong shapes, unknown keys, bad config
         raise ArtifactError(f"{path.name}: weights do not fit the model config ({type(exc).__name__})") from None
     model.to(device).eval()
-    return LoadedModel(model=model, manifest=manifest, path=path)
+    runner = (
+        None if runtime == "torch" else _onnx_runner(path, manifest, config, runtime, threads, torch.device(device))
+    )
+    return LoadedModel(model=model, manifest=manifest, path=path, runner=runner)
+
+
+def _onnx_runner(
+    path: Path, manifest: dict[str, Any], config: ModelConfig, runtime: str, threads: int, device: torch.device
+) -> OnnxRunner:
+    """Sessions over the artifact's exported graphs, each checked against the sha256 in the manifest.
+
+    A missing export is an error naming the command that writes it, not an export done here: the worker would
+    otherwise need the exporter (torch.onnx, the quantiser) and write into a folder the trainer published, and
+    what it serves would depend on the exporter version of whichever worker loaded the artifact first."""
+    if runtime not in RUNTIMES:
+        raise ArtifactError(f"{path.name}: unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    graphs = manifest.get("exports", {}).get(runtime, {}).get("graphs", {})
+    if not all(str(c) in graphs for c in context_lengths(config)):
+        flag = " --int8" if runtime == "onnx-int8" else ""
+        raise MissingExportError(
+            f"{path.name}: no {runtime} export; run `intentstream export --model {path} --format onnx{flag}`"
+        )
+    files = {}
+    for ctx in context_lengths(config):
+        g = graphs[str(ctx)]
+        file = path / g["file"]
+        if not file.is_file():
+            raise ArtifactError(f"{path.name}: {runtime} graph {file.name} is missing")
+        if sha256_file(file) != g["sha256"]:
+            raise ArtifactError(f"{path.name}: sha256 mismatch of {runtime} graph {file.name}")
+        files[ctx] = file
+    try:
+        return OnnxRunner(runtime, files, config.has_state, threads, device)
+    except ImportError:
+        raise ArtifactError(f"runtime {runtime} needs onnxruntime: pip install -e '.[onnx]'") from None
+    except Exception as exc:  # a graph ONNX Runtime cannot load (e.g. an opset newer than it knows)
+        raise ArtifactError(f"{path.name}: ONNX Runtime cannot load the {runtime} graphs ({exc})") from None
 
 
 def load_newest(
-    model_dir: Path, device: str | torch.device = "cpu", expect_window: int | None = None
+    model_dir: Path,
+    device: str | torch.device = "cpu",
+    expect_window: int | None = None,
+    runtime: str = "torch",
+    threads: int = 1,
 ) -> tuple[LoadedModel | None, list[str]]:
     """The newest artifact that loads, and one line per newer artifact that was refused."""
     refused: list[str] = []
     for _, path in list_versions(model_dir):
         try:
-            return load_artifact(path, device, expect_window), refused
+            return load_artifact(path, device, expect_window, runtime, threads), refused
         except ArtifactError as exc:
             refused.append(str(exc))
     return None, refused

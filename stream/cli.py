@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("stream.simulator", "write synthetic clickstream with ground truth (JSON lines, .gz ok)"),
     "replay": ("stream.replay", "publish a file of events to the clickstream topic (rate, speed-up or max)"),
     "train": ("training.train", "train a GRU/CNN/hybrid intent+churn model and write a versioned artifact"),
+    "export": (
+        "models.export",
+        "write an artifact's ONNX graphs (fp32, --int8) for INTENTSTREAM_RUNTIME=onnx|onnx-int8",
+    ),
     "evaluate": ("training.evaluate", "compare models, baselines and the oracle on a held-out split"),
     "settings": ("stream.settings", "print the effective settings (JSON, secrets masked) or the README table"),
 }

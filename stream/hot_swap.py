@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from models.artifact import LoadedModel, list_versions, load_artifact, load_newest
+from models.artifact import LoadedModel, MissingExportError, list_versions, load_artifact, load_newest
 from stream import metrics
 from stream.engine import Engine
 from stream.settings import Settings
@@ -22,7 +22,9 @@ class NoModelError(RuntimeError):
 
 
 def load_model(settings: Settings, device: torch.device) -> LoadedModel:
-    model, refused = load_newest(settings.model_dir, device, expect_window=settings.window_size)
+    model, refused = load_newest(
+        settings.model_dir, device, settings.window_size, runtime=settings.runtime, threads=settings.torch_threads
+    )
     for line in refused:
         log.error("event=model_refused %s", line)
     if model is None:
@@ -30,6 +32,7 @@ def load_model(settings: Settings, device: torch.device) -> LoadedModel:
             f"no usable model in {settings.model_dir}: train one with "
             f"`intentstream train --data FILE --out {settings.model_dir}` (or run `intentstream demo`)"
         )
+    log.info("event=model_runtime version=%s runtime=%s", model.version, model.runtime)
     return model
 
 
@@ -37,13 +40,25 @@ def announce(model: LoadedModel) -> None:
     metrics.MODEL_VERSION.info({"name": model.name, "version": model.version})
 
 
+_awaiting_export: set[Path] = set()
+
+
 async def poll_once(settings: Settings, engine: Engine, device: torch.device, refused: set[Path]) -> None:
-    """Swap in the newest valid artifact newer than the one served; a broken one is refused once and logged."""
+    """Swap in the newest valid artifact newer than the one served; a broken one is refused once and logged. One
+    that only lacks the serving runtime's export is tried again at every poll: the trainer publishes first and
+    `intentstream export` adds the graphs after, and the worker must not give up on it in between."""
     for version, path in list_versions(settings.model_dir):
         if version <= int(engine.model.manifest["version"]) or path in refused:
             return
         try:
-            model = await asyncio.to_thread(load_artifact, path, device, settings.window_size)
+            model = await asyncio.to_thread(
+                load_artifact, path, device, settings.window_size, settings.runtime, settings.torch_threads
+            )
+        except MissingExportError as exc:
+            if path not in _awaiting_export:
+                _awaiting_export.add(path)
+                log.warning("event=model_awaiting_export %s; still serving %s", exc, engine.model.version)
+            continue
         except Exception as exc:
             refused.add(path)
             log.error("event=model_refused path=%s reason=%s; still serving %s", path.name, exc, engine.model.version)

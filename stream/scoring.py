@@ -17,7 +17,6 @@ import torch
 
 from models.artifact import LoadedModel
 from models.features import RECORD_DTYPE, concat_records, model_inputs
-from models.model import probabilities
 
 
 @dataclass(slots=True)
@@ -74,22 +73,16 @@ def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device
             flat = concat_records([rows[i][0] for i in idx if len(rows[i][0])])
             padded[np.repeat(np.arange(len(idx)), n_prior), _ranks(n_prior)] = flat
         x = model_inputs(padded, model.featurizer)
-        h0 = None
+        h0: np.ndarray | None = None
         if model.config.has_state:
-            h = np.zeros((len(idx), model.config.gru_hidden), dtype=np.float32)
+            h0 = np.zeros((len(idx), model.config.gru_hidden), dtype=np.float32)
             have = [j for j, i in enumerate(idx) if rows[i][3] is not None]
             if have:
-                h[have] = np.stack([rows[idx[j]][3] for j in have])  # type: ignore[misc]
-            h0 = torch.from_numpy(h).to(device)
-        with torch.inference_mode():
-            out, states = model.model(
-                x["type"].to(device), x["category"].to(device), x["numeric"].to(device), h0=h0, context_len=ctx
-            )
-            probs = probabilities(out, model.calibration).float().cpu().numpy()
-            states_np = None if states is None else states.float().cpu().numpy()
+                h0[have] = np.stack([rows[idx[j]][3] for j in have])  # type: ignore[misc]
         ends = lengths - ctx  # outputs exclude the context positions
-        # Each row's last hidden state, gathered in one copy (the rows of a fresh array, not views of all states)
-        hidden = [None] * len(idx) if states_np is None else list(states_np[np.arange(len(idx)), ends - 1])
+        # The runtime (models/runtime.py) returns each row's hidden state at its last output, not all positions'
+        probs, last_hidden = model.infer(x, h0, ends - 1, ctx, device)
+        hidden = [None] * len(idx) if last_hidden is None else list(last_hidden)
         for j, (i, end) in enumerate(zip(idx, ends.tolist(), strict=True)):
             results[i] = UserScores(probs=probs[j, end - rows[i][4] : end], hidden=hidden[j])
     return results  # type: ignore[return-value]

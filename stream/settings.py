@@ -57,6 +57,12 @@ class Settings:
     state_dir: Path = _f(Path("var"), "Local state folder: broker data, worker RocksDB tables, logs.")
     model_dir: Path = _f(Path("var/models"), "Model directory: one sub-folder per versioned artifact.")
     device: str = _f("auto", "Scoring device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    runtime: str = _f(
+        "torch",
+        "Scoring runtime: torch (PyTorch), onnx (ONNX Runtime, fp32) or onnx-int8 (ONNX Runtime, dynamic int8); "
+        "the onnx ones need the artifact exported first (`intentstream export`).",
+        choices=("torch", "onnx", "onnx-int8"),  # models.runtime.RUNTIMES (not imported here: torch loads slowly)
+    )
     window_size: int = _f(64, "Events kept per user in the rolling window.", minimum=1)
     batch_max_events: int = _f(
         256,
@@ -67,7 +73,9 @@ class Settings:
     queue_max_events: int = _f(
         4096, "Bound of the input queue, in events; a full queue holds the consumer's fetches back.", minimum=1
     )
-    torch_threads: int = _f(1, "CPU threads for model scoring (the event loop keeps the other cores).", minimum=1)
+    torch_threads: int = _f(
+        1, "CPU threads for model scoring, torch's or ONNX Runtime's (the event loop keeps the other cores).", minimum=1
+    )
     fetch_max_wait_ms: int = _f(
         100, "Longest wait of a worker's fetch at the broker (Faust's fixed 1500 ms stalls paced traffic).", minimum=1
     )

@@ -29,7 +29,7 @@ def test_load_run_smoke(kafka: Settings, tmp_path: Path):
     cmd = [
         sys.executable, "-m", "load_tests", "run", "--out", str(out),
         "--users", "300", "--backlog", "3000", "--capacity-s", "3", "--warmup", "1",
-        "--duration", "4", "--rates", "100,50%",
+        "--duration", "4", "--rates", "100,50%", "--runtime", "torch,onnx",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -40,7 +40,7 @@ def test_load_run_smoke(kafka: Settings, tmp_path: Path):
         assert isinstance(report[key], int | float) and report[key] > 0, key
     assert report["engine_vs_ceiling"] == pytest.approx(report["engine_eps"] / report["ceiling_eps"], rel=1e-2)
     assert report["engine_vs_naive"] == pytest.approx(report["engine_eps"] / report["naive_eps"], rel=1e-2)
-    assert set(report["capacity"]) == {"ceiling", "naive", "engine"}
+    assert set(report["capacity"]) == {"ceiling", "naive", "engine", "engine-onnx"}
     assert report["capacity"]["engine"]["engine"]["batches"] > 0  # batch sizes and model time from /metrics
 
     half = report["latency_at_50pct"]
@@ -59,6 +59,13 @@ def test_load_run_smoke(kafka: Settings, tmp_path: Path):
     acc = report["accounting"]
     assert acc["sent"] == sum(s["sent"] for s in steps) > 0
     assert acc["consumed"] == acc["scored"] == acc["sent"] and acc["dlq"] == 0 and acc["complete"]
+
+    # the engine again with INTENTSTREAM_RUNTIME=onnx (the load test exported the model): it too scored everything
+    assert set(report["runtimes"]) == {"torch", "onnx"}
+    for figures in report["runtimes"].values():
+        assert figures["capacity_eps"] > 0 and figures["p99_ms_at_50pct"] >= 0 and figures["complete"]
+    manifest = json.loads((Path(report["model"]["path"]) / "manifest.json").read_text())
+    assert "onnx" in manifest["exports"]
 
     assert set(report["targets"]) >= {"engine_vs_ceiling", "engine_vs_naive", "p99_ms_at_50pct"}
     for name in ("summary.md", "throughput_lag.png", "latency.png", "resources.png", "capacity.png"):

@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -206,7 +207,7 @@ def multitask_loss(
 
 @torch.no_grad()
 def predict(
-    model: IntentModel,
+    model: IntentModel | Callable[..., tuple[torch.Tensor, Any]],
     ds: Dataset,
     tensors: Tensors,
     users: np.ndarray,
@@ -214,8 +215,10 @@ def predict(
     max_positions: int = 1 << 16,
 ) -> np.ndarray:
     """Raw outputs [N, 3] (NaN for records of other users): each user's whole history in one causal pass
-    from a zero state, as the engine scores a user event by event (tests/test_model.py proves the equality)."""
-    model.eval()
+    from a zero state, as the engine scores a user event by event (tests/test_model.py proves the equality).
+    ``model`` may also be any callable of the model's inputs (another runtime: load_tests/model_bench.py)."""
+    if isinstance(model, nn.Module):
+        model.eval()
     out = np.full((len(ds), 3), np.nan, dtype=np.float32)
     starts, ends = ds.user_start[users], ds.user_start[users + 1]
     order = np.argsort(ends - starts, kind="stable")
