@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.features import N_NUMERIC, N_TYPES
 
@@ -100,11 +101,14 @@ class IntentModel(nn.Module):
         numeric: torch.Tensor,  # [B, T, N_NUMERIC]
         h0: torch.Tensor | None = None,  # [B, gru_hidden] hidden state after the events before x
         context_len: int = 0,  # leading positions that are context only (cnn/hybrid): no output, no GRU step
+        lengths: torch.Tensor | None = None,  # [B] int64 on the CPU: each row's real positions after the context
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (outputs [B, T - context_len, 3], hidden states [B, T - context_len, gru_hidden] or None).
 
         outputs[..., 0] purchase logit, [..., 1] churn logit, [..., 2] log expected order value.
         The hidden state after position t is states[:, t]: the engine keeps the one at each user's last event.
+        With ``lengths`` (rows right-padded beyond them), the GRU steps over each row's real positions only when
+        the padding would be most of its work; outputs and states at padded positions are then meaningless.
         """
         x = torch.cat([self.type_emb(type_idx), self.category_emb(category_idx), numeric], dim=-1)
         x = F.gelu(self.input(x))
@@ -116,9 +120,22 @@ class IntentModel(nn.Module):
         x = x[:, context_len:]
         states = None
         if self.gru is not None:
-            x, _ = self.gru(x, None if h0 is None else h0.unsqueeze(0).contiguous())
+            hx = None if h0 is None else h0.unsqueeze(0).contiguous()
+            if lengths is not None and _mostly_padding(lengths, x.shape[1]):
+                packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+                x, _ = pad_packed_sequence(self.gru(packed, hx)[0], batch_first=True, total_length=x.shape[1])
+            else:
+                x, _ = self.gru(x, hx)
             states = x  # one layer: the output at t is the hidden state after t
         return self.head(x), states
+
+
+def _mostly_padding(lengths: torch.Tensor, width: int) -> bool:
+    """Whether a recurrent pass over padded rows would spend most of its steps on padding. A batch's users differ in
+    how many new events they bring (one, or twenty); the GRU's cost is rows x width, so the packed pass (each row
+    its own steps; some fixed cost to pack) pays from about a third of padding on (measured: 1.6x to 3.3x faster on
+    the GRU for a worker's batches of full windows, slower for rows of one event)."""
+    return width > 1 and int(lengths.sum()) < 0.7 * len(lengths) * width
 
 
 def probabilities(outputs: torch.Tensor, calibration: dict[str, list[float]] | None = None) -> torch.Tensor:

@@ -49,8 +49,10 @@ class ScoringGraph(nn.Module):
         numeric: torch.Tensor,
         h0: torch.Tensor | None = None,  # [B, H]
         last: torch.Tensor | None = None,  # [B] int64: each row's last real output position
+        lengths: torch.Tensor | None = None,  # [B] int64 on the CPU: last + 1, to step a GRU over real positions only
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out, states = self.model(type_idx, category_idx, numeric, h0=h0, context_len=self.context_len)
+        # ``lengths`` is PyTorch's alone (not exported: ONNX Runtime's GRU operator runs the padded rows)
+        out, states = self.model(type_idx, category_idx, numeric, h0=h0, context_len=self.context_len, lengths=lengths)
         probs = probabilities(out, self.calibration)
         if states is None or last is None:
             return probs, None
@@ -135,11 +137,14 @@ class TorchRunner:
             return st.put(name, array, shape).to(device, non_blocking=True)
 
         args = [to_device(k, x[k], (bp, tp, *x[k].shape[2:])) for k in INPUTS]
+        lengths = None
         if self.stateful:
             assert h0 is not None
             args += [to_device("h0", h0, (bp, h0.shape[1])), to_device("last", last, (bp,))]
+            lengths = torch.ones(bp, dtype=torch.int64)  # the bucket's padding rows: one step each
+            lengths[:b] = torch.from_numpy(last + 1)
         with torch.inference_mode():
-            probs, hidden = graph(*args)
+            probs, hidden = graph(*args, lengths=lengths)
             probs_host = st.buffer("probs", (b, t - ctx, 3), torch.float32)
             probs_host.copy_(probs[:b, : t - ctx], non_blocking=True)
             hidden_host = None
@@ -155,11 +160,13 @@ class TorchRunner:
         self, graph: ScoringGraph, x: dict[str, np.ndarray], h0: np.ndarray | None, last: np.ndarray, device: Any
     ) -> tuple[np.ndarray, np.ndarray | None]:
         args = [torch.from_numpy(x[k]).to(device) for k in INPUTS]
+        lengths = None
         if self.stateful:
             assert h0 is not None
             args += [torch.from_numpy(h0).to(device), torch.from_numpy(last).to(device)]
+            lengths = torch.from_numpy(last + 1)
         with torch.inference_mode():
-            probs, hidden = graph(*args)
+            probs, hidden = graph(*args, lengths=lengths)
             return probs.float().cpu().numpy(), None if hidden is None else hidden.float().cpu().numpy()
 
 
