@@ -133,7 +133,9 @@ def model_handler(settings: Settings) -> Any:
 
     device = resolve_device(settings.device)
     torch.set_num_threads(max(1, settings.torch_threads))  # as the worker: one thread for the model
-    model, refused = load_newest(settings.model_dir, device, expect_window=settings.window_size)
+    model, refused = load_newest(
+        settings.model_dir, device, expect_window=settings.window_size, runtime=settings.runtime, threads=1
+    )
     if model is None:
         raise SystemExit(f"peer: no usable model in {settings.model_dir}: {'; '.join(refused) or 'none there'}")
     featurizer, version, name = model.featurizer, model.version, model.name
@@ -245,6 +247,7 @@ class Config:
     bad_fraction: float = 0.0
     keep_topics: bool = False
     json_path: Path | None = None
+    runtime: str = "torch"  # the scoring runtime of the worker and of Quix's per-message app (models/runtime.py)
 
 
 def turn_order(systems: tuple[str, ...], turn: int) -> list[str]:
@@ -376,6 +379,7 @@ class Peer:
             model_dir=str(self.model_dir),
             emit_policy="every_event",
             device="cpu",
+            runtime=self.cfg.runtime,
         )
 
     def ensure_model(self) -> dict[str, Any]:
@@ -401,7 +405,18 @@ class Peer:
             )
             model, _ = load_newest(self.model_dir, expect_window=self.base.window_size)
             assert model is not None
-        return {"name": model.name, "version": model.version, "arch": model.config.arch, "path": str(model.path)}
+        if self.cfg.runtime != "torch" and self.cfg.runtime not in model.manifest.get("exports", {}):
+            from models.export import export_onnx
+
+            self.say(f"exporting {model.version} for {self.cfg.runtime}")
+            export_onnx(model.path, int8=self.cfg.runtime == "onnx-int8")
+        return {
+            "name": model.name,
+            "version": model.version,
+            "arch": model.config.arch,
+            "path": str(model.path),
+            "runtime": self.cfg.runtime,
+        }
 
     async def produce_backlog(self) -> dict[str, Any]:
         from load_tests.traffic import Traffic
@@ -827,6 +842,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--events counts the valid ones",
     )
     parser.add_argument("--keep-topics", action="store_true", help="leave the lt-<tag>-* topics on the broker")
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnx", "onnx-int8"),
+        default="torch",
+        help="scoring runtime of the worker and of Quix's per-message app (default torch; the model is exported "
+        "when it needs to be)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -856,6 +878,7 @@ def main(args: argparse.Namespace) -> int:
         bad_fraction=args.bad_fraction,
         keep_topics=args.keep_topics,
         json_path=args.json,
+        runtime=args.runtime,
     )
     peer = Peer(cfg)
     try:

@@ -554,7 +554,8 @@ class Run:
             capacity: dict[str, Any] = {}
             for name, results in runs.items():
                 ranked = sorted(results, key=lambda r: r["eps"])
-                capacity[name] = {**ranked[len(ranked) // 2], "eps_runs": [r["eps"] for r in results]}
+                # The median run; of an even number, the lower of the middle two (a run's figures stay together)
+                capacity[name] = {**ranked[(len(ranked) - 1) // 2], "eps_runs": [r["eps"] for r in results]}
             self.report["capacity"] = capacity
             engine_eps = capacity["engine"]["eps"]
             self.report["engine_eps"] = engine_eps
