@@ -47,6 +47,7 @@ case "$cmd" in
     rc=0
     ruff check . || rc=$?
     ruff format --check . || rc=$?
+    mypy stream models training load_tests || rc=$?
     python -m pytest "$@" || rc=$?
     if [ "$started" = 1 ]; then intentstream kafka stop || true; fi
     exit "$rc"

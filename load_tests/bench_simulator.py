@@ -88,7 +88,7 @@ def features(sim: simulator.Simulation) -> dict[str, Any]:
     price = np.fromiter((math.nan if e.price is None else e.price for e in ev), np.float64, n)
     qty = np.fromiter((1 if e.quantity is None else e.quantity for e in ev), np.float64, n)
     session_codes: dict[str, int] = {}
-    session = np.fromiter((session_codes.setdefault(e.session_id, len(session_codes)) for e in ev), np.int64, n)
+    session = np.fromiter((session_codes.setdefault(e.session_id or "", len(session_codes)) for e in ev), np.int64, n)
     u_start = _group_start(user)
     s_start = _group_start(session)
     onehot = np.eye(8)[etype]

@@ -154,7 +154,7 @@ def gc_freeze() -> None:
     gc_log()
 
     process = engine.Engine.process
-    frozen = []
+    frozen: list[bool] = []
 
     def first_then_process(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = process(self, *args, **kwargs)

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-import gzip
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Sequence
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from models.features import FLAG_NEW_SESSION, FeaturizerConfig, encode_events
-from stream.contract import TYPE_CODE, Event, validate
+from stream.contract import TYPE_CODE, Event
 
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "val", "test")
@@ -154,43 +154,20 @@ def _is_csv(path: Path) -> bool:
     return path.name.endswith((".csv", ".csv.gz"))
 
 
-def read_jsonl_events(path: Path) -> list[Event]:
-    """Contract events from a JSON-lines file, each line validated like the engine's ingest (no key check)."""
-    events, rejected, first_reason = [], 0, ""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            event = validate(line, check_key=False, max_bytes=1 << 20)
-            if isinstance(event, Event):
-                events.append(event)
-            else:
-                rejected += 1
-                first_reason = first_reason or event
-    if rejected:
-        print(f"{path}: skipped {rejected} invalid lines (first: {first_reason})")
-    return events
-
-
 def read_events(paths: Sequence[Path | str]) -> list[Event]:
-    """Events of all files, in file order. JSON lines use the simulator's reader when it exists."""
+    """Events of all files, in file order: REES46 CSV (stream/rees46.py) or contract JSON lines (the simulator's
+    reader, which stops at the first invalid line with its number and reason)."""
     events: list[Event] = []
     for p in map(Path, paths):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such data file")
         if _is_csv(p):
-            try:
-                from stream import rees46
-            except ImportError:
-                raise FileNotFoundError(f"{p}: REES46 CSV needs stream/rees46.py, which is absent") from None
+            from stream import rees46
+
             events.extend(rees46.read_events(p))
         else:
-            try:
-                from stream.simulator import read_events as simulator_read_events
-            except ImportError:
-                simulator_read_events = read_jsonl_events
+            from stream.simulator import read_events as simulator_read_events
+
             events.extend(simulator_read_events(p))
     return events
 
@@ -200,7 +177,7 @@ def files_hash(paths: Iterable[Path | str]) -> str:
     digest = hashlib.sha256()
     for p in paths:
         with open(p, "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+            for chunk in iter(functools.partial(f.read, 1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
 

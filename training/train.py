@@ -285,7 +285,9 @@ def calibrate(ds: Dataset, raw: np.ndarray, medium_recall: float) -> tuple[dict,
 def init_head_bias(model: IntentModel, ds: Dataset) -> None:
     """Start the heads at the training base rates and the mean log order value: the first steps then learn
     the signal instead of the offsets (the order value head would otherwise start ~4 off)."""
-    bias = model.head[-1].bias
+    last = model.head[-1]
+    assert isinstance(last, nn.Linear)
+    bias = last.bias
     with torch.no_grad():
         for k, y in enumerate((ds.purchase[ds.head_mask(TRAIN, "purchase")], ds.churn[ds.head_mask(TRAIN, "churn")])):
             rate = float(np.nanmean(y)) if (~np.isnan(y)).any() else 0.5
@@ -345,7 +347,8 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.1)
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
 
-    best, best_state, best_epoch, history, stale = -math.inf, None, 0, [], 0
+    best, best_state, best_epoch, stale = -math.inf, None, 0, 0
+    history: list[dict[str, float]] = []
     bar = tqdm(total=total_steps, desc=f"train {cfg.arch}", unit="batch", disable=not progress, leave=False)
     out_of_time = False
     for epoch in range(1, cfg.epochs + 1):
@@ -371,18 +374,18 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
                 out_of_time = True
                 break
         raw = predict(model, ds, tensors, val_users, device)
-        score, p, c = validation_score(ds, raw)
+        val_score, auc_purchase, auc_churn = validation_score(ds, raw)
         losses = {f"loss_{k}": v / max(seen, 1) for k, v in running.items()}
-        history.append({"epoch": epoch, **losses, "val_pr_auc_purchase": p, "val_pr_auc_churn": c,
-                        "val_score": score, "seconds": time.perf_counter() - t0})  # fmt: skip
+        history.append({"epoch": epoch, **losses, "val_pr_auc_purchase": auc_purchase, "val_pr_auc_churn": auc_churn,
+                        "val_score": val_score, "seconds": time.perf_counter() - t0})  # fmt: skip
         if progress:
             tqdm.write(
                 f"epoch {epoch}: "
                 + " ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items())
-                + f" | val PR-AUC purchase {p:.4f} churn {c:.4f}"
+                + f" | val PR-AUC purchase {auc_purchase:.4f} churn {auc_churn:.4f}"
             )
-        if score > best:
-            best, best_epoch, stale = score, epoch, 0
+        if val_score > best:
+            best, best_epoch, stale = val_score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
