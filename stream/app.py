@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -130,9 +131,12 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         topic_allow_declare=True,
-        web_host=settings.web_host,
-        web_bind=settings.web_host,  # Faust binds to web_bind (default 0.0.0.0), not to web_host
+        # Faust binds to web_bind and advertises canonical_url to the group (table routing of /users/{id}/score): a
+        # worker bound to 0.0.0.0 must not advertise 0.0.0.0, or every worker believes it is everyone's owner.
+        web_host=urllib.parse.urlsplit(settings.advertised_url).hostname,
+        web_bind=settings.web_host,
         web_port=settings.web_port,
+        canonical_url=settings.advertised_url,
         web_enabled=True,
         web_in_thread=False,
         consumer_auto_offset_reset="earliest",

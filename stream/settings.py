@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,11 +99,25 @@ class Settings:
         3600.0, "Events older than the user's newest event by more than this go to the DLQ.", minimum=0
     )
     max_record_bytes: int = _f(65536, "Input records larger than this are rejected to the DLQ.", minimum=256)
-    web_host: str = _f("127.0.0.1", "Address of the worker's HTTP endpoints (loopback unless you mean it).")
+    web_host: str = _f("127.0.0.1", "Address the worker's HTTP endpoints bind to (loopback unless you mean it).")
     web_port: int = _f(6066, "Port of the worker's HTTP endpoints (/health, /metrics, /users/{id}/score).", minimum=1)
+    web_url: str = _f(
+        "",
+        "URL at which the other workers reach this one's endpoints, advertised in the consumer group: "
+        "/users/{id}/score is forwarded to the owner's URL. Default http://WEB_HOST:WEB_PORT, or with WEB_HOST "
+        "0.0.0.0 (every interface, no address to give) this machine's hostname.",
+    )
     log_level: str = _f("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     # ---- derived -------------------------------------------------------------------------------------
+    @property
+    def advertised_url(self) -> str:
+        """The URL other workers use to reach this one (Faust's canonical URL): ``web_url``, or derived."""
+        if self.web_url:
+            return self.web_url.rstrip("/")
+        host = socket.gethostname() if self.web_host in ("0.0.0.0", "::", "") else self.web_host
+        return f"http://{host}:{self.web_port}"
+
     @property
     def broker_port(self) -> int:
         """Port the local broker listens on: the port of the first bootstrap address."""
@@ -145,6 +161,13 @@ class Settings:
             self.device.startswith("cuda:") and self.device[5:].isdigit()
         ):
             raise SettingsError(f"{PREFIX}DEVICE: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if self.web_url:
+            url = urllib.parse.urlsplit(self.web_url)
+            if url.scheme not in ("http", "https") or not url.hostname or url.hostname in ("0.0.0.0", "::"):
+                raise SettingsError(
+                    f"{PREFIX}WEB_URL: {self.web_url!r} is not a URL other workers can reach "
+                    "(example: http://worker-1:6066)"
+                )
 
     def public_dict(self) -> dict[str, Any]:
         """Settings as plain JSON-able values, secrets masked (safe to log)."""

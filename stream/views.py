@@ -69,7 +69,7 @@ def register_views(app: faust.App, users: Any, engine: Engine, settings: Setting
                 "window": len(st.records),
                 "last_seen": st.last_ts,
                 "model_version": st.model_version or None,
-                "served_by": f"{settings.web_host}:{settings.web_port}",
+                "served_by": settings.advertised_url,
                 **detail,
             }
         )

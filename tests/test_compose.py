@@ -57,3 +57,12 @@ def test_worker_and_trainer_share_the_model_volume():
 def test_broker_listener_matches_the_bootstrap_address():
     kafka_env = COMPOSE["services"]["kafka"]["environment"]
     assert kafka_env["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://" + _env("worker")["INTENTSTREAM_KAFKA_BOOTSTRAP"]
+
+
+def test_each_worker_replica_advertises_its_own_url():
+    """Scaled replicas share one environment: a fixed INTENTSTREAM_WEB_URL would be every replica's, and the bind
+    address 0.0.0.0 is nobody's. The advertised URL comes from each container's hostname."""
+    env = _env("worker")
+    assert "INTENTSTREAM_WEB_URL" not in env
+    s = Settings.from_env(env)
+    assert s.web_host == "0.0.0.0" and "0.0.0.0" not in s.advertised_url

@@ -53,12 +53,24 @@ def test_overrides_win_over_the_environment():
         ("INTENTSTREAM_DEVICE", "tpu", "INTENTSTREAM_DEVICE: 'tpu' is not one of auto, cpu, cuda, cuda:N"),
         ("INTENTSTREAM_STATE_DIR", "  ", "expected a path"),
         ("INTENTSTREAM_BATCH_MAX_EVENTZ", "5", "INTENTSTREAM_BATCH_MAX_EVENTZ: unknown setting"),
+        ("INTENTSTREAM_WEB_URL", "http://0.0.0.0:6066", "is not a URL other workers can reach"),
+        ("INTENTSTREAM_WEB_URL", "worker-1:6066", "is not a URL other workers can reach"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_problem(var, value, message):
     with pytest.raises(SettingsError) as err:
         Settings.from_env({var: value})
     assert message in str(err.value)
+
+
+def test_the_advertised_url_is_never_a_bind_all_address():
+    import socket
+
+    assert Settings.from_env({}).advertised_url == "http://127.0.0.1:6066"
+    bound_to_all = Settings.from_env({"INTENTSTREAM_WEB_HOST": "0.0.0.0", "INTENTSTREAM_WEB_PORT": "7000"})
+    assert bound_to_all.advertised_url == f"http://{socket.gethostname()}:7000"
+    given = Settings.from_env({"INTENTSTREAM_WEB_HOST": "0.0.0.0", "INTENTSTREAM_WEB_URL": "http://worker-2:6066/"})
+    assert given.advertised_url == "http://worker-2:6066"
 
 
 def test_sasl_needs_a_mechanism():

@@ -132,6 +132,34 @@ def test_two_workers_share_partitions_and_each_answers_for_any_user(fresh: Setti
         b.stop()
 
 
+def test_workers_bound_to_every_interface_route_by_their_advertised_urls(fresh: Settings, tmp_path: Path):
+    """Bound to 0.0.0.0 (as in a container), each worker advertises its own INTENTSTREAM_WEB_URL to the group, and a
+    request to the worker that does not own a user is forwarded there. (Faust used to advertise the bind address,
+    http://0.0.0.0:6066 for every container of docker-compose: each believed it owned every user and answered 404.)"""
+    write_model(fresh.model_dir)
+    events = make_events(n_users=20, sessions=1, seed=4)
+    a = Worker(fresh, tmp_path, web_host="0.0.0.0")
+    b = Worker(fresh, tmp_path, web_host="0.0.0.0")
+    urls = {a: f"http://127.0.0.1:{a.port}", b: f"http://localhost:{b.port}"}  # two names of this machine
+    for w in (a, b):
+        w.env["INTENTSTREAM_WEB_URL"] = urls[w]
+        w.start()
+    try:
+        wait_assigned([a, b], fresh.partitions, timeout=120)
+        produce(fresh, encode(events))
+        users = sorted({e["user_id"] for e in events})
+        wait_for(lambda: all(a.get(f"/users/{u}/score").get("events") == 6 for u in users), 60, "all scored")
+        owners = set()
+        for u in users:
+            from_a, from_b = a.get(f"/users/{u}/score"), b.get(f"/users/{u}/score")
+            assert from_a == from_b and from_a["served_by"] in urls.values()  # answered by the owner, either way
+            owners.add(from_a["served_by"])
+        assert owners == set(urls.values())  # both own some of the users
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_churn_alerts_are_the_same_at_two_replay_speeds(kafka: Settings, tmp_path: Path):
     import uuid
 
