@@ -138,18 +138,23 @@ def _mostly_padding(lengths: torch.Tensor, width: int) -> bool:
     return width > 1 and int(lengths.sum()) < 0.7 * len(lengths) * width
 
 
+def calibrated(logits: torch.Tensor, platt: list[float]) -> torch.Tensor:
+    """Platt scaling, the one place it is applied (engine, exported graphs, trainer, evaluator, baselines):
+    sigmoid(a * logit + b), with [a, b] fitted on validation by training.metrics.platt_fit."""
+    a, b = platt
+    return torch.sigmoid(a * logits + b)
+
+
 def probabilities(outputs: torch.Tensor, calibration: dict[str, list[float]] | None = None) -> torch.Tensor:
     """Calibrated purchase and churn probabilities and expected order value from raw outputs [..., 3].
 
     ``calibration``: Platt parameters per head fitted on validation, {"purchase": [a, b], "churn": [a, b]}.
     """
     cal = calibration or {}
-    a_p, b_p = cal.get("purchase", [1.0, 0.0])
-    a_c, b_c = cal.get("churn", [1.0, 0.0])
     return torch.stack(
         [
-            torch.sigmoid(a_p * outputs[..., 0] + b_p),
-            torch.sigmoid(a_c * outputs[..., 1] + b_c),
+            calibrated(outputs[..., 0], cal.get("purchase", [1.0, 0.0])),
+            calibrated(outputs[..., 1], cal.get("churn", [1.0, 0.0])),
             torch.exp(outputs[..., 2].clamp(max=15.0)),
         ],
         dim=-1,

@@ -169,8 +169,7 @@ def rule_baseline(ds: Dataset, feats: np.ndarray, rows: np.ndarray) -> np.ndarra
     out = np.empty((len(rows), 3))
     for k, (head, score, y) in enumerate((("purchase", purchase, ds.purchase), ("churn", churn, ds.churn))):
         val = ds.head_mask(VAL, head)
-        a, b = M.platt_fit(score[val], y[val])
-        out[:, k] = M.sigmoid(a * score[rows] + b)
+        out[:, k] = M.platt_apply(score[rows], M.platt_fit(score[val], y[val]))
     train_values = ds.order_value[ds.head_mask(TRAIN, "order_value")]
     out[:, 2] = np.nanmedian(train_values) if (~np.isnan(train_values)).any() else np.nan
     return out

@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 import orjson
+import torch
 
 from models.artifact import MANIFEST, ArtifactError, LoadedModel, list_versions, load_artifact, resolve_device
+from models.model import probabilities
 from training import metrics as M
 from training.baselines import AggregateBaseline, aggregate_features, rule_baseline
 from training.data import DAY_MS, TEST, VAL, DataConfig, Dataset, load_dataset
@@ -131,13 +133,7 @@ def sequence_probs(loaded: LoadedModel, ds: Dataset, tensors: Tensors, device) -
     """Calibrated probabilities of a served model on the val and test users (engine-equivalent pass)."""
     users = np.flatnonzero(ds.user_split >= VAL)
     raw = predict(loaded.model, ds, tensors, users, device)
-    cal = loaded.calibration
-    a_p, b_p = cal.get("purchase", [1.0, 0.0])
-    a_c, b_c = cal.get("churn", [1.0, 0.0])
-    return np.stack(
-        [M.sigmoid(a_p * raw[:, 0] + b_p), M.sigmoid(a_c * raw[:, 1] + b_c), np.exp(np.minimum(raw[:, 2], 15.0))],
-        axis=1,
-    )
+    return probabilities(torch.from_numpy(raw), loaded.calibration).numpy()  # the engine's function
 
 
 def evaluate(

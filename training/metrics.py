@@ -144,6 +144,15 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
 
 
+def platt_apply(logits: np.ndarray, platt: list[float]) -> np.ndarray:
+    """``platt_fit``'s parameters applied to numpy logits, by the engine's own function (models.model.calibrated)."""
+    import torch
+
+    from models.model import calibrated
+
+    return calibrated(torch.from_numpy(np.asarray(logits, dtype=np.float64)), platt).numpy()
+
+
 def head_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
     """Everything the report shows for one probability head: ranking, threshold and calibration metrics."""
     yv, _ = _valid(y, p)

@@ -261,8 +261,8 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Report metrics of one split from raw outputs, with the calibration and thresholds chosen on val."""
     (yp, zp), (yc, zc), (v, zv) = head_scores(ds, raw, split)
-    pp = M.sigmoid(calibration["purchase"][0] * zp + calibration["purchase"][1])
-    pc = M.sigmoid(calibration["churn"][0] * zc + calibration["churn"][1])
+    pp = M.platt_apply(zp, calibration["purchase"])
+    pc = M.platt_apply(zc, calibration["churn"])
     return {
         "purchase": M.head_metrics(yp, pp, thresholds["purchase"]["high"]),
         "churn": M.head_metrics(yc, pc, thresholds["churn"]["alert"]),
@@ -274,8 +274,8 @@ def calibrate(ds: Dataset, raw: np.ndarray, medium_recall: float) -> tuple[dict,
     """Platt parameters per head and the engine's band thresholds, both from validation."""
     (yp, zp), (yc, zc), _ = head_scores(ds, raw, VAL)
     calibration = {"purchase": M.platt_fit(zp, yp), "churn": M.platt_fit(zc, yc)}
-    pp = M.sigmoid(calibration["purchase"][0] * zp + calibration["purchase"][1])
-    pc = M.sigmoid(calibration["churn"][0] * zc + calibration["churn"][1])
+    pp = M.platt_apply(zp, calibration["purchase"])
+    pc = M.platt_apply(zc, calibration["churn"])
     return calibration, M.band_thresholds(yp, pp, yc, pc, medium_recall)
 
 
