@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -58,6 +57,7 @@ from typing import Any
 
 import orjson
 
+from load_tests.procs import free_port
 from stream.settings import Settings
 from stream.topics import kafka_client_kwargs
 
@@ -110,25 +110,8 @@ def split(trace: list[Any], n: int) -> list[list[Any]]:
 # ---- processes ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def worker_env(settings: Settings, port: int, guarantee: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INTENTSTREAM_") or k == "INTENTSTREAM_VENV"}
-    values = {
-        **settings.public_dict(),
-        "web_port": port,
-        "emit_policy": "every_event",
-        "processing_guarantee": guarantee,
-        "log_level": "INFO",
-    }
-    for key, value in values.items():
-        if key == "kafka_sasl_password":
-            value = settings.kafka_sasl_password
-        env[f"INTENTSTREAM_{key.upper()}"] = str(value)
+    env = settings.child_env(web_port=port, emit_policy="every_event", processing_guarantee=guarantee, log_level="INFO")
     return {**env, **FAUST_ENV}
 
 

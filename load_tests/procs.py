@@ -4,7 +4,6 @@ them and from Kafka: readiness, /metrics, CPU and resident memory, topic end off
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -31,16 +30,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def settings_env(settings: Settings, **extra: object) -> dict[str, str]:
-    """The environment of a child process: ours without INTENTSTREAM_*, then every setting spelled out."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INTENTSTREAM_") or k == "INTENTSTREAM_VENV"}
-    for key, value in {**settings.public_dict(), **extra}.items():
-        if key == "kafka_sasl_password":
-            value = settings.kafka_sasl_password
-        env[f"INTENTSTREAM_{key.upper()}"] = str(value)
-    return env
 
 
 @dataclass
@@ -91,7 +80,7 @@ def start(kind: str, settings: Settings, log_dir: Path, *, argv: list[str] | Non
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{kind}-{port}.log"
-    env = settings_env(settings, web_port=port, **extra)
+    env = settings.child_env(web_port=port, **extra)
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(argv or COMMANDS[kind], env=env, stdout=log, stderr=subprocess.STDOUT)
     proc = Proc(kind, popen, port, log_path, psutil.Process(popen.pid))

@@ -36,13 +36,26 @@ def _module_from_git(name: str, path: str, rev: str = "HEAD") -> None:
     exec(compile(source, str(ROOT / path), "exec"), module.__dict__)
 
 
+def _require_uncommitted(variant: str, *paths: str, root: Path = ROOT) -> None:
+    """A ``head-*`` variant runs the committed files beside the working tree's: without an uncommitted change to
+    them it would compare the engine with itself, and report a difference that is only noise."""
+    changed = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", *paths]).returncode != 0
+    if not changed:
+        raise SystemExit(
+            f"variant {variant}: {', '.join(paths)} has no uncommitted change, so it would be compared with itself; "
+            "edit the working tree first (the variant runs the committed version beside it)"
+        )
+
+
 def head_app() -> None:
-    """stream/app.py as last committed (outputs and table writes by send_soon, no wait for acknowledgements)."""
+    """stream/app.py as last committed, beside the working tree's uncommitted edits of it (A/B before committing)."""
+    _require_uncommitted("head-app", "stream/app.py")
     _module_from_git("stream.app", "stream/app.py")
 
 
 def head_engine() -> None:
     """stream/engine.py and stream/emit.py as last committed (to A/B uncommitted hot-path edits against them)."""
+    _require_uncommitted("head-engine", "stream/engine.py", "stream/emit.py")
     _module_from_git("stream.emit", "stream/emit.py")
     _module_from_git("stream.engine", "stream/engine.py")
 

@@ -145,14 +145,6 @@ def run_settings(settings: Settings, run_id: str) -> Settings:
     )
 
 
-def _worker_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INTENTSTREAM_") or k.endswith("_PASSWORD")}
-    for key, value in settings.public_dict().items():
-        if key != "kafka_sasl_password":  # masked there; the real one passes through from the environment
-            env[f"INTENTSTREAM_{key.upper()}"] = str(value)
-    return env
-
-
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from stream import broker
     from stream.topics import ensure_topics
@@ -170,7 +162,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         _say(f"starting a worker (log: {log_path})")
         with open(log_path, "ab") as log:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "stream.cli", "worker"], stdout=log, stderr=log, env=_worker_env(own)
+                [sys.executable, "-m", "stream.cli", "worker"], stdout=log, stderr=log, env=own.child_env()
             )
         url = f"http://127.0.0.1:{own.web_port}"
         _wait_ready(url, worker, log_path)

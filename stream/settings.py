@@ -169,6 +169,17 @@ class Settings:
                     "(example: http://worker-1:6066)"
                 )
 
+    def child_env(self, **extra: object) -> dict[str, str]:
+        """The environment of a child process (a worker, a load generator): ours without INTENTSTREAM_* (but
+        INTENTSTREAM_VENV), then every setting spelled out, ``extra`` settings last. The password is passed on: it
+        is the child's too."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX) or k == "INTENTSTREAM_VENV"}
+        for key, value in {**self.public_dict(), **extra}.items():
+            if key == "kafka_sasl_password" and key not in extra:
+                value = self.kafka_sasl_password
+            env[f"{PREFIX}{key.upper()}"] = str(value)
+        return env
+
     def public_dict(self) -> dict[str, Any]:
         """Settings as plain JSON-able values, secrets masked (safe to log)."""
         out = {}

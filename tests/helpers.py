@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from load_tests.procs import free_port
 from models.artifact import save_artifact, untrained_model
 from models.features import FeaturizerConfig
 from stream.settings import Settings
@@ -71,26 +70,12 @@ def write_model(model_dir: Path, arch: str = "gru", seed: int = 0, churn_alert: 
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def settings_env(settings: Settings, **extra: object) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INTENTSTREAM_")}
-    for key, value in {**settings.public_dict(), **extra}.items():
-        if key != "kafka_sasl_password":
-            env[f"INTENTSTREAM_{key.upper()}"] = str(value)
-    return env
-
-
 class Worker:
     """A real `intentstream worker` process."""
 
     def __init__(self, settings: Settings, log_dir: Path, **extra: object):
         self.port = free_port()
-        self.env = settings_env(settings, web_port=self.port, **extra)
+        self.env = settings.child_env(web_port=self.port, **extra)
         self.log_path = log_dir / f"worker-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 

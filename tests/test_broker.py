@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from load_tests.procs import free_port
 from stream import broker
 from stream.settings import Settings
 from stream.topics import ensure_topics, kafka_client_kwargs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_start_is_idempotent_status_reports_and_stop_stops(tmp_path):
-    port, cport = _free_port(), _free_port()
+    port, cport = free_port(), free_port()
     settings = Settings.from_env(
         kafka_bootstrap=f"127.0.0.1:{port}", kafka_controller_port=cport, state_dir=str(tmp_path)
     )
@@ -57,7 +51,7 @@ def test_cli_reports_a_missing_maven_in_one_line(tmp_path):
     env = {
         **os.environ,
         "PATH": str(tmp_path),  # neither java nor mvn
-        "INTENTSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{_free_port()}",
+        "INTENTSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
         "INTENTSTREAM_KAFKA_CACHE_DIR": str(tmp_path / "cache"),
         "INTENTSTREAM_STATE_DIR": str(tmp_path / "state"),
     }

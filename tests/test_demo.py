@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from load_tests.procs import free_port
 from stream.settings import Settings
-from tests.helpers import encode, free_port, make_events, produce, settings_env, write_model
+from tests.helpers import encode, make_events, produce, write_model
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -49,7 +50,7 @@ def test_the_demo_gives_the_same_result_every_time_it_is_run(fresh: Settings, tm
     write_model(fresh.model_dir, churn_alert=0.3)
     ensure_topics(fresh)
     produce(fresh, encode(make_events(n_users=50, seed=9)))  # a backlog that is not the demo's
-    env = settings_env(fresh, web_port=free_port())
+    env = fresh.child_env(web_port=free_port())
     stdout, first = run_demo(env, tmp_path / "first.json")
     _, second = run_demo(env, tmp_path / "second.json")
     for summary in (first, second):
