@@ -257,13 +257,17 @@ class Offsets:
 
 
 async def create_topics(settings: Settings, topics: dict[str, int]) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    """Create the topics (name -> partitions) that do not exist; the settings' output topics with the broker's
+    clock as their records' timestamps (stream.topics.new_topic)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from stream.topics import new_topic
 
     admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(t, n, settings.replication_factor) for t, n in topics.items() if t not in existing]
+        new = [new_topic(settings, t, n) for t, n in topics.items() if t not in existing]
         if new:
             await admin.create_topics(new)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from stream.settings import Settings
 
@@ -28,9 +29,23 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, object]:
     return kwargs
 
 
+# Output records carry the broker's clock: their timestamp is when the broker appended them, so that end-to-end
+# latency (input record's timestamp to output record's) is measured at the broker, not at the output's creation
+# in the worker. Input topics keep CreateTime: the producer's own event-emission time.
+OUTPUT_TOPIC_CONFIG = {"message.timestamp.type": "LogAppendTime"}
+
+
+def new_topic(settings: Settings, name: str, partitions: int) -> Any:
+    """The aiokafka NewTopic for ``name``: an output topic of ``settings`` gets ``OUTPUT_TOPIC_CONFIG``."""
+    from aiokafka.admin import NewTopic
+
+    configs = OUTPUT_TOPIC_CONFIG if name in settings.output_topics else {}
+    return NewTopic(name, partitions, settings.replication_factor, topic_configs=dict(configs))
+
+
 async def ensure_topics_async(settings: Settings, extra: dict[str, int] | None = None) -> list[str]:
     """Create the input and output topics (and ``extra`` name -> partitions) that do not exist yet."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin import AIOKafkaAdminClient
 
     wanted = {t: settings.partitions for t in (settings.topic_clickstream, *settings.output_topics)}
     wanted.update(extra or {})
@@ -38,7 +53,7 @@ async def ensure_topics_async(settings: Settings, extra: dict[str, int] | None =
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(name, n, settings.replication_factor) for name, n in wanted.items() if name not in existing]
+        missing = [new_topic(settings, name, n) for name, n in wanted.items() if name not in existing]
         if missing:
             await admin.create_topics(missing)
         return [t.name for t in missing]

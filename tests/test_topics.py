@@ -1,0 +1,58 @@
+"""stream/topics.py on the real broker: the output topics time their records by the broker's clock.
+
+End-to-end latency is an output record's timestamp minus its input record's (``input_ts``). With the default
+CreateTime, the output's timestamp was set by the worker when it built the record, so the latency stopped there,
+before the producer's queue and the broker (issue 14, item 5). The output topics are now created with
+LogAppendTime: their records carry the time the broker appended them. Input topics keep CreateTime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from stream.settings import Settings
+from stream.topics import ensure_topics_async, kafka_client_kwargs
+
+pytestmark = pytest.mark.kafka
+
+LOG_APPEND_TIME = 1  # aiokafka ConsumerRecord.timestamp_type: 0 CreateTime, 1 LogAppendTime
+AN_HOUR_AGO_MS = int(time.time() * 1000) - 3_600_000
+
+
+async def first_record(settings: Settings, topic: str) -> tuple[int, int]:
+    consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        for _ in range(30):  # the first fetches may come back empty while metadata settles
+            got = (await consumer.getmany(tp, timeout_ms=1_000)).get(tp)
+            if got:
+                return got[0].timestamp, got[0].timestamp_type
+        raise AssertionError(f"no record in {topic} within 30 s")
+    finally:
+        await consumer.stop()
+
+
+def test_output_records_are_timed_by_the_broker_and_inputs_by_their_producer(fresh: Settings):
+    async def run() -> dict[str, tuple[int, int]]:
+        await ensure_topics_async(fresh)
+        producer = AIOKafkaProducer(**kafka_client_kwargs(fresh))
+        await producer.start()
+        try:
+            for topic in (fresh.topic_clickstream, *fresh.output_topics):
+                await producer.send_and_wait(topic, b"{}", key=b"u", partition=0, timestamp_ms=AN_HOUR_AGO_MS)
+        finally:
+            await producer.stop()
+        return {t: await first_record(fresh, t) for t in (fresh.topic_clickstream, *fresh.output_topics)}
+
+    sent_after = int(time.time() * 1000)
+    got = asyncio.run(run())
+    assert got[fresh.topic_clickstream] == (AN_HOUR_AGO_MS, 0)  # the producer's time, kept
+    for topic in fresh.output_topics:
+        ts, kind = got[topic]
+        assert kind == LOG_APPEND_TIME and ts >= sent_after - 5_000, topic  # the broker's time of the append
