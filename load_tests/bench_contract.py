@@ -19,8 +19,8 @@ from pathlib import Path
 
 import orjson
 
-from stream import badrecords
 from stream.contract import EVENT_TYPES, Event, validate
+from stream.traffic import badrecords
 
 TARGET_US = 5.0
 

@@ -1,4 +1,4 @@
-"""Producer throughput of ``stream.replay.replay`` into the local broker, with --max pacing (the default).
+"""Producer throughput of ``stream.traffic.replay.replay`` into the local broker, with --max pacing (the default).
 
     python -m load_tests.bench_replay [--events N] [--users U] [--json PATH]
 
@@ -24,9 +24,9 @@ from typing import Any
 import orjson
 
 from stream.contract import EVENT_TYPES, Event
-from stream.replay import replay
 from stream.settings import Settings
 from stream.topics import kafka_client_kwargs
+from stream.traffic.replay import replay
 
 TARGET_EVENTS_PER_S = 50_000
 

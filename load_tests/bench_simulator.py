@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from stream import simulator
 from stream.contract import EVENT_TYPES, TYPE_CODE
+from stream.traffic import simulator
 
 DAY_MS = 86_400_000
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from models.artifact import resolve_device
-    from stream.simulator import write_simulation
+    from stream.traffic.simulator import write_simulation
     from training.data import DataConfig, load_dataset
     from training.train import TrainConfig, publish, train_model
 

@@ -6,7 +6,7 @@ No state, no model, no Faust: what one Python process can move through Kafka on 
 bound for any stream processor written in Python. It reads ``topic_clickstream`` as consumer group
 ``app_id`` from the earliest offset and writes every record unchanged (after decoding it, as every real
 processor must) to the same partition of ``topic_intent``. Output records go out as whole batches
-(``send_batch``, like stream/replay.py): the fastest path aiokafka offers, so the ceiling is a real
+(``send_batch``, like stream/traffic/replay.py): the fastest path aiokafka offers, so the ceiling is a real
 ceiling. Offsets are committed once the outputs of what was consumed are acknowledged (at least once,
 like the engine). SIGTERM stops it cleanly.
 """

@@ -88,8 +88,8 @@ SEGMENTS = ("warmup", "kill_restart", "rebalance", "broker_restart", "pause", "m
 
 def build_trace(plan: Plan, seed: int) -> list[tuple[bytes | None, bytes]]:
     """Simulator events (key = user_id) with malformed records mixed in, the same list for the same seed."""
-    from stream.badrecords import generate
-    from stream.simulator import simulate
+    from stream.traffic.badrecords import generate
+    from stream.traffic.simulator import simulate
 
     events = simulate(plan.users, plan.days, seed).events
     bad = iter(generate(len(events) // plan.bad_every + 1, seed=seed))
@@ -660,8 +660,8 @@ def measure_recovery(out: Path, n_users: int, guarantee: str, seed: int = 7) -> 
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     from stream import broker
-    from stream.replay import replay
     from stream.topics import ensure_topics
+    from stream.traffic.replay import replay
     from tests.helpers import write_model
 
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
@@ -778,8 +778,8 @@ def measure_throughput(
     import logging
 
     from stream import broker
-    from stream.replay import replay
-    from stream.simulator import simulate
+    from stream.traffic.replay import replay
+    from stream.traffic.simulator import simulate
     from tests.helpers import write_model
 
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

@@ -259,7 +259,7 @@ def accuracy(runtimes: tuple[str, ...], users: int, days: float, minutes: float,
     (each test user's whole history in one causal pass from a zero state, as ``intentstream evaluate`` does), and
     each runtime's largest probability difference from torch fp32 on those positions."""
     from models.export import export_onnx
-    from stream.simulator import write_simulation
+    from stream.traffic.simulator import write_simulation
     from training import metrics
     from training.data import TEST, DataConfig, load_dataset
     from training.train import Tensors, predict, train_small

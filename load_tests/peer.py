@@ -420,7 +420,7 @@ class Peer:
 
     async def produce_backlog(self) -> dict[str, Any]:
         from load_tests.traffic import Traffic
-        from stream.replay import replay
+        from stream.traffic.replay import replay
 
         cfg = self.cfg
         await P.create_topics(self.base, {self.backlog_topic: cfg.partitions})

@@ -174,7 +174,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
 
 
 async def _backlog(settings: Settings, events: int, users: int) -> int:
-    from stream.replay import replay
+    from stream.traffic.replay import replay
 
     traffic = Traffic(users=users)
     await P.create_topics(

@@ -263,7 +263,7 @@ class Run:
         self, settings: Settings, records: Any, rate: float | None, watch: Target | None, phase: str
     ) -> Any:
         """Replay ``records`` (sampling ``watch`` meanwhile); the replay's stats."""
-        from stream.replay import replay
+        from stream.traffic.replay import replay
 
         task = asyncio.create_task(
             replay(settings, records, rate=rate, bad_fraction=self.cfg.bad_fraction, seed=self.cfg.seed)
@@ -351,7 +351,7 @@ class Run:
         """Fresh engine workers (of ``variant`` if given, with ``runtime`` if given); optional preload; then each
         rate for ``duration_s`` and a drain. The traffic starts from its beginning: every group of steps gets the
         same records."""
-        from stream.replay import replay
+        from stream.traffic.replay import replay
 
         cfg = self.cfg
         other = variant or runtime

@@ -50,7 +50,7 @@ class Traffic:
         template_days: float = 1.0,
         start_ms: int | None = None,
     ):
-        from stream.simulator import simulate
+        from stream.traffic.simulator import simulate
 
         if users < 1:
             raise ValueError("users: at least 1")

@@ -15,12 +15,15 @@ from stream.settings import Settings, SettingsError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("stream.demo", "the main job: broker, topics, a model, a worker, replayed traffic, a summary line"),
+    "demo": (
+        "stream.traffic.demo",
+        "the main job: broker, topics, a model, a worker, replayed traffic, a summary line",
+    ),
     "kafka": ("stream.broker.cli", "run a local single-node Apache Kafka broker (KRaft, no Docker)"),
     "topics": ("stream.topics", "create the input, output and dead-letter topics if missing"),
     "worker": ("stream.worker", "run a scoring worker (Faust app); start several to share the partitions"),
-    "simulate": ("stream.simulator", "write synthetic clickstream with ground truth (JSON lines, .gz ok)"),
-    "replay": ("stream.replay", "publish a file of events to the clickstream topic (rate, speed-up or max)"),
+    "simulate": ("stream.traffic.simulator", "write synthetic clickstream with ground truth (JSON lines, .gz ok)"),
+    "replay": ("stream.traffic.replay", "publish a file of events to the clickstream topic (rate, speed-up or max)"),
     "train": ("training.train", "train a GRU/CNN/hybrid intent+churn model and write a versioned artifact"),
     "export": (
         "models.export",

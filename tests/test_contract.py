@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream import badrecords, contract
+from stream import contract
 from stream.contract import (
     EVENT_TYPES,
     MAX_TS_MS,
@@ -25,6 +25,7 @@ from stream.contract import (
     reason_field,
     validate,
 )
+from stream.traffic import badrecords
 
 DROP = object()
 OCT_1_2019_MS = 1_569_888_000_000
@@ -592,7 +593,7 @@ def test_churn_record_fields():
     }
 
 
-# ---- malformed records (stream/badrecords.py) ------------------------------------------------------------
+# ---- malformed records (stream/traffic/badrecords.py) ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", range(20))

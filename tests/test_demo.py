@@ -66,7 +66,7 @@ def test_the_demo_gives_the_same_result_every_time_it_is_run(fresh: Settings, tm
 
 
 def test_quantiles_of_a_prometheus_histogram():
-    from stream.demo import _quantile
+    from stream.traffic.demo import _quantile
 
     buckets = [(0.01, 10.0), (0.1, 90.0), (1.0, 100.0), (float("inf"), 100.0)]
     assert _quantile(buckets, 0.5) == pytest.approx(0.01 + 0.09 * (40 / 80))

@@ -23,9 +23,9 @@ import orjson
 import psutil
 import pytest
 
-from stream.badrecords import BadRecord, generate
 from stream.contract import DEFAULT_MAX_RECORD_BYTES
 from stream.settings import Settings
+from stream.traffic.badrecords import BadRecord, generate
 from tests.helpers import BASE_TS, Worker, consume, encode, make_events, produce, wait_assigned, write_model
 
 FLOOD_USER = "flooder"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stream import rees46
 from stream.contract import Event, validate
+from stream.traffic import rees46
 
 EXCERPT = "rees46-2019-10-01-part1.csv.gz"
 HEADER = "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session"

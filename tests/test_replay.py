@@ -15,12 +15,20 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
-from stream import badrecords
 from stream.cli import main as cli_main
 from stream.contract import EVENT_TYPES, Event, validate
-from stream.replay import ReplayStats, _as_record, _mixed, detect_format, iter_file_events, kafka_partition, replay
 from stream.settings import Settings
 from stream.topics import kafka_client_kwargs
+from stream.traffic import badrecords
+from stream.traffic.replay import (
+    ReplayStats,
+    _as_record,
+    _mixed,
+    detect_format,
+    iter_file_events,
+    kafka_partition,
+    replay,
+)
 
 OCT_1_2019_MS = 1_569_888_000_000
 

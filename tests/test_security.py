@@ -184,7 +184,7 @@ def test_the_app_gets_the_credentials_and_binds_its_web_server_to_loopback(pki, 
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_no_payload_or_secret_reaches_the_worker_log_and_the_web_port_is_loopback_only(fresh, tmp_path):
-    from stream.badrecords import generate
+    from stream.traffic.badrecords import generate
 
     write_model(fresh.model_dir)
     marker = "PAYLOAD" + uuid.uuid4().hex[:12]

@@ -11,9 +11,9 @@ import numpy as np
 import orjson
 import pytest
 
-from stream import simulator
 from stream.cli import main as cli_main
 from stream.contract import EVENT_TYPES, Event, validate
+from stream.traffic import simulator
 from training.labels import compute_labels
 
 

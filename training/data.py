@@ -1,7 +1,7 @@
 """Training data: contract events -> records, labels, the user x time split, and training chunks.
 
 - Events come from JSON-lines files (the simulator's output, any contract events, ``.gz`` ok) or REES46 CSV
-  (through ``stream.rees46`` when that adapter is present). Records are built by
+  (through ``stream.traffic.rees46`` when that adapter is present). Records are built by
   ``models.features.encode_events``: the very function whose output the engine's parity test checks.
 - Labels are recomputed from the events (``training.labels``), never read from a simulator's truth file, so a
   real trace is labelled exactly like a synthetic one.
@@ -155,18 +155,18 @@ def _is_csv(path: Path) -> bool:
 
 
 def read_events(paths: Sequence[Path | str]) -> list[Event]:
-    """Events of all files, in file order: REES46 CSV (stream/rees46.py) or contract JSON lines (the simulator's
+    """Events of all files, in file order: REES46 CSV (stream/traffic/rees46.py) or contract JSON lines (the simulator's
     reader, which stops at the first invalid line with its number and reason)."""
     events: list[Event] = []
     for p in map(Path, paths):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such data file")
         if _is_csv(p):
-            from stream import rees46
+            from stream.traffic import rees46
 
             events.extend(rees46.read_events(p))
         else:
-            from stream.simulator import read_events as simulator_read_events
+            from stream.traffic.simulator import read_events as simulator_read_events
 
             events.extend(simulator_read_events(p))
     return events

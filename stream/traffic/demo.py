@@ -72,7 +72,7 @@ def _ensure_model(settings: Settings) -> None:
     if model is not None:
         _say(f"serving {model.name} {model.version} from {settings.model_dir}")
         return
-    from stream.simulator import write_simulation
+    from stream.traffic.simulator import write_simulation
     from training.train import train_small
 
     data = settings.state_dir / "demo" / "train.jsonl.gz"
@@ -225,8 +225,8 @@ def _wait_ready(url: str, worker: subprocess.Popen, log_path: Path, timeout: flo
 
 
 async def _traffic(args: argparse.Namespace, settings: Settings, url: str) -> dict[str, Any]:
-    from stream.replay import replay
-    from stream.simulator import simulate
+    from stream.traffic.replay import replay
+    from stream.traffic.simulator import simulate
 
     users = max(50, args.events // 6)  # about 10 events per user in 14 days: enough to cut at --events
     sim = simulate(users=users, days=14, seed=args.seed)

@@ -102,7 +102,7 @@ def _mixed(
             key, value, ts = _as_record(item)
             yield key, value, ts, False
         return
-    from stream.badrecords import iter_bad_records
+    from stream.traffic.badrecords import iter_bad_records
 
     rng = random.Random(seed)
     bad_records = iter_bad_records(seed)
@@ -275,7 +275,7 @@ def iter_file_events(path: Path | str, fmt: str | None, rejected: list[tuple[int
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if (fmt or detect_format(path)) == "rees46":
-        from stream import rees46
+        from stream.traffic import rees46
 
         yield from rees46.iter_events(path, rejected)
         return
@@ -352,7 +352,7 @@ def run(args: Any, settings: Settings) -> int:
     from aiokafka.errors import KafkaConnectionError
     from tqdm import tqdm
 
-    from stream.rees46 import Rees46Error
+    from stream.traffic.rees46 import Rees46Error
 
     if not args.file.is_file():
         raise FileNotFoundError(f"{args.file}: no such file")
