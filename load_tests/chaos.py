@@ -57,7 +57,7 @@ from typing import Any
 
 import orjson
 
-from load_tests.procs import free_port
+from load_tests.procs import free_port, read_to_end
 from stream.settings import Settings
 from stream.topics import kafka_client_kwargs
 
@@ -307,33 +307,6 @@ class Feeder:
         return self.failed
 
 
-async def _read_all(settings: Settings, topics: list[str], isolation: str) -> dict[str, list[Any]]:
-    """Every record of ``topics`` up to their end offsets (the last stable offsets under read_committed)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(
-        **kafka_client_kwargs(settings),
-        enable_auto_commit=False,
-        isolation_level=isolation,
-        max_partition_fetch_bytes=4 << 20,
-    )
-    await consumer.start()
-    try:
-        await consumer._client.set_topics(topics)
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        got: dict[str, list[Any]] = {t: [] for t in topics}
-        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-            batch = await consumer.getmany(timeout_ms=1000)
-            for tp, msgs in batch.items():
-                got[tp.topic].extend(m for m in msgs if m.offset < end[tp])
-        return got
-    finally:
-        await consumer.stop()
-
-
 async def _offsets(settings: Settings) -> tuple[int, int]:
     """(offsets the consumer group has committed, end offsets), summed over the input partitions."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -565,7 +538,7 @@ def run_scenario(out: Path, guarantee: str, plan: Plan, seed: int) -> dict[str, 
         scenario.note("input fully committed; reading every topic to its end")
         isolation = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
         topics = [settings.topic_clickstream, settings.topic_intent, settings.topic_dlq, settings.topic_churn]
-        got = asyncio.run(_read_all(settings, topics, isolation))
+        got = asyncio.run(read_to_end(settings, topics, isolation))
         result = account(
             got[settings.topic_clickstream],
             got[settings.topic_intent],

@@ -296,3 +296,52 @@ def broker_process(settings: Settings) -> psutil.Process | None:
         return psutil.Process(int(pid_file.read_text().strip()))
     except (OSError, ValueError, psutil.Error):
         return None
+
+
+async def read_to_end(
+    settings: Settings, topics: list[str], isolation: str = "read_uncommitted", timeout_s: float = 300.0
+) -> dict[str, list[Any]]:
+    """Every record of ``topics`` (topic -> its ConsumerRecords), from the beginning to the end offsets taken at the
+    call: the last stable offsets under read_committed. The one reader of the tests, the chaos run and the demo's
+    checks; fails after ``timeout_s`` rather than wait for records that never come."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        **kafka_client_kwargs(settings),
+        enable_auto_commit=False,
+        isolation_level=isolation,
+        max_partition_fetch_bytes=4 << 20,  # dead-letter records carry up to 342 KiB of the original
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t, n in (await partitions(settings, topics)).items() for p in range(n)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        got: dict[str, list[Any]] = {t: [] for t in topics}
+        deadline = time.monotonic() + timeout_s
+        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topics} to their end offsets within {timeout_s:.0f} s")
+            for tp, msgs in (await consumer.getmany(timeout_ms=500)).items():
+                got[tp.topic].extend(m for m in msgs if m.offset < end[tp])
+        return got
+    finally:
+        await consumer.stop()
+
+
+async def partitions(settings: Settings, topics: list[str]) -> dict[str, int]:
+    """Partitions of each topic, from the broker (a topic that does not exist: an error naming it)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    out = {d["topic"]: len(d["partitions"]) for d in described}
+    missing = [t for t in topics if not out.get(t)]
+    if missing:
+        raise LookupError(f"no such topic: {', '.join(missing)}")
+    return out

@@ -16,6 +16,7 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from load_tests import procs
 from load_tests.procs import free_port
 from models.artifact import save_artifact, untrained_model
 from models.features import FeaturizerConfig
@@ -192,27 +193,5 @@ def consume(
 
 
 def read_to_end(settings: Settings, topics: list[str]) -> dict[str, list]:
-    """Every record now in ``topics``: read up to the end offsets taken at the start."""
-
-    async def run() -> dict[str, list]:
-        from aiokafka import TopicPartition
-
-        consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), enable_auto_commit=False)
-        await consumer.start()
-        try:
-            await consumer._client.set_topics(topics)  # fetch these topics' metadata for partitions_for_topic
-            tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
-            assert tps, f"none of {topics} exists"
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps)
-            got: dict[str, list] = {t: [] for t in topics}
-            while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-                batch = await consumer.getmany(timeout_ms=500)
-                for tp, msgs in batch.items():
-                    got[tp.topic].extend(m for m in msgs if m.offset < end[tp])
-            return got
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(run())
+    """Every record now in ``topics`` (load_tests.procs.read_to_end, from synchronous test code)."""
+    return asyncio.run(procs.read_to_end(settings, topics))

@@ -11,14 +11,12 @@ from collections import defaultdict
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
+from load_tests.procs import read_to_end
 from stream.cli import main as cli_main
 from stream.contract import EVENT_TYPES, Event, validate
 from stream.settings import Settings
-from stream.topics import kafka_client_kwargs
 from stream.traffic import badrecords
 from stream.traffic.replay import (
     ReplayStats,
@@ -55,36 +53,9 @@ def make_events(n: int, users: int, seed: int = 0, gap_ms: int = 1000) -> list[E
     return events
 
 
-async def partitions_of(settings: Settings, topic: str) -> list[int]:
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
-    await admin.start()
-    try:
-        (description,) = await admin.describe_topics([topic])
-        return sorted(p["partition"] for p in description["partitions"])
-    finally:
-        await admin.close()
-
-
 async def read_topic(settings: Settings, topic: str, timeout_s: float = 60.0) -> list:
     """Every record of ``topic``, from the beginning to the end offsets at the time of the call."""
-    consumer = AIOKafkaConsumer(
-        **kafka_client_kwargs(settings), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in await partitions_of(settings, topic)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        records = []
-        deadline = time.monotonic() + timeout_s
-        while any([await consumer.position(tp) < end[tp] for tp in tps]):
-            assert time.monotonic() < deadline, "could not read the topic to its end"
-            for batch in (await consumer.getmany(*tps, timeout_ms=500)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
+    return (await read_to_end(settings, [topic], timeout_s=timeout_s))[topic]
 
 
 def replay_sync(settings: Settings, records, **kwargs) -> ReplayStats:
