@@ -326,28 +326,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return float(f"{a / b:.4g}") if a is not None and b else None
 
 
-async def create_output_topics(settings: Settings, topics: list[str]) -> None:
-    """Output topics stamped by the broker on append: the one clock common to the three systems."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    from stream.topics import kafka_client_kwargs
-
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        config = {"message.timestamp.type": "LogAppendTime"}
-        new = [
-            NewTopic(t, settings.partitions, settings.replication_factor, topic_configs=config)
-            for t in topics
-            if t not in existing
-        ]
-        if new:
-            await admin.create_topics(new)
-    finally:
-        await admin.close()
-
-
 class Peer:
     def __init__(self, cfg: Config):
         from load_tests.run import Progress
@@ -457,7 +435,9 @@ class Peer:
         name = f"{self.tag}-{system.replace('_', '-')}-t{turn}"
         s = self.settings(name)
         outputs = [s.topic_intent, s.topic_dlq]
-        await create_output_topics(s, [*outputs, s.topic_churn] if system == "worker" else outputs)
+        # Output topics stamped by the broker on append (stream.topics.new_topic): the clock common to the systems
+        topics = [*outputs, s.topic_churn] if system == "worker" else outputs
+        await P.create_topics(s, {t: s.partitions for t in topics})
         if system == "worker":
             kind, argv = "engine", None
         else:
