@@ -603,7 +603,7 @@ def user_states(n_users: int, seed: int) -> Any:
         state = UserState()
         for i in range(4):
             state.accept(Event(f"r{u}-{i}", f"r{u:07d}", "product_view", base + u * 1000 + i * 60_000), config, 0)
-        state.hidden, state.model_version, state.score = hidden, "v0001", 0.1
+        state.hidden, state.model_tag, state.score = hidden, "0123456789abcdef", 0.1
         if u < n_users - 1000:
             state.closed_ts = state.last_ts
         yield f"r{u:07d}".encode(), state.to_bytes()

@@ -96,7 +96,7 @@ def create_app(settings: Settings) -> faust.App:
             blob = users.get(m.key)
             st = UserState.from_bytes(blob) if blob else UserState()
             prior = st.records
-            hidden = st.hidden if st.model_version == model.version else None
+            hidden = st.hidden if st.model_tag == model.state_tag else None
             outcome = st.accept(ev, model.featurizer, lateness_ms)
             if outcome in (Accept.DUPLICATE, Accept.TOO_LATE):
                 continue
@@ -107,7 +107,7 @@ def create_app(settings: Settings) -> faust.App:
                 batch.new.append(tuple(st.records[-1].item()))
             scores = score_batch(model, [batch], device)[0]
             p = scores.probs[-1]
-            st.hidden, st.model_version = scores.hidden, model.version
+            st.hidden, st.model_tag = scores.hidden, model.state_tag
             st.score, st.churn_risk = float(p[0]), float(p[1])
             band = emit.band_of(st.score, thresholds)
             scored_at = int(time.time() * 1000)

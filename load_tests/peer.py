@@ -138,7 +138,7 @@ def model_handler(settings: Settings) -> Any:
     )
     if model is None:
         raise SystemExit(f"peer: no usable model in {settings.model_dir}: {'; '.join(refused) or 'none there'}")
-    featurizer, version, name = model.featurizer, model.version, model.name
+    featurizer, version, name, tag = model.featurizer, model.version, model.name, model.state_tag
     thresholds = model.thresholds["purchase"]
     lateness_ms = int(settings.allowed_lateness_s * 1000)
     max_bytes = settings.max_record_bytes
@@ -152,7 +152,7 @@ def model_handler(settings: Settings) -> Any:
         blob = state.get_bytes(STATE_KEY)
         st = from_bytes(blob) if blob else UserState()
         prior = st.records
-        hidden = st.hidden if st.model_version == version else None
+        hidden = st.hidden if st.model_tag == tag else None
         outcome = st.accept(ev, featurizer, lateness_ms)
         if outcome is Accept.DUPLICATE:
             return None
@@ -166,7 +166,7 @@ def model_handler(settings: Settings) -> Any:
             batch.new.append(tuple(st.records[-1].item()))
         scores = score_batch(model, [batch], device)[0]
         p = scores.probs[-1].tolist()
-        st.hidden, st.model_version = scores.hidden, version
+        st.hidden, st.model_tag = scores.hidden, tag
         st.score, st.churn_risk = p[0], p[1]
         band = emit.band_of(st.score, thresholds)
         out = contract.intent_record(

@@ -75,6 +75,12 @@ class LoadedModel:
         return f"v{int(self.manifest['version']):04d}"
 
     @property
+    def state_tag(self) -> str:
+        """What the hidden states this model leaves in the users' state are tied to: the first 16 hex digits of its
+        weights' sha256. A version string is not enough: two model folders can both hold a v0003."""
+        return str(self.manifest["sha256"])[:16]
+
+    @property
     def config(self) -> ModelConfig:
         return self.model.config
 
@@ -165,6 +171,7 @@ def load_artifact(
     expect_window: int | None = None,
     runtime: str = "torch",
     threads: int = 1,
+    expect_session_gap_s: float | None = None,
 ) -> LoadedModel:
     """Load one artifact after checking its manifest and sha256 (and those of the runtime's graphs); raise
     ArtifactError otherwise. ``threads``: ONNX Runtime's intra-op threads (torch's are set process-wide)."""
@@ -186,6 +193,14 @@ def load_artifact(
         )
     if expect_window is not None and feat.get("window") != expect_window:
         raise ArtifactError(f"{path.name}: featurizer window {feat.get('window')} differs from {expect_window}")
+    trained_gap = feat.get("session_gap_s")
+    if expect_session_gap_s is not None and trained_gap != expect_session_gap_s:
+        raise ArtifactError(
+            f"{path.name}: trained with a session gap of {trained_gap} s, but sessions close here after "
+            f"{expect_session_gap_s:g} s (INTENTSTREAM_SESSION_GAP_S): churn would be judged where the model never "
+            f"learned it; retrain with `intentstream train --session-gap-s {expect_session_gap_s:g}` or set "
+            f"INTENTSTREAM_SESSION_GAP_S={trained_gap}"
+        )
     weights = path / manifest.get("weights", WEIGHTS)
     if not weights.is_file():
         raise ArtifactError(f"{path.name}: weights file {weights.name} is missing")
@@ -244,12 +259,13 @@ def load_newest(
     expect_window: int | None = None,
     runtime: str = "torch",
     threads: int = 1,
+    expect_session_gap_s: float | None = None,
 ) -> tuple[LoadedModel | None, list[str]]:
     """The newest artifact that loads, and one line per newer artifact that was refused."""
     refused: list[str] = []
     for _, path in list_versions(model_dir):
         try:
-            return load_artifact(path, device, expect_window, runtime, threads), refused
+            return load_artifact(path, device, expect_window, runtime, threads, expect_session_gap_s), refused
         except ArtifactError as exc:
             refused.append(str(exc))
     return None, refused

@@ -14,6 +14,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ FLAG_SAME_ITEM = 2
 FLAG_FIRST = 4
 
 N_NUMERIC = 10
+IntOrArray = TypeVar("IntOrArray", int, np.ndarray)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class FeaturizerConfig:
     category_buckets: int = 64  # category hash buckets (embedding rows = buckets + 1; 0 = no category)
     session_gap_s: float = 1800.0  # a gap longer than this starts a new session even with the same session_id
     version: int = FEATURIZER_VERSION
+
+    @property
+    def session_gap_ms(self) -> int:
+        return round(self.session_gap_s * 1000)
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -67,6 +73,15 @@ class FeaturizerConfig:
             session_gap_s=float(d["session_gap_s"]),
             version=int(d["version"]),
         )
+
+
+def session_deadline(last_ts_ms: IntOrArray, gap_ms: int) -> IntOrArray:
+    """The event time from which the session whose last event is at ``last_ts_ms`` is over: it closes when the
+    user's next event, or the partition's watermark, is at or past it. The one definition of where a session ends,
+    so that churn is judged at the same positions in training (``training.data.Dataset.session_end``) as in serving
+    (``stream.churn.PartitionSessions``). A change of session_id alone ends no session here: the engine could not
+    see it until the user's next event, and judges churn only when time has passed."""
+    return last_ts_ms + gap_ms
 
 
 def _crc(text: str | None) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+from models.features import session_deadline
+
 
 @dataclass
 class PartitionSessions:
@@ -39,4 +41,4 @@ class PartitionSessions:
     def touch(self, user_id: str, last_ts: int, gap_ms: int) -> None:
         if user_id not in self.queued:
             self.queued.add(user_id)
-            heapq.heappush(self.heap, (last_ts + gap_ms, user_id))
+            heapq.heappush(self.heap, (session_deadline(last_ts, gap_ms), user_id))

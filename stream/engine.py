@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from models.artifact import LoadedModel
+from models.features import session_deadline
 from stream import contract, emit
 from stream.churn import PartitionSessions
 from stream.contract import Event
@@ -80,7 +81,7 @@ class Engine:
         self.model = model
         self.device = device
         self.sessions: dict[int, PartitionSessions] = {}
-        self.gap_ms = int(settings.session_gap_s * 1000)
+        self.gap_ms = round(settings.session_gap_s * 1000)
         self.lateness_ms = int(settings.allowed_lateness_s * 1000)
         self.watermark_lead_ms = int(settings.max_watermark_lead_s * 1000)
 
@@ -112,7 +113,7 @@ class Engine:
         watermark_cap = now_ms + self.watermark_lead_ms
         touched: dict[str, _Touched] = {}
         closed: list[tuple[str, int, InRecord]] = []  # (user, last_ts of the closed session, record that closed it)
-        featurizer, version, lateness_ms, gap_ms = model.featurizer, model.version, self.lateness_ms, self.gap_ms
+        featurizer, tag, lateness_ms, gap_ms = model.featurizer, model.state_tag, self.lateness_ms, self.gap_ms
         validate, max_bytes = contract.validate, s.max_record_bytes
 
         def load(user_id: str, rec: InRecord) -> _Touched:
@@ -120,7 +121,7 @@ class Engine:
             if t is None:
                 blob = get_state(user_id, rec)
                 st = UserState.from_bytes(blob) if blob else UserState()
-                hidden = st.hidden if st.model_version == version else None
+                hidden = st.hidden if st.model_tag == tag else None
                 t = touched[user_id] = _Touched(
                     PendingWindow.of(st, featurizer), st.records, hidden, st.churn_risk, rec
                 )
@@ -139,7 +140,7 @@ class Engine:
                 for user_id in sessions.advance(event_time):  # sessions closed by this record's event time
                     t = load(user_id, rec)
                     st, last_ts = t.window.state, t.window.last_ts
-                    if last_ts + gap_ms > sessions.watermark:
+                    if session_deadline(last_ts, gap_ms) > sessions.watermark:
                         sessions.touch(user_id, last_ts, gap_ms)  # came back since: still open
                     elif st.closed_ts != last_ts:
                         closed.append((user_id, last_ts, rec))
@@ -195,9 +196,12 @@ class Engine:
                     risk_at[(uid, ev.ts)] = p[1]
                 st = t.state
                 st.hidden = us.hidden
-                st.model_version = version
+                st.model_tag = tag
                 last = per_item[-1]
                 st.score, st.churn_risk = last[0], last[1]
+                # A late event may end before the window's last: a session closed in this batch is judged at its
+                # last event, scored on the window with the late event in it.
+                risk_at[(uid, t.window.last_ts)] = last[1]
             self._intent_records(result, emitted, emit.intent_reasons_at(windows, ends), scored_at)
         for user_id, last_ts, rec in closed:
             t = touched[user_id]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,9 +24,7 @@ class NoModelError(RuntimeError):
 
 
 def load_model(settings: Settings, device: torch.device) -> LoadedModel:
-    model, refused = load_newest(
-        settings.model_dir, device, settings.window_size, runtime=settings.runtime, threads=settings.torch_threads
-    )
+    model, refused = load_newest(settings.model_dir, device, **_expectations(settings))
     for line in refused:
         log.error("event=model_refused %s", line)
     if model is None:
@@ -34,6 +34,16 @@ def load_model(settings: Settings, device: torch.device) -> LoadedModel:
         )
     log.info("event=model_runtime version=%s runtime=%s", model.version, model.runtime)
     return model
+
+
+def _expectations(settings: Settings) -> dict[str, Any]:
+    """What an artifact must agree with to be served here, and how to load it."""
+    return {
+        "expect_window": settings.window_size,
+        "expect_session_gap_s": settings.session_gap_s,
+        "runtime": settings.runtime,
+        "threads": settings.torch_threads,
+    }
 
 
 def announce(model: LoadedModel) -> None:
@@ -51,9 +61,7 @@ async def poll_once(settings: Settings, engine: Engine, device: torch.device, re
         if version <= int(engine.model.manifest["version"]) or path in refused:
             return
         try:
-            model = await asyncio.to_thread(
-                load_artifact, path, device, settings.window_size, settings.runtime, settings.torch_threads
-            )
+            model = await asyncio.to_thread(partial(load_artifact, path, device, **_expectations(settings)))
         except MissingExportError as exc:
             if path not in _awaiting_export:
                 _awaiting_export.add(path)

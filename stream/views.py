@@ -68,7 +68,7 @@ def register_views(app: faust.App, users: Any, engine: Engine, settings: Setting
                 "events": st.count,
                 "window": len(st.records),
                 "last_seen": st.last_ts,
-                "model_version": st.model_version or None,
+                "model_sha256": st.model_tag or None,  # abridged: the model whose hidden state the user holds
                 "served_by": settings.advertised_url,
                 **detail,
             }

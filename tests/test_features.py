@@ -126,9 +126,9 @@ def test_state_codec_round_trip(hidden):
         churn_risk=0.5,
         closed_ts=10,
         churn_alert_ts=11,
-        model_version="v0003",
+        model_tag="0123456789abcdef",
         hidden=hidden,
     )
     back = UserState.from_bytes(state.to_bytes())
     assert back.to_bytes() == state.to_bytes()
-    assert back.model_version == "v0003" and back.count == 7 and back.last_band == 2
+    assert back.model_tag == "0123456789abcdef" and back.count == 7 and back.last_band == 2

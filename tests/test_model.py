@@ -56,11 +56,11 @@ def test_outputs_are_causal(arch):
     assert not torch.allclose(a[:, 50:], b[:, 50:])
 
 
-def _save(tmp_path, arch="gru"):
+def _save(tmp_path, arch="gru", featurizer=None):
     return save_artifact(
         untrained_model(arch),
         tmp_path,
-        featurizer=FeaturizerConfig(),
+        featurizer=featurizer or FeaturizerConfig(),
         calibration={"purchase": [1.0, 0.0], "churn": [1.0, 0.0]},
         thresholds={"purchase": {"medium": 0.2, "high": 0.5}, "churn": {"alert": 0.5}},
         horizon_s=3600,
@@ -105,6 +105,21 @@ def test_mismatched_featurizer_is_refused(tmp_path):
         load_artifact(path)
     with pytest.raises(ArtifactError, match="window"):
         load_artifact(_save(tmp_path), expect_window=32)
+
+
+def test_a_model_trained_with_another_session_gap_is_refused(tmp_path):
+    """Churn is judged where a session ends: a model trained with another session gap than the worker's would be
+    read at positions it never learned. The worker refuses it and keeps the model that agrees."""
+    from stream.hot_swap import load_model
+    from stream.settings import Settings
+
+    agrees = _save(tmp_path)
+    _save(tmp_path, featurizer=FeaturizerConfig(session_gap_s=900.0))
+    with pytest.raises(ArtifactError, match=r"session gap of 900\.0 s.*INTENTSTREAM_SESSION_GAP_S"):
+        load_artifact(tmp_path / "v0002-gru", expect_session_gap_s=1800.0)
+    served = load_model(Settings.from_env(model_dir=tmp_path, session_gap_s=1800), torch.device("cpu"))
+    assert served.path == agrees
+    assert load_model(Settings.from_env(model_dir=tmp_path, session_gap_s=900), torch.device("cpu")).version == "v0002"
 
 
 def test_weights_load_without_pickle(tmp_path):

@@ -159,7 +159,7 @@ HEADER_FIELDS = st.fixed_dictionaries(
         "churn_risk": st.floats(width=32, allow_nan=False),
         "closed_ts": st.integers(-(2**63), 2**63 - 1),
         "churn_alert_ts": st.integers(-(2**63), 2**63 - 1),
-        "model_version": st.from_regex(r"v[0-9]{4,15}", fullmatch=True),  # what LoadedModel.version writes
+        "model_tag": st.from_regex(r"[0-9a-f]{16}", fullmatch=True),  # what LoadedModel.state_tag writes
     }
 )
 

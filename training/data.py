@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.features import FLAG_NEW_SESSION, FeaturizerConfig, encode_events
+from models.features import FeaturizerConfig, encode_events, session_deadline
 from stream.contract import TYPE_CODE, Event
 
 TRAIN, VAL, TEST = 0, 1, 2
@@ -92,11 +92,14 @@ class Dataset:
         return np.repeat(self.user_split, np.diff(self.user_start))
 
     def session_end(self) -> np.ndarray:
-        """Positions where a session closes: the user's next event starts a new session (or there is none).
-        The engine judges churn there, when it sees the session closed."""
-        nxt_new = np.ones(len(self), dtype=bool)
-        nxt_new[:-1] = (self.records["flags"][1:] & FLAG_NEW_SESSION) > 0  # a user's first event has the flag too
-        return nxt_new
+        """Positions where a session closes: the user's next event comes at or after the session's deadline
+        (``models.features.session_deadline``), or there is none. The engine judges churn there, when the
+        partition's watermark passes the deadline."""
+        ts = self.records["ts"].astype(np.int64)
+        ends = np.ones(len(self), dtype=bool)
+        same_user = np.diff(self.record_user) == 0
+        ends[:-1] = ~same_user | (ts[1:] >= session_deadline(ts[:-1], self.config.featurizer.session_gap_ms))
+        return ends
 
     def head_mask(self, split: int, head: str) -> np.ndarray:
         """Positions whose ``head`` label counts for ``split`` (known or censored): the split's users; train

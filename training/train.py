@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.artifact import ArtifactError, resolve_device, save_artifact
-from models.features import N_TYPES, model_inputs
+from models.features import N_TYPES, FeaturizerConfig, model_inputs, session_deadline
 from models.model import IntentModel, ModelConfig
 from training import metrics as M
 from training.data import TEST, TRAIN, VAL, DataConfig, Dataset, batch_order, load_dataset, make_chunks
@@ -163,8 +163,8 @@ def next_event_targets(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     has_next[:-1] = np.diff(ds.record_user) == 0
     session_end = ds.session_end()
     next_type = np.append(rec["type"][1:], 0).astype(np.int64)
-    gap_to_end = (ds.t_end - rec["ts"]) / 1000.0
-    ended = session_end & (has_next | (gap_to_end > ds.config.featurizer.session_gap_s))
+    data_outlasts = ds.t_end >= session_deadline(rec["ts"].astype(np.int64), ds.config.featurizer.session_gap_ms)
+    ended = session_end & (has_next | data_outlasts)
     move = np.where(ended, N_TYPES, np.where(has_next & ~session_end, next_type, -1))
     gap = np.where(has_next & ~session_end, np.log1p(np.append(rec["gap_s"][1:], 0).astype(np.float64)), np.nan)
     return move, gap
@@ -474,6 +474,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0: no limit)")
     parser.add_argument("--horizon-s", type=float, default=DataConfig().horizon_s, help="purchase label horizon")
     parser.add_argument("--churn-days", type=float, default=DataConfig().churn_days, help="churn label horizon")
+    parser.add_argument(
+        "--session-gap-s",
+        type=float,
+        default=None,
+        help="a session ends after this much time without an event: where churn is judged, here and in the worker, "
+        "which refuses a model trained with another gap (default: INTENTSTREAM_SESSION_GAP_S, 1800)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write a JSON summary here")
 
@@ -489,7 +496,13 @@ def run(args: argparse.Namespace, settings) -> int:
         device=args.device or settings.device,
         max_minutes=args.max_minutes,
     )
-    data_cfg = DataConfig(horizon_s=args.horizon_s, churn_days=args.churn_days, split_seed=args.split_seed)
+    gap_s = settings.session_gap_s if args.session_gap_s is None else args.session_gap_s
+    data_cfg = DataConfig(
+        horizon_s=args.horizon_s,
+        churn_days=args.churn_days,
+        split_seed=args.split_seed,
+        featurizer=FeaturizerConfig(session_gap_s=gap_s),
+    )
     out = args.out or settings.model_dir
     t0 = time.perf_counter()
     ds = load_dataset(args.data, data_cfg)

@@ -27,7 +27,7 @@ from stream.contract import Event
 
 CODEC_VERSION = 1
 # version, count, session_start, score, last_score, last_band, last_emit_ts, churn_risk, closed_ts,
-# churn_alert_ts, model version, n_hidden
+# churn_alert_ts, model tag, n_hidden
 HEADER = struct.Struct("<BQqffbqfqq16sH")
 BANDS = ("low", "medium", "high")
 NO_BAND = -1
@@ -52,7 +52,7 @@ class UserState:
     churn_risk: float = 0.0  # churn probability scored at the user's last event
     closed_ts: int = 0  # last_ts of the last session judged closed (and checked for churn)
     churn_alert_ts: int = 0  # last_ts of the last session that raised a churn alert (0: never)
-    model_version: str = ""  # model that produced ``hidden``
+    model_tag: str = ""  # the model that produced ``hidden`` (LoadedModel.state_tag: its sha256, abridged)
     hidden: np.ndarray | None = None  # float32 [n_hidden], None when the model keeps no state
 
     @property
@@ -102,7 +102,7 @@ class UserState:
             self.churn_risk,
             self.closed_ts,
             self.churn_alert_ts,
-            self.model_version.encode()[:16],
+            self.model_tag.encode()[:16],
             0 if self.hidden is None else len(self.hidden),
         )
         return header + hidden + self.records.tobytes()

@@ -68,7 +68,9 @@ def _ensure_broker(settings: Settings) -> bool:
 def _ensure_model(settings: Settings) -> None:
     from models.artifact import load_newest
 
-    model, _ = load_newest(settings.model_dir, expect_window=settings.window_size)
+    model, _ = load_newest(
+        settings.model_dir, expect_window=settings.window_size, expect_session_gap_s=settings.session_gap_s
+    )
     if model is not None:
         _say(f"serving {model.name} {model.version} from {settings.model_dir}")
         return
