@@ -35,6 +35,25 @@ class Settings:
     kafka_controller_port: int = _f(
         9093, "Controller port of the local KRaft broker (`intentstream kafka start`).", minimum=1
     )
+    kafka_plaintext: str = _f(
+        "on",
+        "The local broker's PLAINTEXT listener, at the port of KAFKA_BOOTSTRAP; off: clients reach it over SSL or "
+        "SASL_SSL only (its KRaft controller listener stays plaintext, on 127.0.0.1).",
+        choices=("on", "off"),
+    )
+    kafka_ssl_port: int = _f(
+        0,
+        "Port of the local broker's SSL listener (0: none). Its CA is made at the first start, in "
+        "STATE_DIR/kafka/tls/ca.pem: clients set KAFKA_SSL_CAFILE to it.",
+        minimum=0,
+    )
+    kafka_sasl_ssl_port: int = _f(
+        0,
+        "Port of the local broker's SASL_SSL listener (0: none), SCRAM-SHA-512 for the user KAFKA_SASL_USERNAME "
+        "(default intentstream) with KAFKA_SASL_PASSWORD, or else a password generated into "
+        "STATE_DIR/kafka/tls/scram-password.",
+        minimum=0,
+    )
     kafka_cache_dir: Path = _f(
         Path("~/.cache/intentstream"), "Cache of the Kafka jars resolved from Maven Central (local broker)."
     )
@@ -122,6 +141,13 @@ class Settings:
     def broker_port(self) -> int:
         """Port the local broker listens on: the port of the first bootstrap address."""
         return int(self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+
+    @property
+    def broker_listeners(self) -> dict[str, int]:
+        """The local broker's client listeners, security protocol -> port on 127.0.0.1."""
+        listeners = {"PLAINTEXT": self.broker_port if self.kafka_plaintext == "on" else 0}
+        listeners.update(SSL=self.kafka_ssl_port, SASL_SSL=self.kafka_sasl_ssl_port)
+        return {protocol: port for protocol, port in listeners.items() if port}
 
     @property
     def output_topics(self) -> tuple[str, ...]:

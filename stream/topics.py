@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Iterator
 from typing import Any
 
 from stream.settings import Settings
@@ -27,6 +31,104 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, object]:
         kwargs["sasl_plain_username"] = settings.kafka_sasl_username
         kwargs["sasl_plain_password"] = settings.kafka_sasl_password
     return kwargs
+
+
+class KafkaAccessError(RuntimeError):
+    """The brokers cannot be used with the configured address, TLS or SASL settings: one line saying what to do.
+    ``unreachable``: nothing answered at all (as opposed to answering and refusing us)."""
+
+    def __init__(self, message: str, *, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+@contextlib.contextmanager
+def quiet_aiokafka() -> Iterator[None]:
+    """aiokafka logs each failed connection as a warning (a traceback with DEBUG): noise when the failure is
+    the answer we are after."""
+    logger = logging.getLogger("aiokafka")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_access(settings: Settings, timeout_s: float = 15.0) -> None:
+    """Connect as our clients will (address, TLS, SASL) and ask for metadata; a ``KafkaAccessError`` with one
+    line that says what to fix otherwise. The worker, replay and the demo call it before anything else, so that a
+    wrong password or an untrusted certificate stops them at once instead of retrying forever behind a wall of
+    tracebacks."""
+    asyncio.run(check_access_async(settings, timeout_s))
+
+
+async def check_access_async(settings: Settings, timeout_s: float = 15.0) -> None:
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed, UnsupportedSaslMechanismError
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    protocol = settings.kafka_security_protocol
+    try:
+        kwargs = kafka_client_kwargs(settings)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise KafkaAccessError(
+            f"kafka: cannot load the TLS files ({exc}): check INTENTSTREAM_KAFKA_SSL_CAFILE, _CERTFILE and _KEYFILE"
+        ) from None
+    del kwargs["bootstrap_servers"]
+    problems = []
+    with quiet_aiokafka():
+        for address in settings.kafka_bootstrap.split(","):
+            host, _, port = address.strip().rpartition(":")
+            where = f"{host}:{port}"
+            try:
+                async with asyncio.timeout(timeout_s):
+                    conn = await create_conn(host, int(port), request_timeout_ms=int(timeout_s * 1000), **kwargs)
+                    try:
+                        await conn.send(MetadataRequest([]))
+                    finally:
+                        conn.close()
+                return
+            except SaslAuthenticationFailed:
+                raise KafkaAccessError(
+                    f"kafka: authentication failed for user {settings.kafka_sasl_username!r} "
+                    f"({settings.kafka_sasl_mechanism}) at {where}: check INTENTSTREAM_KAFKA_SASL_USERNAME and "
+                    "INTENTSTREAM_KAFKA_SASL_PASSWORD"
+                ) from None
+            except UnsupportedSaslMechanismError:
+                raise KafkaAccessError(
+                    f"kafka: the broker at {where} does not offer SASL mechanism {settings.kafka_sasl_mechanism}: "
+                    "check INTENTSTREAM_KAFKA_SASL_MECHANISM"
+                ) from None
+            except ssl.SSLCertVerificationError as exc:
+                raise KafkaAccessError(
+                    f"kafka: the broker's certificate is not trusted ({exc.verify_message}) at {where}: set "
+                    "INTENTSTREAM_KAFKA_SSL_CAFILE to the CA that signed it"
+                ) from None
+            except ssl.SSLError as exc:
+                raise KafkaAccessError(
+                    f"kafka: no TLS with {where} ({exc.reason}): is it a broker's SSL or SASL_SSL listener? check "
+                    "INTENTSTREAM_KAFKA_BOOTSTRAP and INTENTSTREAM_KAFKA_SECURITY_PROTOCOL"
+                ) from None
+            except KafkaConnectionError as exc:
+                if "closed" not in str(exc):
+                    problems.append(f"{where}: {exc}")
+                    continue
+                raise KafkaAccessError(
+                    f"kafka: the broker at {where} closed the connection of a {protocol} client: check "
+                    "INTENTSTREAM_KAFKA_SECURITY_PROTOCOL (and the port: each listener has its own protocol)"
+                ) from None
+            except TimeoutError:  # an OSError too: first
+                problems.append(f"{where}: no answer within {timeout_s:g} s")
+            except ConnectionRefusedError:  # nothing listens there: the next bootstrap address may answer
+                problems.append(f"{where}: connection refused")
+            except OSError as exc:  # an unknown host, no route
+                problems.append(f"{where}: {exc.strerror or exc}")
+    raise KafkaAccessError(
+        f"kafka: no broker answers at {settings.kafka_bootstrap} ({'; '.join(problems)}): start one "
+        "(`intentstream kafka start`) or check INTENTSTREAM_KAFKA_BOOTSTRAP",
+        unreachable=True,
+    )
 
 
 # Output records carry the broker's clock: their timestamp is when the broker appended them, so that end-to-end
@@ -70,6 +172,7 @@ def add_arguments(parser):
 
 
 def run(args, settings: Settings) -> int:
+    check_access(settings)
     created = ensure_topics(settings)
     print(f"topics: created {', '.join(created)}" if created else "topics: all present")
     return 0

@@ -24,13 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.topics import check_access
+
+    if args.web_port:
+        settings = Settings.from_env(web_port=args.web_port)
+    # Faust would retry a refused login or an untrusted certificate forever, logging a traceback each time.
+    check_access(settings)
     from faust.worker import Worker
 
     from stream.app import NoModelError, create_app
     from stream.compat import CompatError
 
-    if args.web_port:
-        settings = Settings.from_env(web_port=args.web_port)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
     )

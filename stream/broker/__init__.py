@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import fcntl
-import logging
 import os
 import shutil
 import signal
@@ -20,7 +20,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from stream.broker import tls
 from stream.settings import Settings
 
 HERE = Path(__file__).parent
@@ -40,9 +42,13 @@ class BrokerStatus:
     pid: int | None  # our broker process, if we started one and it is alive
     bootstrap: str
     detail: str
+    notes: tuple[str, ...] = ()  # how to reach the SSL and SASL_SSL listeners, a restart the settings need
 
     def line(self) -> str:
         return f"kafka: {self.detail}"
+
+    def lines(self) -> list[str]:
+        return [self.line(), *(f"kafka: {note}" for note in self.notes)]
 
 
 def kafka_version() -> str:
@@ -107,18 +113,81 @@ def _resolve(libs: Path, marker: Path) -> Path:
     return libs
 
 
+def _listeners(settings: Settings) -> dict[str, int]:
+    """The client listeners to run; a clear error for a set that cannot be."""
+    listeners = settings.broker_listeners
+    if not listeners:
+        raise BrokerError(
+            "INTENTSTREAM_KAFKA_PLAINTEXT=off leaves the broker no listener: set INTENTSTREAM_KAFKA_SSL_PORT "
+            "or INTENTSTREAM_KAFKA_SASL_SSL_PORT"
+        )
+    ports = [*listeners.values(), settings.kafka_controller_port]
+    if len(set(ports)) < len(ports):
+        shown = ", ".join(f"{p} {port}" for p, port in listeners.items())
+        raise BrokerError(
+            f"two listeners of the local broker on one port ({shown}, CONTROLLER {settings.kafka_controller_port}); "
+            "PLAINTEXT is at the port of INTENTSTREAM_KAFKA_BOOTSTRAP: give each its own, or set "
+            "INTENTSTREAM_KAFKA_PLAINTEXT=off"
+        )
+    return listeners
+
+
+def _security_properties(settings: Settings, listeners: dict[str, int], inter_broker: str) -> list[str]:
+    """TLS (PEM, no Java keystore) and SCRAM of the SSL and SASL_SSL listeners."""
+    if listeners.keys() <= {"PLAINTEXT"}:
+        return []
+    pem = tls.pki(settings)
+    # An unencrypted key is accepted inline only (a PEM keystore file needs a key password, a secret all the same);
+    # server.properties is 0600 for it.
+    chain = pem.cert.read_text().strip() + "\n" + pem.ca.read_text().strip()
+    props = [
+        "ssl.keystore.type=PEM",
+        f"ssl.keystore.key={_prop(pem.key.read_text().strip())}",
+        f"ssl.keystore.certificate.chain={_prop(chain)}",
+        # The broker dials its own inter-broker listener (transaction markers): it trusts its CA.
+        "ssl.truststore.type=PEM",
+        f"ssl.truststore.location={_prop(str(pem.ca))}",
+    ]
+    if "SASL_SSL" in listeners:
+        login = "org.apache.kafka.common.security.scram.ScramLoginModule required"
+        if inter_broker == "SASL_SSL":  # the broker then logs in as a client of itself
+            user, password = tls.scram_user(settings), tls.scram_password(settings, pem)
+            login += f' username="{_jaas_quote(user)}" password="{_jaas_quote(password)}"'
+            props.append(f"sasl.mechanism.inter.broker.protocol={tls.SCRAM_MECHANISM}")
+        props += [
+            f"sasl.enabled.mechanisms={tls.SCRAM_MECHANISM}",
+            f"listener.name.sasl_ssl.{tls.SCRAM_MECHANISM.lower()}.sasl.jaas.config={_prop(login)};",
+        ]
+    return props
+
+
+def _jaas_quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _prop(value: str) -> str:
+    """``value`` as a Java properties value (backslashes and newlines escaped)."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n")
+
+
 def _server_properties(settings: Settings, data_dir: Path) -> str:
-    port, cport = settings.broker_port, settings.kafka_controller_port
+    cport = settings.kafka_controller_port
+    listeners = _listeners(settings)
+    inter_broker = next(iter(listeners))  # PLAINTEXT, else SSL, else SASL_SSL
+    addresses = ",".join(f"{p}://127.0.0.1:{port}" for p, port in listeners.items())
+    protocols = ",".join(f"{p}:{p}" for p in listeners)
     return "\n".join(
         [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{cport}",
-            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            f"listeners={addresses},CONTROLLER://127.0.0.1:{cport}",
+            f"advertised.listeners={addresses}",
             "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            f"inter.broker.listener.name={inter_broker}",
+            # The controller listener stays plaintext: it is bound to 127.0.0.1 and only this node speaks to it.
+            f"listener.security.protocol.map=CONTROLLER:PLAINTEXT,{protocols}",
+            *_security_properties(settings, listeners, inter_broker),
             f"log.dirs={data_dir}",
             "num.partitions=1",
             # A single node: internal topics cannot have more than one replica.
@@ -163,41 +232,131 @@ def _read_pid(home: Path) -> int | None:
     return pid if b"kafka.Kafka" in cmdline else None
 
 
-async def _answers_metadata(bootstrap: str, timeout_s: float = 3.0) -> bool:
+async def _answers_metadata(bootstrap: str, timeout_s: float = 3.0, **security: Any) -> bool:
     from aiokafka.client import AIOKafkaClient
 
+    from stream.topics import quiet_aiokafka
+
     # A refused connection is an expected answer here ("not running"), not a warning for the user.
-    quiet = logging.getLogger("aiokafka")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    with quiet_aiokafka():
+        client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **security)
+        try:
+            await asyncio.wait_for(client.bootstrap(), timeout_s)  # sends a MetadataRequest
+            return bool(client.cluster.brokers())
+        except Exception:
+            return False
+        finally:
+            await client.close()
+
+
+def answers_metadata(bootstrap: str, timeout_s: float = 3.0, **security: Any) -> bool:
+    """Whether a broker at ``bootstrap`` answers a metadata request; ``security``: the client's TLS/SASL keywords."""
+    return asyncio.run(_answers_metadata(bootstrap, timeout_s, **security))
+
+
+def answers(settings: Settings, timeout_s: float = 3.0) -> bool:
+    """Whether a broker answers ``settings``' clients (their bootstrap, TLS and SASL)."""
+    from stream.topics import kafka_client_kwargs
+
     try:
-        await asyncio.wait_for(client.bootstrap(), timeout_s)  # sends a MetadataRequest
-        return bool(client.cluster.brokers())
-    except Exception:
+        kwargs = kafka_client_kwargs(settings)
+    except (OSError, ValueError):  # a CA or key file that is not there (yet): no client could connect either
         return False
-    finally:
-        await client.close()
-        quiet.setLevel(level)
+    return answers_metadata(str(kwargs.pop("bootstrap_servers")), timeout_s, **kwargs)
 
 
-def answers_metadata(bootstrap: str, timeout_s: float = 3.0) -> bool:
-    return asyncio.run(_answers_metadata(bootstrap, timeout_s))
+def _running_listeners(home: Path) -> dict[str, int]:
+    """The client listeners in the broker's last written config (what a running broker listens on)."""
+    try:
+        text = (home / "server.properties").read_text()
+    except FileNotFoundError:
+        return {}
+    line = next((ln for ln in text.splitlines() if ln.startswith("listeners=")), "listeners=")
+    listeners = {}
+    for address in line.split("=", 1)[1].split(","):
+        name, sep, rest = address.partition("://")
+        if sep and name != "CONTROLLER":
+            listeners[name] = int(rest.rsplit(":", 1)[1])
+    return listeners
+
+
+def _local_client(settings: Settings, listeners: dict[str, int]) -> Settings:
+    """Client settings that reach our own broker through its first listener, with its CA and SCRAM user."""
+    if not listeners:
+        return settings
+    protocol, port = next(iter(listeners.items()))
+    values: dict[str, Any] = {
+        "kafka_bootstrap": f"127.0.0.1:{port}",
+        "kafka_security_protocol": protocol,
+        "kafka_ssl_certfile": "",
+        "kafka_ssl_keyfile": "",
+    }
+    if protocol != "PLAINTEXT":
+        values["kafka_ssl_cafile"] = str(tls.pki(settings).ca)
+    if protocol == "SASL_SSL":
+        values["kafka_sasl_mechanism"] = tls.SCRAM_MECHANISM
+        values["kafka_sasl_username"] = tls.scram_user(settings)
+        # Asking is no reason to make a password: a broker started with a configured one is asked with it.
+        values["kafka_sasl_password"] = tls.scram_password(settings, tls.pki(settings), create=False)
+    return dataclasses.replace(settings, **values)
+
+
+def _shown(listeners: dict[str, int]) -> str:
+    return ", ".join(f"{protocol} 127.0.0.1:{port}" for protocol, port in listeners.items())
+
+
+def _client_notes(settings: Settings, listeners: dict[str, int]) -> tuple[str, ...]:
+    """How to point clients at the SSL and SASL_SSL listeners (the password itself is never shown)."""
+    if listeners.keys() <= {"PLAINTEXT"}:
+        return ()
+    pem = tls.pki(settings)
+    notes = [f"CA of the SSL and SASL_SSL listeners: {pem.ca}"]
+    common = f"INTENTSTREAM_KAFKA_SSL_CAFILE={pem.ca}"
+    if "SSL" in listeners:
+        notes.append(
+            f"SSL clients: INTENTSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:{listeners['SSL']} "
+            f"INTENTSTREAM_KAFKA_SECURITY_PROTOCOL=SSL {common}"
+        )
+    if "SASL_SSL" in listeners:
+        password = "(the one you set)" if settings.kafka_sasl_password else f'"$(cat {pem.password_file})"'
+        notes.append(
+            f"SASL_SSL clients: INTENTSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:{listeners['SASL_SSL']} "
+            f"INTENTSTREAM_KAFKA_SECURITY_PROTOCOL=SASL_SSL INTENTSTREAM_KAFKA_SASL_MECHANISM={tls.SCRAM_MECHANISM} "
+            f"INTENTSTREAM_KAFKA_SASL_USERNAME={tls.scram_user(settings)} INTENTSTREAM_KAFKA_SASL_PASSWORD={password} "
+            f"{common}"
+        )
+    return tuple(notes)
 
 
 def status(settings: Settings) -> BrokerStatus:
     home = _home(settings)
     pid = _read_pid(home)
-    up = answers_metadata(settings.kafka_bootstrap)
+    running = _running_listeners(home) if pid else {}
+    # Our own broker is asked through a listener it runs, as itself; any other through the clients' settings.
+    up = answers(_local_client(settings, running) if running else settings)
+    notes: tuple[str, ...] = ()
     if up and pid:
-        detail = f"running (pid {pid}) at {settings.kafka_bootstrap}, data in {home / 'data'}"
+        detail = f"running (pid {pid}) at {_shown(running)}, data in {home / 'data'}"
+        notes = _client_notes(settings, running)
+        try:
+            wanted = _listeners(settings)
+        except BrokerError:
+            wanted = running
+        if wanted != running:
+            notes += (
+                f"the settings ask for {_shown(wanted)}: restart the broker to apply them "
+                "(`intentstream kafka stop`, then `intentstream kafka start`)",
+            )
     elif up:
         detail = f"a broker answers at {settings.kafka_bootstrap} (not started by intentstream)"
     elif pid:
-        detail = f"process {pid} is alive but does not answer at {settings.kafka_bootstrap}; see {home}/broker.log"
+        where = _shown(running) if running else settings.kafka_bootstrap
+        detail = f"process {pid} is alive but does not answer at {where}; see {home}/broker.log"
+        if list(running) == ["SASL_SSL"] and not tls.scram_password(settings, tls.pki(settings), create=False):
+            notes = ("its one listener is SASL_SSL: set INTENTSTREAM_KAFKA_SASL_PASSWORD to the password it has",)
     else:
         detail = f"not running (bootstrap {settings.kafka_bootstrap})"
-    return BrokerStatus(running=up, pid=pid, bootstrap=settings.kafka_bootstrap, detail=detail)
+    return BrokerStatus(running=up, pid=pid, bootstrap=settings.kafka_bootstrap, detail=detail, notes=notes)
 
 
 def start(settings: Settings, timeout_s: float = START_TIMEOUT_S) -> BrokerStatus:
@@ -214,10 +373,16 @@ def start(settings: Settings, timeout_s: float = START_TIMEOUT_S) -> BrokerStatu
             f"no broker answers at {settings.kafka_bootstrap}, and the local broker only runs on 127.0.0.1; "
             "start your broker or set INTENTSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:9092"
         )
+    listeners = _listeners(settings)
+    if listeners.keys() - {"PLAINTEXT"}:
+        tls.ensure_pki(tls.pki(settings))
     libs = ensure_artifacts(settings)
     data_dir = home / "data"
     home.mkdir(parents=True, exist_ok=True)
     config = home / "server.properties"
+    # It may hold the broker's TLS key (and with SASL_SSL alone, its SCRAM password): for its owner's eyes only.
+    config.touch(mode=0o600)
+    os.chmod(config, 0o600)
     config.write_text(_server_properties(settings, data_dir))
     if not (data_dir / "meta.properties").exists():
         cluster_id = new_cluster_id()
@@ -239,14 +404,27 @@ def start(settings: Settings, timeout_s: float = START_TIMEOUT_S) -> BrokerStatu
     )
     log.close()
     (home / "broker.pid").write_text(str(proc.pid))
+
     # Poll the child itself: right after fork its /proc cmdline is still ours, not kafka.Kafka.
-    return _wait_ready(settings, lambda: proc.poll() is None, home, timeout_s)
+    def alive() -> bool:
+        return proc.poll() is None
+
+    if "SASL_SSL" in listeners:
+        user, password = tls.scram_user(settings), tls.scram_password(settings, tls.pki(settings))
+        try:
+            asyncio.run(
+                tls.upsert_scram_user("127.0.0.1", settings.kafka_controller_port, user, password, alive, timeout_s)
+            )
+        except tls.TlsError as exc:
+            raise BrokerError(f"{exc}; see {home / 'broker.log'}") from None
+    return _wait_ready(settings, alive, home, timeout_s)
 
 
 def _wait_ready(settings: Settings, alive: Callable[[], bool], home: Path, timeout_s: float) -> BrokerStatus:
     deadline = time.monotonic() + timeout_s
+    probe = _local_client(settings, _running_listeners(home))
     while time.monotonic() < deadline:
-        if answers_metadata(settings.kafka_bootstrap, timeout_s=2.0):
+        if answers(probe, timeout_s=2.0):
             return status(settings)
         if not alive():
             tail = _log_tail(home)

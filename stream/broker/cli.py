@@ -27,5 +27,5 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0 if not st.running else 1
     else:
         st = broker.status(settings)
-    print(st.line())
+    print("\n".join(st.lines()))
     return 0 if st.running else 3

@@ -33,6 +33,7 @@ import orjson
 
 from stream.contract import TOO_LATE_REASON
 from stream.settings import Settings
+from stream.topics import KafkaAccessError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +51,17 @@ def _say(text: str) -> None:
 
 
 def _ensure_broker(settings: Settings) -> bool:
-    """Start the local broker unless a configured one answers. Returns True if we started it."""
+    """Start the local broker unless a configured one answers. Returns True if we started it. A broker that
+    answers but refuses our credentials or certificate stops the demo (``KafkaAccessError``, one line)."""
     from stream import broker
+    from stream.topics import check_access
 
-    if broker.answers_metadata(settings.kafka_bootstrap):
+    try:
+        check_access(settings, timeout_s=3.0)
         return False
+    except KafkaAccessError as exc:
+        if not exc.unreachable:
+            raise
     if "INTENTSTREAM_KAFKA_BOOTSTRAP" in os.environ:
         raise broker.BrokerError(
             f"no broker answers at the configured {settings.kafka_bootstrap}; start it, or unset "

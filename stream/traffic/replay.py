@@ -31,7 +31,7 @@ import orjson
 
 from stream.contract import Event, validate
 from stream.settings import Settings
-from stream.topics import ensure_topics_async, kafka_client_kwargs
+from stream.topics import check_access, ensure_topics_async, kafka_client_kwargs
 
 # 256 KiB per partition batch: big enough that per-batch costs vanish, and a produce request for 4
 # partitions stays within the broker's default 1 MiB message.max.bytes per batch.
@@ -356,6 +356,7 @@ def run(args: Any, settings: Settings) -> int:
 
     if not args.file.is_file():
         raise FileNotFoundError(f"{args.file}: no such file")
+    check_access(settings)
     rejected: list[tuple[int, str]] = []
     events: Iterable[Event] = iter_file_events(args.file, args.format, rejected)
     if args.limit is not None:
