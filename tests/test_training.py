@@ -212,10 +212,14 @@ def test_train_and_evaluate_end_to_end_through_the_cli(tmp_path, capsys):
 
     report_dir = tmp_path / "report"
     rc = cli_main(["evaluate", "--model", str(models), "--data", str(data), "--out", str(report_dir),
-                   "--device", "cpu", "--quiet"])  # fmt: skip
+                   "--device", "cpu", "--quiet", "--bootstrap", "30"])  # fmt: skip
     assert rc == 0
     report = json.loads((report_dir / "report.json").read_text())
-    assert set(report["models"]) == {"gru", "cnn", "rule", "logreg", "gbt"}
+    assert set(report["models"]) == {"gru", "cnn", "rule", "logreg", "gbt_counts", "gbt"}
+    pairs = report["bootstrap"]["purchase"]
+    assert set(pairs) == {f"{m} - {b}" for m in ("gru", "cnn") for b in ("rule", "logreg", "gbt_counts", "gbt")}
+    diff = pairs["gru - gbt"]["pr_auc"]
+    assert diff["lo"] <= diff["mean"] <= diff["hi"] and diff["n"] == 30
     for name, m in report["models"].items():
         for head in ("purchase", "churn"):
             assert {"roc_auc", "pr_auc", "precision", "recall", "f1", "brier", "ece"} <= set(m[head]), name
@@ -231,6 +235,39 @@ def test_train_and_evaluate_end_to_end_through_the_cli(tmp_path, capsys):
     # One artifact folder works too.
     assert cli_main(["evaluate", "--model", str(cnn), "--data", str(data), "--out", str(tmp_path / "r2"),
                      "--quiet"]) == 0  # fmt: skip
+
+
+def test_bootstrap_replicates_are_sklearns_metrics_with_user_weights():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(3000) < 0.1).astype(float)
+    p = np.round(rng.random(3000) + 0.3 * y, 2)  # ties, as calibrated scores have
+    users = rng.integers(0, 400, 3000)
+    reps = M.bootstrap_replicates(y, {"a": p, "b": 1 - p}, users, 4, seed=5)
+    draw = np.random.default_rng(5).integers(0, 400, 400)  # the first replicate's users
+    weight = np.bincount(draw, minlength=400)[np.unique(users, return_inverse=True)[1]]
+    assert reps["a"]["pr_auc"][0] == pytest.approx(average_precision_score(y, p, sample_weight=weight), abs=1e-12)
+    assert reps["b"]["roc_auc"][0] == pytest.approx(roc_auc_score(y, 1 - p, sample_weight=weight), abs=1e-12)
+    diff = M.interval(reps["a"]["pr_auc"] - reps["b"]["pr_auc"])
+    assert diff["lo"] > 0 and diff["share_above_zero"] == 1.0
+
+
+def test_timing_features_are_causal(dataset):
+    """A position's order and timing features depend on the user's events up to it: cutting every user's history
+    after the time split changes none of the features before it."""
+    from training.baselines import TIMING_FEATURE_NAMES, timing_features
+
+    full = timing_features(dataset)
+    cut = dataset.t_start + (dataset.t_end - dataset.t_start) // 2
+    events = [e for e in synthetic_events() if e.ts < cut]  # the fixture's events
+    short = build_dataset(events, dataset.config)
+    before = np.isin(dataset.event_ids, short.event_ids)
+    order = np.argsort(short.event_ids[np.isin(short.event_ids, dataset.event_ids)])
+    mine = full[before][np.argsort(dataset.event_ids[before])]
+    theirs = timing_features(short)[order]
+    assert mine.shape == theirs.shape and mine.shape[1] == len(TIMING_FEATURE_NAMES)
+    assert np.array_equal(mine, theirs)
 
 
 def test_evaluate_refuses_a_tampered_artifact(tmp_path, capsys):

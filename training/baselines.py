@@ -1,12 +1,17 @@
 """Baselines the sequence models must beat, scored on the same split and positions.
 
 - ``rule``: cart activity in the current session and its recency (purchase); visit frequency (churn).
-- ``logreg`` and ``gbt``: logistic regression and gradient-boosted trees on AGGREGATE features of each user's
-  history up to the event: counts per event type (overall and in the current session), events, sessions,
-  mean viewed price, total purchased value, days since the first event. Deliberately no ordering and no
-  time-since-last-event features: what a sequence model adds over them is what order and timing carry.
+- ``gbt``: gradient-boosted trees on the aggregates below AND on order and timing features computed causally at
+  each position (gap before the event and before the session, session duration, longest pause, position in
+  the session, hour of day, the last three event types, time since the last cart, checkout and purchase, counts
+  in sliding windows of 10 minutes, an hour and a day): the strong baseline, given the signal the simulator's
+  intent is made of, so that a sequence model has to earn its place.
+- ``gbt_counts`` and ``logreg``: gradient-boosted trees and logistic regression on AGGREGATE features of each
+  user's history up to the event only (counts per event type, overall and in the current session, events,
+  sessions, mean viewed price, total purchased value, days since the first event): no order, no timing.
 
-Aggregates are cumulative sums within each user (and session), computed for all records at once.
+Every feature is a cumulative or windowed quantity within each user (and session), computed for all records at
+once, from the records up to and including the scored one.
 """
 
 from __future__ import annotations
@@ -33,6 +38,30 @@ FEATURE_NAMES: tuple[str, ...] = (
     "total_purchased_value",
     "days_since_first_event",
 )
+
+
+TIMING_FEATURE_NAMES: tuple[str, ...] = (
+    "gap_s",
+    "gap_before_session_s",
+    "session_duration_s",
+    "longest_pause_in_session_s",
+    "position_in_session",
+    "hour_of_day",
+    "type_now",
+    "type_before",
+    "type_before_that",
+    "s_since_add_to_cart",
+    "s_since_checkout_start",
+    "s_since_purchase",
+    "events_10min",
+    "events_1h",
+    "events_24h",
+    "carts_1h",
+    "product_views_10min",
+)
+TYPE_COLUMNS = ("type_now", "type_before", "type_before_that")  # categorical: event type code + 1, 0 = none
+NEVER_S = 1e8  # "no such event yet": longer ago than any trace
+WINDOWS_S = {"10min": 600, "1h": 3600, "24h": 86_400}
 
 
 def _segment_cumsum(x: np.ndarray, segment_start: np.ndarray) -> np.ndarray:
@@ -78,6 +107,62 @@ def aggregate_features(ds: Dataset) -> np.ndarray:
     return np.concatenate(columns, axis=1).astype(np.float32)
 
 
+def timing_features(ds: Dataset) -> np.ndarray:
+    """float64 [N, len(TIMING_FEATURE_NAMES)]: order and timing of the user's history up to each event."""
+    rec = ds.records
+    n = len(ds)
+    idx = np.arange(n)
+    user_start, session_start = _starts(ds)
+    ts = rec["ts"].astype(np.int64)
+    gap = rec["gap_s"].astype(np.float64)
+    within = np.where(idx == session_start, 0.0, gap)  # pauses inside the session, not the one before it
+    session_id = np.cumsum(idx == session_start)
+    big = float(within.max() + 1.0) if n else 1.0
+    longest = np.maximum.accumulate(within + session_id * big) - session_id * big  # a running max per session
+    types = rec["type"].astype(np.int64) + 1
+
+    def before(k: int) -> np.ndarray:
+        out = np.zeros(n, dtype=np.int64)
+        out[k:] = types[:-k]
+        out[idx - k < user_start] = 0
+        return out
+
+    def since(type_name: str) -> np.ndarray:
+        last = np.maximum.accumulate(np.where(rec["type"] == TYPE_CODE[type_name], idx, -1))
+        seen = last >= user_start
+        return np.where(seen, (ts - ts[np.maximum(last, 0)]) / 1000.0, NEVER_S)
+
+    # Sliding windows: records are sorted by user, then time, so (user, ts) is one sorted key.
+    key = ds.record_user.astype(np.int64) * (1 << 42) + (ts - ts.min() if n else ts)
+    first = {name: np.searchsorted(key, key - 1000 * w, side="left") for name, w in WINDOWS_S.items()}
+
+    def count_in(mask: np.ndarray, window: str) -> np.ndarray:
+        c = np.concatenate([[0], np.cumsum(mask)])
+        return (c[idx + 1] - c[first[window]]).astype(np.float64)
+
+    everything = np.ones(n, dtype=bool)
+    columns = {
+        "gap_s": gap,
+        "gap_before_session_s": gap[session_start],
+        "session_duration_s": (ts - ts[session_start]) / 1000.0,
+        "longest_pause_in_session_s": longest,
+        "position_in_session": (idx - session_start).astype(np.float64),
+        "hour_of_day": ((ts // 3_600_000) % 24).astype(np.float64),
+        "type_now": types.astype(np.float64),
+        "type_before": before(1).astype(np.float64),
+        "type_before_that": before(2).astype(np.float64),
+        "s_since_add_to_cart": since("add_to_cart"),
+        "s_since_checkout_start": since("checkout_start"),
+        "s_since_purchase": since("purchase"),
+        "events_10min": count_in(everything, "10min"),
+        "events_1h": count_in(everything, "1h"),
+        "events_24h": count_in(everything, "24h"),
+        "carts_1h": count_in(rec["type"] == TYPE_CODE["add_to_cart"], "1h"),
+        "product_views_10min": count_in(rec["type"] == TYPE_CODE["product_view"], "10min"),
+    }
+    return np.stack([columns[name] for name in TIMING_FEATURE_NAMES], axis=1)
+
+
 def rule_scores(ds: Dataset, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hand-written scores (not probabilities; evaluate.py Platt-calibrates them on validation).
 
@@ -111,18 +196,43 @@ def _model_input(feats: np.ndarray) -> np.ndarray:
     return np.concatenate([np.log1p(np.nan_to_num(np.maximum(feats, 0.0))), missing], axis=1)
 
 
+BASELINE_KINDS = ("logreg", "gbt_counts", "gbt")
+
+
+def baseline_features(ds: Dataset, kind: str, aggregates: np.ndarray) -> np.ndarray:
+    """The feature matrix a baseline kind is fitted on: the aggregates, and order and timing for ``gbt``."""
+    return np.concatenate([aggregates, timing_features(ds)], axis=1) if kind == "gbt" else aggregates
+
+
 @dataclass
 class AggregateBaseline:
-    """Logistic regression or gradient-boosted trees on aggregates, one classifier per head and a regressor of
-    log order value, fitted on the sequence models' training positions (train users, before t_split)."""
+    """Logistic regression or gradient-boosted trees, one classifier per head and a regressor of log order value,
+    fitted on the sequence models' training positions (train users, before t_split). ``kind``: logreg and
+    gbt_counts on aggregates, gbt on aggregates with order and timing (``baseline_features``)."""
 
-    kind: str  # "logreg" | "gbt"
+    kind: str  # one of BASELINE_KINDS
     seed: int = 0
     max_rows: int = 400_000  # subsample of the training rows per head (fit time)
 
+    def _x(self, feats: np.ndarray) -> np.ndarray:
+        # Trees take the features as they are (missing values natively; monotone transforms change nothing);
+        # logistic regression gets log scales and a missing-value indicator.
+        return _model_input(feats) if self.kind == "logreg" else feats
+
+    def _categorical(self, n_columns: int) -> np.ndarray | None:
+        if self.kind != "gbt":
+            return None
+        mask = np.zeros(n_columns, dtype=bool)
+        for name in TYPE_COLUMNS:
+            mask[len(FEATURE_NAMES) + TIMING_FEATURE_NAMES.index(name)] = True
+        return mask
+
     def fit(self, ds: Dataset, feats: np.ndarray) -> AggregateBaseline:
+        if self.kind not in BASELINE_KINDS:
+            raise ValueError(f"baseline kind: expected one of {BASELINE_KINDS}, got {self.kind!r}")
         rng = np.random.default_rng(self.seed)
-        x = _model_input(feats)
+        x = self._x(feats)
+        self.categorical = self._categorical(x.shape[1])
         self.models = {}
         # The sequence models' training positions; churn where a session closes, so it is calibrated there.
         for head, y in (("purchase", ds.purchase), ("churn", ds.churn)):
@@ -141,18 +251,22 @@ class AggregateBaseline:
         return self
 
     def _classifier(self):
-        if self.kind == "gbt":
-            return HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=self.seed)
-        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        if self.kind == "logreg":
+            return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        return HistGradientBoostingClassifier(
+            max_iter=200, learning_rate=0.1, random_state=self.seed, categorical_features=self.categorical
+        )
 
     def _regressor(self):
-        if self.kind == "gbt":
-            return HistGradientBoostingRegressor(max_iter=200, learning_rate=0.1, random_state=self.seed)
-        return make_pipeline(StandardScaler(), Ridge(alpha=1.0))
+        if self.kind == "logreg":
+            return make_pipeline(StandardScaler(), Ridge(alpha=1.0))
+        return HistGradientBoostingRegressor(
+            max_iter=200, learning_rate=0.1, random_state=self.seed, categorical_features=self.categorical
+        )
 
     def predict(self, feats: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """[len(rows), 3]: purchase probability, churn probability, expected order value."""
-        x = _model_input(feats[rows])
+        x = self._x(feats[rows])
         out = np.empty((len(rows), 3))
         for k, head in enumerate(("purchase", "churn")):
             m = self.models[head]

@@ -26,7 +26,13 @@ import torch
 from models.artifact import MANIFEST, ArtifactError, LoadedModel, list_versions, load_artifact, resolve_device
 from models.model import probabilities
 from training import metrics as M
-from training.baselines import AggregateBaseline, aggregate_features, rule_baseline
+from training.baselines import (
+    BASELINE_KINDS,
+    AggregateBaseline,
+    aggregate_features,
+    baseline_features,
+    rule_baseline,
+)
 from training.data import DAY_MS, TEST, VAL, DataConfig, Dataset, load_dataset
 from training.train import Tensors, _finite, predict
 
@@ -143,8 +149,10 @@ def evaluate(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    bootstrap: int = 0,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(report, probabilities [N, 3] per scorer) on the test split."""
+    """(report, probabilities [N, 3] per scorer) on the test split; ``bootstrap``: user-level replicates of every
+    model-vs-baseline difference (0: none)."""
     say = print if progress else (lambda *a, **k: None)
     heads = HEADS if churn_labellable(ds) else ("purchase",)
     rows = np.flatnonzero(ds.record_split >= VAL)  # val and test users' records
@@ -160,11 +168,12 @@ def evaluate(
         thresholds[name] = {"purchase": th["purchase"]["high"], "churn": th["churn"]["alert"]}
         say(f"{name} ({loaded.path.name}): scored in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    feats = aggregate_features(ds)
+    aggregates = aggregate_features(ds)
     full = np.full((len(ds), 3), np.nan)
-    full[rows] = rule_baseline(ds, feats, rows)
+    full[rows] = rule_baseline(ds, aggregates, rows)
     scorers["rule"] = full
-    for kind in ("logreg", "gbt"):
+    for kind in BASELINE_KINDS:
+        feats = baseline_features(ds, kind, aggregates)
         full = np.full((len(ds), 3), np.nan)
         full[rows] = AggregateBaseline(kind, seed=seed).fit(ds, feats).predict(feats, rows)
         scorers[kind] = full
@@ -176,6 +185,12 @@ def evaluate(
         report["models"][name] = score_table(ds, probs, thresholds.get(name), heads)
     if truth is not None:
         del report["models"]["oracle"]["order_value"]  # the oracle knows probabilities, not order values
+    if bootstrap:
+        t0 = time.perf_counter()
+        report["bootstrap"] = differences(
+            ds, scorers, [n for n in scorers if n not in BASELINES], heads, bootstrap, seed
+        )
+        say(f"bootstrap: {bootstrap} user-level replicates in {time.perf_counter() - t0:.1f} s")
     notes = _notes(ds, models, report, heads, truth is not None)
     summary = ds.summary()
     report.update(
@@ -192,6 +207,33 @@ def evaluate(
         }
     )
     return report, scorers
+
+
+BASELINES = ("rule", *BASELINE_KINDS, "oracle")
+
+
+def differences(
+    ds: Dataset, scorers: dict[str, np.ndarray], models: list[str], heads: tuple[str, ...], n: int, seed: int
+) -> dict[str, Any]:
+    """Per head, PR-AUC and ROC-AUC of each model minus each baseline (and the oracle minus each model) over ``n``
+    bootstrap replicates of the test users: mean, 95% interval, share of replicates above zero."""
+    test = head_positions(ds, TEST)
+    labels = {"purchase": ds.purchase, "churn": ds.churn}
+    out: dict[str, Any] = {"replicates": n, "level": 0.95, "unit": "user"}
+    for k, head in enumerate(HEADS):
+        if head not in heads:
+            continue
+        rows = test[head]
+        reps = M.bootstrap_replicates(
+            labels[head][rows], {name: p[rows, k] for name, p in scorers.items()}, ds.record_user[rows], n, seed
+        )
+        pairs = [(m, b) for m in models for b in BASELINES if b in scorers and b != "oracle"]
+        pairs += [("oracle", m) for m in models if "oracle" in scorers]
+        out[head] = {
+            f"{a} - {b}": {metric: M.interval(reps[a][metric] - reps[b][metric]) for metric in ("pr_auc", "roc_auc")}
+            for a, b in pairs
+        }
+    return out
 
 
 def _artifact_summary(m: LoadedModel, ds: Dataset) -> dict[str, Any]:
@@ -245,6 +287,10 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _signed(v: float) -> str:
+    return "n/a" if not math.isfinite(v) else f"{v:+.4f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = ["# Evaluation report", ""]
     d = report["data"]
@@ -284,6 +330,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {s} | {v['users']} | {v['events_scored']} | {v['purchase_labelled']} | "
             f"{_fmt(v['purchase_base_rate'])} | {v['churn_labelled']} | {_fmt(v['churn_base_rate'])} |"
         )
+    if "bootstrap" in report:
+        b = report["bootstrap"]
+        lines += ["", f"## differences ({b['replicates']} bootstrap replicates of the test users, 95% interval)", "",
+                  "| head | difference | PR-AUC | 95% interval | replicates above 0 | ROC-AUC | 95% interval |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for head in d["heads"]:
+            for pair, m in b.get(head, {}).items():
+                pr, roc = m["pr_auc"], m["roc_auc"]
+                lines.append(
+                    f"| {head} | {pair} | {_signed(pr['mean'])} | {_signed(pr['lo'])} to {_signed(pr['hi'])} | "
+                    f"{_fmt(pr['share_above_zero'])} | {_signed(roc['mean'])} | {_signed(roc['lo'])} to "
+                    f"{_signed(roc['hi'])} |"
+                )
     if report["notes"]:
         lines += ["", "## notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
@@ -344,7 +403,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truth", nargs="+", type=Path, default=None, metavar="FILE", help="simulator truth files")
     parser.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: INTENTSTREAM_DEVICE)")
-    parser.add_argument("--seed", type=int, default=0, help="baselines' seed")
+    parser.add_argument("--seed", type=int, default=0, help="baselines' and the bootstrap's seed")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=200,
+        metavar="N",
+        help="user-level bootstrap replicates for the 95%% intervals of every model-vs-baseline difference "
+        "(default 200; 0: none)",
+    )
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write report.json here")
 
@@ -359,7 +426,9 @@ def run(args: argparse.Namespace, settings) -> int:
         return 2
     ds = load_dataset(args.data, data_config_for(models))
     truth = read_truth(args.truth, ds) if args.truth else None
-    report, scorers = evaluate(ds, models, truth, device=device, seed=args.seed, progress=not args.quiet)
+    report, scorers = evaluate(
+        ds, models, truth, device=device, seed=args.seed, progress=not args.quiet, bootstrap=args.bootstrap
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     report["plots"] = plots(ds, scorers, tuple(report["data"]["heads"]), args.out)
     report["seconds"] = round(time.perf_counter() - t0, 1)

@@ -172,3 +172,56 @@ def order_value_mae(actual: np.ndarray, predicted: np.ndarray) -> float:
     """Mean absolute error of the predicted order value on positions whose next purchase is known."""
     keep = ~np.isnan(actual) & ~np.isnan(predicted)
     return float(np.mean(np.abs(actual[keep] - predicted[keep]))) if keep.any() else math.nan
+
+
+# ---- user-level bootstrap ----------------------------------------------------------------------------------
+
+
+def bootstrap_replicates(
+    y: np.ndarray, scores: dict[str, np.ndarray], groups: np.ndarray, n: int, seed: int = 0
+) -> dict[str, dict[str, np.ndarray]]:
+    """PR-AUC and ROC-AUC of every scorer in ``n`` bootstrap replicates that draw the groups (users) with
+    replacement: positions weigh as many times as their user was drawn, and every scorer sees the same draws, so
+    the differences between scorers are paired. Returns {scorer: {"pr_auc": [n], "roc_auc": [n]}}.
+
+    Each scorer's positions are sorted once; a replicate is then a weighted cumulative sum over that order
+    (the step-wise average precision and trapezoidal ROC area that sklearn computes, with sample weights)."""
+    known = ~np.isnan(np.asarray(y, dtype=np.float64))
+    _, group_index = np.unique(groups[known], return_inverse=True)
+    n_groups = int(group_index.max()) + 1 if len(group_index) else 0
+    rng = np.random.default_rng(seed)
+    draws = [np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups) for _ in range(n)]
+    out = {}
+    for name, p in scores.items():
+        p_known = np.asarray(p, dtype=np.float64)[known]
+        keep = ~np.isnan(p_known)
+        order = np.argsort(-p_known[keep], kind="stable")
+        y_sorted = np.asarray(y, dtype=np.float64)[known][keep][order]
+        group_sorted = group_index[keep][order]
+        p_sorted = p_known[keep][order]
+        last = np.flatnonzero(np.append(np.diff(p_sorted) != 0, True))  # the last position of each tied score
+        pr, roc = np.full(n, math.nan), np.full(n, math.nan)
+        for r, counts in enumerate(draws):
+            w = counts[group_sorted].astype(np.float64)
+            tp = np.cumsum(w * y_sorted)[last]
+            fp = np.cumsum(w * (1.0 - y_sorted))[last]
+            if tp[-1] <= 0:
+                continue
+            precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
+            pr[r] = float(np.sum(np.diff(tp, prepend=0.0) / tp[-1] * precision))
+            if fp[-1] > 0:
+                tpr, fpr = np.concatenate([[0.0], tp / tp[-1]]), np.concatenate([[0.0], fp / fp[-1]])
+                roc[r] = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+        out[name] = {"pr_auc": pr, "roc_auc": roc}
+    return out
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> dict[str, float]:
+    """Mean, percentile interval and the share of replicates above zero, of a difference's replicates."""
+    v = values[~np.isnan(values)]
+    if not len(v):
+        return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "share_above_zero": math.nan, "n": 0}
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(v, [tail, 100.0 - tail])
+    return {"mean": float(v.mean()), "lo": float(lo), "hi": float(hi), "share_above_zero": float((v > 0).mean()),
+            "n": len(v)}  # fmt: skip
