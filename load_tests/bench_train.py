@@ -23,13 +23,15 @@ from pathlib import Path
 
 import torch
 
+from models.model import ARCHS
+
 PILOT_USERS = 2000  # a small simulation first measures events per user (the simulator's rates change)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m load_tests.bench_train", description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000, help="about this many events (30 simulated days)")
-    parser.add_argument("--arch", default="gru", choices=("gru", "cnn", "hybrid"))
+    parser.add_argument("--arch", default="gru", choices=ARCHS)
     parser.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)

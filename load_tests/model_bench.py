@@ -47,11 +47,11 @@ import torch
 
 from models.artifact import LoadedModel, load_artifact, save_artifact, untrained_model
 from models.features import FLAG_NEW_SESSION, RECORD_DTYPE, FeaturizerConfig, model_inputs
-from models.model import probabilities
+from models.model import ARCHS, probabilities
 from models.runtime import RUNTIMES
 from stream.scoring import UserBatch, score_batch
 
-MODES = ("gru", "gru-rebuild", "cnn", "hybrid")
+MODES = ("gru", "gru-rebuild", "cnn", "hybrid", "transformer")
 CPU_BATCHES = (1, 16, 64, 256, 1024, 4096)
 CUDA_BATCHES = (*CPU_BATCHES, 16_384, 65_536)
 WINDOW = 64
@@ -277,7 +277,7 @@ def accuracy(runtimes: tuple[str, ...], users: int, days: float, minutes: float,
         "test_positions": {h: int(m.sum()) for h, m in masks.items()},
         "test_positives": {h: int(np.nansum(y[masks[h]])) for h, y in (("purchase", ds.purchase), ("churn", ds.churn))},
     }
-    for arch in ("gru", "cnn", "hybrid"):
+    for arch in ARCHS:
         path = train_small([data], tmp / "accuracy" / arch, arch=arch, max_minutes=minutes)
         export_onnx(path, int8=True)
         probs = {}

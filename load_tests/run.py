@@ -47,6 +47,7 @@ import psutil
 from load_tests import procs as P
 from load_tests.procs import Http, Offsets, Proc
 from load_tests.traffic import Traffic
+from models.model import ARCHS
 from stream.settings import Settings
 
 SUSTAINED_FRACTION = 0.95  # a step is sustained when its output rate is at least this share of the offered rate ...
@@ -924,7 +925,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preload", action="store_true", help="before the steps, one event for every user of the population"
     )
     parser.add_argument("--model-dir", type=Path, help="serve this model (default: an untrained one of --arch)")
-    parser.add_argument("--arch", choices=("gru", "cnn", "hybrid"), default="gru", help="untrained model's arch")
+    parser.add_argument("--arch", choices=ARCHS, default="gru", help="untrained model's arch")
     parser.add_argument(
         "--repeat", type=int, default=1, help="capacity measurements per system, taking turns (median reported)"
     )

@@ -22,13 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.features import FEATURIZER_VERSION, FeaturizerConfig
-from models.model import IntentModel, ModelConfig
+from models.model import ARCHS, IntentModel, ModelConfig
 from models.runtime import RUNTIMES, OnnxRunner, Runner, TorchRunner, context_lengths
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 FORMAT_VERSION = 1
-_DIR_RE = re.compile(r"^v(\d{4,})-(gru|cnn|hybrid)$")
+_DIR_RE = re.compile(r"^v(\d{4,})-(" + "|".join(ARCHS) + r")$")
 
 
 class ArtifactError(ValueError):

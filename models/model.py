@@ -1,18 +1,24 @@
-"""Sequence models over a user's events: GRU, causal temporal CNN, and CNN+GRU hybrid.
+"""Sequence models over a user's events: GRU, causal temporal CNN, CNN+GRU hybrid, and a causal transformer.
 
 Three heads at every position: purchase-within-horizon logit, churn logit, and log expected order value.
-All three architectures are causal, so one pass over a user's sequence predicts at every event (cheap
-training), and the engine can score a new event without re-running history:
+All four architectures are causal, so one pass over a user's sequence predicts at every event (cheap
+training), and the engine can score a new event from what its table keeps:
 
 - ``gru``: the hidden state after the user's last event is kept in the engine's table; a new event costs
   one GRU step (``forward(x_new, h0=h)``).
 - ``cnn``: dilated causal convolutions whose receptive field (63 events) fits in the window; the engine
   passes the window as context (``context_len``) and reads outputs at the new positions.
 - ``hybrid``: the CNN over the window feeds a GRU whose hidden state is kept like ``gru``'s.
+- ``transformer``: causal self-attention in which, in each of its two layers, an event attends to itself and the
+  31 events before it (``attention_span``), with ALiBi distance biases instead of absolute positions: an event's
+  output depends on the last 63 events alone (the receptive field, like the CNN's), wherever they sit in a
+  history, so the engine rescores the window each batch (no hidden state) and gets what training computed over
+  the whole history.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,11 +29,12 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from models.features import N_NUMERIC, N_TYPES
 
 HEADS = ("purchase", "churn", "order_value")
+ARCHS = ("gru", "cnn", "hybrid", "transformer")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "gru"  # gru | cnn | hybrid
+    arch: str = "gru"  # gru | cnn | hybrid | transformer
     d_model: int = 64
     d_type: int = 8
     d_category: int = 8
@@ -36,19 +43,24 @@ class ModelConfig:
     cnn_kernel: int = 3
     cnn_dilations: tuple[int, ...] = (1, 2, 4, 8, 16)  # receptive field 1 + 2 * 31 = 63 events
     dropout: float = 0.1
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 4
+    attention_span: int = 32  # events a layer's position attends to, itself included (two layers reach 63 back)
 
     def __post_init__(self) -> None:
-        if self.arch not in ("gru", "cnn", "hybrid"):
-            raise ValueError(f"arch: expected gru, cnn or hybrid, got {self.arch!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch: expected one of {', '.join(ARCHS)}, got {self.arch!r}")
 
     @property
     def receptive_field(self) -> int:
+        if self.arch == "transformer":  # each layer reaches span - 1 events further back
+            return 1 + self.n_layers * (self.attention_span - 1)
         return 1 + (self.cnn_kernel - 1) * sum(self.cnn_dilations)
 
     @property
     def context_len(self) -> int:
         """Earlier events the model must see to score a new one (0 when a hidden state carries history)."""
-        return self.receptive_field - 1 if self.arch in ("cnn", "hybrid") else 0
+        return self.receptive_field - 1 if self.arch in ("cnn", "hybrid", "transformer") else 0
 
     @property
     def has_state(self) -> bool:
@@ -78,6 +90,50 @@ class CausalConvBlock(nn.Module):
         return x + self.dropout(y)
 
 
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position t sees positions t - window + 1 .. t, biased by distance
+    (ALiBi: a fixed slope per head), so that outputs do not depend on where a window sits in a sequence."""
+
+    slopes: torch.Tensor
+
+    def __init__(self, d_model: int, n_heads: int, window: int, dropout: float):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not a multiple of n_heads {n_heads}")
+        self.n_heads, self.window = n_heads, window
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+        slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / n_heads) for h in range(n_heads)])
+        self.register_buffer("slopes", slopes.view(n_heads, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, C]
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(t, device=x.device)
+        distance = pos.view(-1, 1) - pos.view(1, -1)  # query - key
+        seen = (distance >= 0) & (distance < self.window)
+        bias = (-self.slopes * distance.clamp(min=0)).masked_fill(~seen, float("-inf"))  # [H, T, T]
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(c // self.n_heads) + bias
+        y = self.dropout(torch.softmax(att, dim=-1)) @ v  # [B, H, T, C / H]
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.d_model)
+        self.attn = CausalSelfAttention(c.d_model, c.n_heads, c.attention_span, c.dropout)
+        self.norm2 = nn.LayerNorm(c.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(c.d_model, 4 * c.d_model), nn.GELU(), nn.Linear(4 * c.d_model, c.d_model), nn.Dropout(c.dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
 class IntentModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -90,6 +146,8 @@ class IntentModel(nn.Module):
             if c.arch in ("cnn", "hybrid")
             else []
         )
+        self.blocks = nn.ModuleList([TransformerBlock(c) for _ in range(c.n_layers)] if c.arch == "transformer" else [])
+        self.final_norm = nn.LayerNorm(c.d_model) if c.arch == "transformer" else None
         self.gru = nn.GRU(c.d_model, c.gru_hidden, batch_first=True) if c.has_state else None
         d_out = c.gru_hidden if c.has_state else c.d_model
         self.head = nn.Sequential(nn.Linear(d_out, d_out), nn.GELU(), nn.Dropout(c.dropout), nn.Linear(d_out, 3))
@@ -117,6 +175,10 @@ class IntentModel(nn.Module):
             for block in self.convs:
                 x = block(x)
             x = x.transpose(1, 2)
+        if self.final_norm is not None:
+            for block in self.blocks:
+                x = block(x)
+            x = self.final_norm(x)
         x = x[:, context_len:]
         states = None
         if self.gru is not None:

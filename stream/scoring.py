@@ -2,7 +2,8 @@
 
 What each architecture needs to score k new events of a user (see models/model.py):
 - gru: the k new records and the hidden state kept in the table (one GRU step per event);
-- cnn: the window's last ``context_len`` records before the new ones, as context;
+- cnn and transformer: the window's last ``context_len`` records before the new ones, as context (the transformer
+  attends to the window: each batch rescores it, there is no state to carry);
 - hybrid: both, when the table holds a hidden state and the window holds the full context.
 A user whose hidden state is missing or came from another model version (a model swap, a late event
 inserted into the window) is *rebuilt*: the model runs over the whole window from a zero state.
@@ -45,7 +46,7 @@ def _rows(model: LoadedModel, user: UserBatch) -> tuple[np.ndarray, list[tuple],
     ctx = cfg.context_len
     if cfg.arch == "gru" and (user.hidden is not None or len(prior) == 0):
         return prior[:0], new, 0, user.hidden, k
-    if cfg.arch == "cnn":
+    if not cfg.has_state:  # cnn, transformer: the window's last records as context, outputs at the new ones
         return prior[len(prior) - min(ctx, len(prior)) :], new, 0, None, k
     if cfg.arch == "hybrid" and user.hidden is not None and len(prior) >= ctx:
         return prior[len(prior) - ctx :], new, ctx, user.hidden, k

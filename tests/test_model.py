@@ -10,6 +10,7 @@ import torch
 
 from models.artifact import ArtifactError, load_artifact, load_newest, save_artifact, untrained_model
 from models.features import FeaturizerConfig, encode_events, model_inputs
+from models.model import ARCHS
 from tests.test_features import random_events
 
 
@@ -20,7 +21,7 @@ def _inputs(n=80, seed=3):
     return x["type"], x["category"], x["numeric"]
 
 
-@pytest.mark.parametrize("arch", ["gru", "cnn", "hybrid"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_step_by_step_equals_the_full_window_pass(arch):
     model = untrained_model(arch)
     t, c, x = _inputs()
@@ -43,7 +44,7 @@ def test_step_by_step_equals_the_full_window_pass(arch):
     assert torch.allclose(stepped, full, atol=1e-5), (stepped - full).abs().max()
 
 
-@pytest.mark.parametrize("arch", ["gru", "cnn", "hybrid"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_outputs_are_causal(arch):
     model = untrained_model(arch)
     t, c, x = _inputs()

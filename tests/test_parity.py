@@ -26,7 +26,7 @@ import torch
 
 from models.artifact import LoadedModel, load_artifact, save_artifact, untrained_model
 from models.features import FeaturizerConfig
-from models.model import probabilities
+from models.model import ARCHS, probabilities
 from stream.contract import TOO_LATE_REASON, Event
 from stream.engine import Engine, InRecord
 from stream.settings import Settings
@@ -34,7 +34,6 @@ from tests.helpers import BASE_TS
 from training.data import DataConfig, build_dataset
 from training.train import Tensors, predict
 
-ARCHS = ("gru", "cnn", "hybrid")
 GAP_MS = 1_800_000
 CALIBRATION = {"purchase": [1.3, -0.4], "churn": [0.7, 0.2]}  # not the identity: the engine must apply it
 TYPES = ("page_view", "search", "product_view", "add_to_cart", "remove_from_cart", "checkout_start", "purchase")

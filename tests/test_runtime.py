@@ -16,6 +16,7 @@ import torch
 
 from models.artifact import ArtifactError, LoadedModel, MissingExportError, load_artifact
 from models.export import export_onnx
+from models.model import ARCHS
 from models.runtime import RUNTIMES, TorchRunner
 from stream import engine as engine_mod
 from stream import hot_swap
@@ -38,7 +39,7 @@ CPU = torch.device("cpu")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for arch in ("gru", "cnn", "hybrid"):
+    for arch in ARCHS:
         path = write_model(root / arch, arch, seed=1, churn_alert=0.3)
         export_onnx(path, int8=True)
         out[arch] = path
@@ -96,7 +97,7 @@ def differences(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> dict[s
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "onnx-int8"])
-@pytest.mark.parametrize("arch", ["gru", "cnn", "hybrid"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_onnx_scores_equal_torch_through_the_engine(
     arch: str, runtime: str, artifacts: dict[str, Path], torch_runs: dict, monkeypatch: pytest.MonkeyPatch
 ):
@@ -255,7 +256,7 @@ def test_the_model_bench_reports_every_runtime_side_by_side(tmp_path: Path):
     report = json.loads((tmp_path / "model_report.json").read_text())
     assert report["runtimes"] == list(RUNTIMES)
     assert {(r["mode"], r["batch"]) for r in report["results"]} == {
-        (m, b) for m in ("gru", "gru-rebuild", "cnn", "hybrid") for b in (1, 3)
+        (m, b) for m in ("gru", "gru-rebuild", "cnn", "hybrid", "transformer") for b in (1, 3)
     }
     for row in report["results"]:
         assert all(row[f"{rt}_scores_per_s"] > 0 for rt in RUNTIMES)

@@ -223,7 +223,7 @@ def test_model_swap_during_traffic_loses_and_repeats_nothing(fresh: Settings, tm
         producer = threading.Thread(target=traffic)
         producer.start()
         time.sleep(1.0)
-        write_model(fresh.model_dir, seed=1)  # v0002, published while events flow
+        write_model(fresh.model_dir, "transformer", seed=1)  # v0002, another architecture, published mid-traffic
         wait_for(lambda: worker.get("/health")["model"]["version"] == "v0002", 60, "the worker to load v0002")
         swapped.set()
         producer.join()
@@ -232,6 +232,7 @@ def test_model_swap_during_traffic_loses_and_repeats_nothing(fresh: Settings, tm
         assert sorted(i["event_id"] for i in intents) == sorted(e["event_id"] for e in events)
         versions = [i["model"]["version"] for i in intents]
         assert "v0001" in versions and "v0002" in versions
+        assert {i["model"]["name"] for i in intents} == {"untrained-gru", "untrained-transformer"}
         by_user: dict[str, list[str]] = {}
         for i in sorted(intents, key=lambda i: i["event_ts"]):
             by_user.setdefault(i["user_id"], []).append(i["model"]["version"])

@@ -33,14 +33,14 @@ from tqdm import tqdm
 
 from models.artifact import ArtifactError, resolve_device, save_artifact
 from models.features import N_TYPES, FeaturizerConfig, model_inputs, session_deadline
-from models.model import IntentModel, ModelConfig
+from models.model import ARCHS, IntentModel, ModelConfig
 from training import metrics as M
 from training.data import TEST, TRAIN, VAL, DataConfig, Dataset, batch_order, load_dataset, make_chunks
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    arch: str = "gru"  # gru | cnn | hybrid
+    arch: str = "gru"  # one of models.model.ARCHS
     epochs: int = 20  # upper bound: early stopping usually ends it sooner (20k simulated users: ~20 epochs)
     batch_size: int = 64  # chunks per step
     lr: float = 3e-3
@@ -462,7 +462,7 @@ def train_small(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="JSON lines (.gz ok) or REES46 CSV")
-    parser.add_argument("--arch", choices=("gru", "cnn", "hybrid"), default=d.arch)
+    parser.add_argument("--arch", choices=ARCHS, default=d.arch)
     parser.add_argument("--out", type=Path, default=None, help="model directory (default: INTENTSTREAM_MODEL_DIR)")
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--patience", type=int, default=d.patience, help="epochs without a better val score")
