@@ -172,12 +172,32 @@ def test_metrics_thresholds_and_platt():
     points = rng.integers(0, 5, 20_000).astype(float)
     hits = (rng.random(20_000) < M.sigmoid(0.8 * points - 4.0)).astype(float)
     assert M.platt_fit(points, hits) == pytest.approx([0.8, -4.0], abs=0.2)
-    bands = M.band_thresholds(y, p, y, p)
-    assert 0 < bands["purchase"]["medium"] <= bands["purchase"]["high"] < 1
-    assert M.at_threshold(y, p, bands["purchase"]["medium"])["recall"] >= 0.8
-    assert M.at_threshold(y, p, bands["churn"]["alert"])["f1"] == pytest.approx(
+    assert M.at_threshold(y, p, M.threshold_at_recall(y, p, 0.8))["recall"] >= 0.8
+    assert M.at_threshold(y, p, M.f1_optimal_threshold(y, p))["f1"] == pytest.approx(
         max(M.at_threshold(y, p, t)["f1"] for t in np.quantile(p, np.linspace(0.01, 0.99, 99))), abs=0.01
     )
+    high = M.threshold_for_precision(y, p, 0.7)
+    assert high is not None and M.at_threshold(y, p, high)["precision"] >= 0.7
+    assert M.at_threshold(y, p, float(p[p < high].max()))["precision"] < 0.7  # the next lower score: below it
+    assert M.threshold_for_precision(y, p, 1.01) is None
+
+
+def test_the_churn_threshold_keeps_alerts_within_the_budget_with_the_engines_cooldown():
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(500), 8)  # 500 users, a session end every other day
+    ts = np.tile(np.arange(8) * 2 * 86_400_000, 500) + users * 1000
+    risk = rng.random(len(users))
+    days = M.active_user_days(users, ts)
+    assert days == 4000
+    week = 7 * 86_400_000
+    for budget in (5.0, 40.0, 200.0):
+        t = M.threshold_for_budget(users, ts, risk, budget, days, week)
+        fired = M.alerts_at(users, ts, risk, t, week)
+        assert M.per_1k_user_days(int(fired.sum()), days) <= budget
+        more = M.alerts_at(users, ts, risk, float(risk[risk < t].max()), week)  # the next lower risk
+        assert M.per_1k_user_days(int(more.sum()), days) > budget
+    fired = M.alerts_at(users, ts, risk, 0.0, week)  # every session end is high enough: the cooldown decides
+    assert fired.sum() == 500 * 2  # days 0 and 8 of each user: at most one alert a week
 
 
 def test_training_is_deterministic_for_a_seed(dataset):
@@ -208,6 +228,8 @@ def test_train_and_evaluate_end_to_end_through_the_cli(tmp_path, capsys):
     th = loaded.thresholds
     assert 0 <= th["purchase"]["medium"] <= th["purchase"]["high"] <= 1 and 0 <= th["churn"]["alert"] <= 1
     assert loaded.manifest["metrics"]["test"]["purchase"]["roc_auc"] > 0.5
+    expected = loaded.manifest["metrics"]["expected"]  # thresholds for what the CRM can act on, not F1
+    assert expected["churn_alert"]["alerts_per_1k_users_day"] <= 10.0 and expected["churn_alert"]["target"]
     assert json.loads((tmp_path / "train.json").read_text())["artifact"] == str(gru)
 
     report_dir = tmp_path / "report"
@@ -218,6 +240,8 @@ def test_train_and_evaluate_end_to_end_through_the_cli(tmp_path, capsys):
     assert set(report["models"]) == {"gru", "cnn", "rule", "logreg", "gbt_counts", "gbt"}
     pairs = report["bootstrap"]["purchase"]
     assert set(pairs) == {f"{m} - {b}" for m in ("gru", "cnn") for b in ("rule", "logreg", "gbt_counts", "gbt")}
+    served = report["served"]["gru"]["test"]
+    assert served["churn_alert"]["alerts_per_1k_users_day"] >= 0 and served["intents"]["on_change_per_user_day"] > 0
     diff = pairs["gru - gbt"]["pr_auc"]
     assert diff["lo"] <= diff["mean"] <= diff["hi"] and diff["n"] == 30
     for name, m in report["models"].items():

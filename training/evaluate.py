@@ -16,6 +16,7 @@ import gzip
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ import torch
 
 from models.artifact import MANIFEST, ArtifactError, LoadedModel, list_versions, load_artifact, resolve_device
 from models.model import probabilities
+from stream import emit
+from stream.state.user import UserState
 from training import metrics as M
 from training.baselines import (
     BASELINE_KINDS,
@@ -135,6 +138,66 @@ def score_table(
     return out
 
 
+@dataclass(frozen=True)
+class Serving:
+    """The worker's settings that decide how many events the CRM receives at the served thresholds."""
+
+    emit_delta: float = 0.15
+    emit_cooldown_s: float = 300.0
+    churn_cooldown_s: float = 7 * 86400.0
+
+
+def served_volumes(ds: Dataset, probs: np.ndarray, thresholds: dict[str, dict[str, float]], serving: Serving) -> dict:
+    """What the CRM receives from a served model on the test users from t_split, judged against the truth: churn
+    alerts (the engine's cooldown applied) per 1,000 active users per day with their precision and recall, and
+    intent events per user per day under each emission policy (``stream.emit``'s own rules, each user's state
+    starting empty at t_split)."""
+    test = head_positions(ds, TEST)
+    ts = ds.records["ts"].astype(np.int64)
+    out: dict[str, Any] = {}
+    at = test["churn"]
+    if at.any():
+        period = (ds.record_split == TEST) & (ts >= ds.t_split["churn"])
+        user_days = M.active_user_days(ds.record_user[period], ts[period])
+        cooldown_ms = round(serving.churn_cooldown_s * 1000)
+        fired = M.alerts_at(ds.record_user[at], ts[at], probs[at, 1], thresholds["churn"]["alert"], cooldown_ms)
+        y = ds.churn[at]
+        known = ~np.isnan(y)
+        base = float(np.mean(y[known])) if known.any() else math.nan
+        precision = float(np.mean(y[fired & known])) if (fired & known).any() else math.nan
+        out["churn_alert"] = {
+            "threshold": thresholds["churn"]["alert"],
+            "alerts": int(fired.sum()),
+            "alerts_per_1k_users_day": M.per_1k_user_days(int(fired.sum()), user_days),
+            "precision": precision,
+            "recall": float(y[fired & known].sum() / y[known].sum()) if y[known].sum() else math.nan,
+            "base_rate": base,
+            "precision_over_base_rate": precision / base if base else math.nan,
+        }
+    rows = np.flatnonzero(test["purchase"])
+    user_days = M.active_user_days(ds.record_user[rows], ts[rows])
+    bands = thresholds["purchase"]
+    emitted = 0
+    state, user = UserState(), -1
+    for i in rows:  # in user, then time order
+        if ds.record_user[i] != user:
+            state, user = UserState(), ds.record_user[i]
+        score = float(probs[i, 0])
+        band = emit.band_of(score, bands)
+        if emit.should_emit(state, score, band, int(ts[i]), "on_change", serving.emit_delta,
+                            round(serving.emit_cooldown_s * 1000)):  # fmt: skip
+            emitted += 1
+            state.last_score, state.last_band, state.last_emit_ts = score, band, int(ts[i])
+    high = probs[rows, 0] >= bands["high"]
+    out["intents"] = {
+        "on_change_per_user_day": emitted / user_days if user_days else math.nan,
+        "every_event_per_user_day": len(rows) / user_days if user_days else math.nan,
+        "high_per_1k_users_day": M.per_1k_user_days(int(high.sum()), user_days),
+        **{f"high_{k}": v for k, v in M.at_threshold(ds.purchase[rows], probs[rows, 0], bands["high"]).items()},
+    }
+    return out
+
+
 def sequence_probs(loaded: LoadedModel, ds: Dataset, tensors: Tensors, device) -> np.ndarray:
     """Calibrated probabilities of a served model on the val and test users (engine-equivalent pass)."""
     users = np.flatnonzero(ds.user_split >= VAL)
@@ -150,6 +213,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     bootstrap: int = 0,
+    serving: Serving = Serving(),
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(report, probabilities [N, 3] per scorer) on the test split; ``bootstrap``: user-level replicates of every
     model-vs-baseline difference (0: none)."""
@@ -158,12 +222,14 @@ def evaluate(
     rows = np.flatnonzero(ds.record_split >= VAL)  # val and test users' records
     scorers: dict[str, np.ndarray] = {}
     thresholds: dict[str, dict[str, float] | None] = {}
+    served: dict[str, LoadedModel] = {}
     tensors = Tensors(ds)
     torch_device = resolve_device(device)
     for loaded in models:
         t0 = time.perf_counter()
         name = loaded.config.arch if sum(m.config.arch == loaded.config.arch for m in models) == 1 else loaded.name
         scorers[name] = sequence_probs(loaded, ds, tensors, torch_device)
+        served[name] = loaded
         th = loaded.thresholds
         thresholds[name] = {"purchase": th["purchase"]["high"], "churn": th["churn"]["alert"]}
         say(f"{name} ({loaded.path.name}): scored in {time.perf_counter() - t0:.1f} s")
@@ -180,9 +246,14 @@ def evaluate(
     say(f"baselines: fitted and scored in {time.perf_counter() - t0:.1f} s")
     if truth is not None:
         scorers["oracle"] = np.concatenate([truth, np.full((len(ds), 1), np.nan)], axis=1)
-    report: dict[str, Any] = {"models": {}}
+    report: dict[str, Any] = {"models": {}, "served": {}}
     for name, probs in scorers.items():
         report["models"][name] = score_table(ds, probs, thresholds.get(name), heads)
+    for name, loaded in served.items():
+        report["served"][name] = {
+            "expected_on_validation": loaded.manifest.get("metrics", {}).get("expected"),
+            "test": served_volumes(ds, scorers[name], loaded.thresholds, serving),
+        }
     if truth is not None:
         del report["models"]["oracle"]["order_value"]  # the oracle knows probabilities, not order values
     if bootstrap:
@@ -330,6 +401,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {s} | {v['users']} | {v['events_scored']} | {v['purchase_labelled']} | "
             f"{_fmt(v['purchase_base_rate'])} | {v['churn_labelled']} | {_fmt(v['churn_base_rate'])} |"
         )
+    if report.get("served"):
+        lines += ["", "## at the served thresholds (test users from t_split; what the CRM receives)", "",
+                  "| model | churn alerts per 1k users/day | (validation) | alert precision | base rate | recall | "
+                  "intents per user/day (on_change) | high band per 1k users/day | high precision |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, v in report["served"].items():
+            c, i = v["test"].get("churn_alert", {}), v["test"]["intents"]
+            expected = (v.get("expected_on_validation") or {}).get("churn_alert") or {}
+            lines.append(
+                f"| {name} | {_fmt(c.get('alerts_per_1k_users_day'))} | {_fmt(expected.get('alerts_per_1k_users_day'))} "
+                f"| {_fmt(c.get('precision'))} | {_fmt(c.get('base_rate'))} | {_fmt(c.get('recall'))} | "
+                f"{_fmt(i['on_change_per_user_day'])} | {_fmt(i['high_per_1k_users_day'])} | {_fmt(i['high_precision'])} |"
+            )
     if "bootstrap" in report:
         b = report["bootstrap"]
         lines += ["", f"## differences ({b['replicates']} bootstrap replicates of the test users, 95% interval)", "",
@@ -426,9 +510,11 @@ def run(args: argparse.Namespace, settings) -> int:
         return 2
     ds = load_dataset(args.data, data_config_for(models))
     truth = read_truth(args.truth, ds) if args.truth else None
+    serving = Serving(settings.emit_delta, settings.emit_cooldown_s, settings.churn_cooldown_s)
     report, scorers = evaluate(
-        ds, models, truth, device=device, seed=args.seed, progress=not args.quiet, bootstrap=args.bootstrap
-    )
+        ds, models, truth, device=device, seed=args.seed, progress=not args.quiet, bootstrap=args.bootstrap,
+        serving=serving,
+    )  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     report["plots"] = plots(ds, scorers, tuple(report["data"]["heads"]), args.out)
     report["seconds"] = round(time.perf_counter() - t0, 1)

@@ -12,6 +12,8 @@ import math
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from training.data import DAY_MS
+
 
 def _valid(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y, dtype=np.float64)
@@ -90,16 +92,6 @@ def threshold_at_recall(y: np.ndarray, p: np.ndarray, recall: float) -> float:
         return 0.5
     k = min(len(pos) - 1, max(0, math.ceil(recall * len(pos)) - 1))
     return float(pos[k])
-
-
-def band_thresholds(
-    y_purchase: np.ndarray, p_purchase: np.ndarray, y_churn: np.ndarray, p_churn: np.ndarray, medium_recall: float = 0.8
-) -> dict[str, dict[str, float]]:
-    """The engine's bands, chosen on validation: purchase high = F1-optimal, medium = recall 0.8 (never above
-    high); churn alert = F1-optimal."""
-    high = f1_optimal_threshold(y_purchase, p_purchase)
-    medium = min(threshold_at_recall(y_purchase, p_purchase, medium_recall), high)
-    return {"purchase": {"medium": medium, "high": high}, "churn": {"alert": f1_optimal_threshold(y_churn, p_churn)}}
 
 
 def platt_fit(logits: np.ndarray, y: np.ndarray, iters: int = 100, l2: float = 1e-6) -> list[float]:
@@ -225,3 +217,59 @@ def interval(values: np.ndarray, level: float = 0.95) -> dict[str, float]:
     lo, hi = np.percentile(v, [tail, 100.0 - tail])
     return {"mean": float(v.mean()), "lo": float(lo), "hi": float(hi), "share_above_zero": float((v > 0).mean()),
             "n": len(v)}  # fmt: skip
+
+
+# ---- volumes the CRM acts on ---------------------------------------------------------------------------------
+
+
+def active_user_days(user: np.ndarray, ts: np.ndarray) -> int:
+    """Distinct (user, UTC day) pairs with at least one event: the denominator of "per 1,000 users per day"."""
+    return len(np.unique(np.asarray(user, dtype=np.int64) * 1_000_000 + np.asarray(ts, dtype=np.int64) // DAY_MS))
+
+
+def alerts_at(user: np.ndarray, ts: np.ndarray, p: np.ndarray, threshold: float, cooldown_ms: int) -> np.ndarray:
+    """Which of the session ends (rows sorted by user, then time) raise an alert, as the engine decides: a risk at
+    or above the threshold, and no alert for the user within the cooldown before it."""
+    fired = np.zeros(len(p), dtype=bool)
+    last_user, last_ts = -1, 0
+    for i in np.flatnonzero(np.asarray(p) >= threshold):
+        if user[i] != last_user or ts[i] - last_ts >= cooldown_ms:
+            fired[i] = True
+            last_user, last_ts = user[i], ts[i]
+    return fired
+
+
+def per_1k_user_days(count: int, user_days: int) -> float:
+    return 1000.0 * count / user_days if user_days else math.nan
+
+
+def threshold_for_budget(
+    user: np.ndarray, ts: np.ndarray, p: np.ndarray, budget: float, user_days: int, cooldown_ms: int
+) -> float:
+    """The lowest risk threshold whose alerts stay within ``budget`` per 1,000 active users per day (bisection over
+    the risks seen: fewer alerts as the threshold rises)."""
+    candidates = np.unique(np.asarray(p, dtype=np.float64))
+    if not len(candidates):
+        return 0.5
+    lo, hi = 0, len(candidates) - 1  # the answer is candidates[k] for the smallest k within budget
+    if per_1k_user_days(int(alerts_at(user, ts, p, candidates[hi], cooldown_ms).sum()), user_days) > budget:
+        return float(np.nextafter(candidates[hi], np.inf))  # even the top risk alone is over budget: none
+    while lo < hi:
+        mid = (lo + hi) // 2
+        n = int(alerts_at(user, ts, p, candidates[mid], cooldown_ms).sum())
+        if per_1k_user_days(n, user_days) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(candidates[lo])
+
+
+def threshold_for_precision(y: np.ndarray, p: np.ndarray, min_precision: float) -> float | None:
+    """The lowest threshold whose precision is at least ``min_precision`` (the most recall at that precision),
+    None when no threshold reaches it."""
+    y, p = _valid(y, p)
+    if y.sum() == 0:
+        return None
+    precision, _, thresholds = precision_recall_curve(y, p)
+    ok = np.flatnonzero(precision[:-1] >= min_precision)
+    return float(thresholds[ok[0]]) if len(ok) else None

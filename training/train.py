@@ -67,6 +67,11 @@ class TrainConfig:
     gru_hidden: int = 64
     dropout: float = 0.1
     medium_recall: float = 0.8  # purchase "medium" band: the threshold that still catches this recall
+    # Thresholds for what the CRM can act on (``calibrate``): volumes and precision, not F1.
+    purchase_min_precision: float = 0.5  # purchase "high" band
+    churn_alert_budget: float = 10.0  # churn alerts per 1,000 active users per day
+    churn_min_precision: float = 0.0  # > 0: the churn threshold for this precision instead of the budget
+    churn_cooldown_s: float = 7 * 86400.0  # the engine's INTENTSTREAM_CHURN_COOLDOWN_S, for the expected volume
 
     def model_config(self, category_buckets: int) -> ModelConfig:
         return ModelConfig(
@@ -270,13 +275,60 @@ def evaluate_split(
     }
 
 
-def calibrate(ds: Dataset, raw: np.ndarray, medium_recall: float) -> tuple[dict, dict]:
-    """Platt parameters per head and the engine's band thresholds, both from validation."""
+def calibrate(ds: Dataset, raw: np.ndarray, cfg: TrainConfig) -> tuple[dict, dict, dict]:
+    """Platt parameters per head, the engine's thresholds chosen for what the CRM can act on, and what to expect of
+    them, all on validation:
+
+    - purchase ``high``: the lowest threshold with precision >= ``purchase_min_precision`` (the F1-optimal one when
+      none reaches it); ``medium``: the threshold that still catches ``medium_recall`` of the purchases;
+    - churn ``alert``: the lowest risk whose alerts, with the engine's cooldown, stay within ``churn_alert_budget``
+      per 1,000 active users per day; or, with ``churn_min_precision``, the lowest with that precision.
+    """
     (yp, zp), (yc, zc), _ = head_scores(ds, raw, VAL)
     calibration = {"purchase": M.platt_fit(zp, yp), "churn": M.platt_fit(zc, yc)}
     pp = M.platt_apply(zp, calibration["purchase"])
     pc = M.platt_apply(zc, calibration["churn"])
-    return calibration, M.band_thresholds(yp, pp, yc, pc, medium_recall)
+    purchase_target = f"precision >= {cfg.purchase_min_precision:g}"
+    high = M.threshold_for_precision(yp, pp, cfg.purchase_min_precision)
+    if high is None:
+        high, purchase_target = M.f1_optimal_threshold(yp, pp), purchase_target + " (unreachable: F1-optimal)"
+    medium = min(M.threshold_at_recall(yp, pp, cfg.medium_recall), high)
+
+    ts = ds.records["ts"].astype(np.int64)
+    at = ds.head_mask(VAL, "churn")  # every session end of the validation period: labelled or not, it may alert
+    period = (ds.record_split == VAL) & (ts >= ds.t_split["churn"])
+    user_days = M.active_user_days(ds.record_user[period], ts[period])
+    cooldown_ms = round(cfg.churn_cooldown_s * 1000)
+    if cfg.churn_min_precision > 0:
+        churn_target = f"precision >= {cfg.churn_min_precision:g}"
+        found = M.threshold_for_precision(yc, pc, cfg.churn_min_precision)
+        alert = M.f1_optimal_threshold(yc, pc) if found is None else found
+        churn_target += " (unreachable: F1-optimal)" if found is None else ""
+    else:
+        churn_target = f"{cfg.churn_alert_budget:g} alerts per 1,000 active users per day"
+        alert = M.threshold_for_budget(ds.record_user[at], ts[at], pc, cfg.churn_alert_budget, user_days, cooldown_ms)
+    fired = M.alerts_at(ds.record_user[at], ts[at], pc, alert, cooldown_ms)
+    known = ~np.isnan(yc)
+    purchase_at = ds.head_mask(VAL, "purchase")
+    purchase_days = M.active_user_days(ds.record_user[purchase_at], ts[purchase_at])
+    expected = {
+        "purchase_high": {
+            "target": purchase_target,
+            **M.at_threshold(yp, pp, high),
+            "per_1k_users_day": M.per_1k_user_days(int((pp >= high).sum()), purchase_days),
+        },
+        "churn_alert": {
+            "target": churn_target,
+            "alerts_per_1k_users_day": M.per_1k_user_days(int(fired.sum()), user_days),
+            "precision": float(np.mean(yc[fired & known])) if (fired & known).any() else math.nan,
+            "recall": float(yc[fired & known].sum() / yc[known].sum()) if yc[known].sum() else math.nan,
+            "base_rate": float(np.mean(yc[known])) if known.any() else math.nan,
+            "cooldown_s": cfg.churn_cooldown_s,
+        },
+        "on": "validation users, from t_split",
+    }
+    thresholds = {"purchase": {"medium": medium, "high": high}, "churn": {"alert": alert}}
+    return calibration, thresholds, expected
 
 
 # ---- training --------------------------------------------------------------------------------------
@@ -399,10 +451,11 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
 
     raw_val = predict(model, ds, tensors, val_users, device)
     raw_test = predict(model, ds, tensors, np.flatnonzero(ds.user_split == TEST), device)
-    calibration, thresholds = calibrate(ds, raw_val, cfg.medium_recall)
+    calibration, thresholds, expected = calibrate(ds, raw_val, cfg)
     metrics = {
         "val": evaluate_split(ds, raw_val, VAL, calibration, thresholds),
         "test": evaluate_split(ds, raw_test, TEST, calibration, thresholds),
+        "expected": expected,  # at the served thresholds: what the CRM will receive
         "data": ds.summary(),
         "best_epoch": best_epoch,
         "epochs_run": len(history),
@@ -481,6 +534,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a session ends after this much time without an event: where churn is judged, here and in the worker, "
         "which refuses a model trained with another gap (default: INTENTSTREAM_SESSION_GAP_S, 1800)",
     )
+    parser.add_argument(
+        "--churn-alert-budget",
+        type=float,
+        default=d.churn_alert_budget,
+        metavar="N",
+        help="churn alerts per 1,000 active users per day the CRM can act on: the alert threshold is the lowest "
+        f"that stays within it on validation (default {d.churn_alert_budget:g})",
+    )
+    parser.add_argument(
+        "--churn-min-precision",
+        type=float,
+        default=d.churn_min_precision,
+        metavar="P",
+        help="instead of the budget: the lowest churn threshold with at least this precision on validation",
+    )
+    parser.add_argument(
+        "--purchase-min-precision",
+        type=float,
+        default=d.purchase_min_precision,
+        metavar="P",
+        help=f"the purchase 'high' band: the lowest threshold with this precision (default {d.purchase_min_precision:g})",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write a JSON summary here")
 
@@ -495,6 +570,10 @@ def run(args: argparse.Namespace, settings) -> int:
         seed=args.seed,
         device=args.device or settings.device,
         max_minutes=args.max_minutes,
+        purchase_min_precision=args.purchase_min_precision,
+        churn_alert_budget=args.churn_alert_budget,
+        churn_min_precision=args.churn_min_precision,
+        churn_cooldown_s=settings.churn_cooldown_s,
     )
     gap_s = settings.session_gap_s if args.session_gap_s is None else args.session_gap_s
     data_cfg = DataConfig(
