@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 ENGINE_MODULES = [  # the modules of the engine's hot path, in import order
+    ("stream.contract", "stream/contract.py"),  # the records it writes
     ("stream.state.user", "stream/state/user.py"),
     ("stream.churn", "stream/churn.py"),
     ("stream.emit", "stream/emit.py"),

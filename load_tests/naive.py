@@ -115,7 +115,7 @@ def create_app(settings: Settings) -> faust.App:
                 user_id=ev.user_id,
                 score=st.score,
                 band=BANDS[band],
-                expected_order_value=float(p[2]),
+                order_value_if_purchase=float(p[2]),
                 model_name=model.name,
                 model_version=model.version,
                 event_id=ev.event_id,

@@ -173,7 +173,7 @@ def model_handler(settings: Settings) -> Any:
             user_id=ev.user_id,
             score=st.score,
             band=BANDS[band],
-            expected_order_value=p[2],
+            order_value_if_purchase=p[2],
             model_name=name,
             model_version=version,
             event_id=ev.event_id,

@@ -319,7 +319,7 @@ def intent_record(
     user_id: str,
     score: float,
     band: str,
-    expected_order_value: float | None,
+    order_value_if_purchase: float | None,
     model_name: str,
     model_version: str,
     event_id: str,
@@ -328,14 +328,19 @@ def intent_record(
     scored_at_ms: int,
     reasons: list[str],
 ) -> bytes:
-    """Purchase-intent event. ``latency_ms``: from the input record's broker timestamp to scoring."""
+    """Purchase-intent event. ``latency_ms``: from the input record's broker timestamp to scoring.
+    ``order_value_if_purchase``: the model's predicted value of the purchase, should one come; the event carries it
+    and ``expected_order_value``, the expectation: purchase probability x that value."""
     return orjson.dumps(
         {
             "schema": SCHEMA_VERSION,
             "user_id": user_id,
             "score": round(score, 5),
             "band": band,
-            "expected_order_value": None if expected_order_value is None else round(expected_order_value, 2),
+            "expected_order_value": None
+            if order_value_if_purchase is None
+            else round(score * order_value_if_purchase, 2),
+            "order_value_if_purchase": None if order_value_if_purchase is None else round(order_value_if_purchase, 2),
             "model": {"name": model_name, "version": model_version},
             "event_id": event_id,
             "event_ts": event_ts,

@@ -256,7 +256,7 @@ class Engine:
                 user_id=uid,
                 score=p[0],
                 band=BANDS[band],
-                expected_order_value=p[2],
+                order_value_if_purchase=p[2],
                 model_name=model_name,
                 model_version=model_version,
                 event_id=ev.event_id,

@@ -520,7 +520,7 @@ def test_intent_record_fields_rounding_and_latency():
             user_id="u-42",
             score=0.8123456789,
             band="high",
-            expected_order_value=123.456,
+            order_value_if_purchase=123.456,
             model_name="gru",
             model_version="2024-05-01T12-00-00-abc123",
             event_id="e-1",
@@ -535,7 +535,8 @@ def test_intent_record_fields_rounding_and_latency():
         "user_id": "u-42",
         "score": 0.81235,
         "band": "high",
-        "expected_order_value": 123.46,
+        "expected_order_value": 100.29,  # 0.8123456789 x 123.456: the expectation
+        "order_value_if_purchase": 123.46,
         "model": {"name": "gru", "version": "2024-05-01T12-00-00-abc123"},
         "event_id": "e-1",
         "event_ts": OCT_1_2019_MS,
@@ -552,7 +553,7 @@ def test_intent_record_without_produce_time_or_order_value():
             user_id="u",
             score=0.1,
             band="low",
-            expected_order_value=None,
+            order_value_if_purchase=None,
             model_name="cnn",
             model_version="v1",
             event_id="e",
@@ -563,6 +564,7 @@ def test_intent_record_without_produce_time_or_order_value():
         )
     )
     assert out["latency_ms"] is None and out["input_ts"] is None and out["expected_order_value"] is None
+    assert out["order_value_if_purchase"] is None
     assert out["schema"] == 1
 
 
