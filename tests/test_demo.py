@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 SUMMARY = re.compile(
     r"summary: events=(\d+) scored=(\d+) duplicates=(\d+) late=(\d+) dlq=(\d+) intents=(\d+) churn_alerts=(\d+) "
-    r"p50_ms=([\d.]+) p99_ms=([\d.]+) score_p50_ms=([\d.]+) score_p99_ms=([\d.]+)"
+    r"alerts_per_1k_users_day=([\d.]+) p50_ms=([\d.]+) p99_ms=([\d.]+) score_p50_ms=([\d.]+) "
+    r"score_p99_ms=([\d.]+) alert_budget=(\S+) expected_alerts_per_1k_users_day=(\S+)"
 )
 
 

@@ -72,7 +72,8 @@ def _ensure_broker(settings: Settings) -> bool:
     return True
 
 
-def _ensure_model(settings: Settings) -> None:
+def _ensure_model(settings: Settings) -> dict[str, Any]:
+    """The serving model's expected churn alert volume (its manifest), after training one if there is none."""
     from models.artifact import load_newest
 
     model, _ = load_newest(
@@ -80,7 +81,7 @@ def _ensure_model(settings: Settings) -> None:
     )
     if model is not None:
         _say(f"serving {model.name} {model.version} from {settings.model_dir}")
-        return
+        return dict(model.manifest.get("metrics", {}).get("expected", {}).get("churn_alert") or {})
     from stream.traffic.simulator import write_simulation
     from training.train import train_small
 
@@ -90,6 +91,7 @@ def _ensure_model(settings: Settings) -> None:
     write_simulation(data, users=2_000, days=21, seed=1)
     path = train_small([data], settings.model_dir, max_minutes=2.0, progress=True)
     _say(f"trained {path.name}")
+    return _ensure_model(settings)
 
 
 def _metric(text: str, name: str) -> float:
@@ -163,7 +165,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     run_id = f"demo-{secrets.token_hex(4)}"
     own = run_settings(settings, run_id)
     try:
-        _ensure_model(settings)
+        expected = _ensure_model(settings)
         ensure_topics(own)
         _say(f"run {run_id}: topics {own.topic_clickstream}, {own.topic_intent}, {own.topic_churn}, {own.topic_dlq}")
         log_path = own.state_dir / "worker.log"
@@ -176,6 +178,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         url = f"http://127.0.0.1:{own.web_port}"
         _wait_ready(url, worker, log_path)
         summary = asyncio.run(_traffic(args, own, url))
+        # The CRM's budget the model was trained for, and what its threshold gave on validation.
+        summary["alert_budget"] = expected.get("target", "n/a").split(" ")[0]
+        summary["expected_alerts_per_1k_users_day"] = round(float(expected.get("alerts_per_1k_users_day", "nan")), 2)
     finally:
         if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
@@ -236,6 +241,7 @@ def _wait_ready(url: str, worker: subprocess.Popen, log_path: Path, timeout: flo
 async def _traffic(args: argparse.Namespace, settings: Settings, url: str) -> dict[str, Any]:
     from stream.traffic.replay import replay
     from stream.traffic.simulator import simulate
+    from training.metrics import active_user_days, per_1k_user_days
 
     users = max(50, args.events // 6)  # about 10 events per user in 14 days: enough to cut at --events
     sim = simulate(users=users, days=14, seed=args.seed)
@@ -265,6 +271,9 @@ async def _traffic(args: argparse.Namespace, settings: Settings, url: str) -> di
     p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"), float("nan"))
     buckets = _histogram(text, "intentstream_latency_seconds")
     late = sum(1 for _ts, v in seen[settings.topic_dlq] if v.get("reason") == TOO_LATE_REASON)
+    user_days = active_user_days(
+        np.unique([e.user_id for e in events], return_inverse=True)[1], np.array([e.ts for e in events])
+    )
     return {
         "events": stats.sent,
         "scored": int(_metric(text, "intentstream_events_scored_total")),
@@ -273,6 +282,7 @@ async def _traffic(args: argparse.Namespace, settings: Settings, url: str) -> di
         "dlq": len(seen[settings.topic_dlq]),
         "intents": len(seen[settings.topic_intent]),
         "churn_alerts": len(seen[settings.topic_churn]),
+        "alerts_per_1k_users_day": round(per_1k_user_days(len(seen[settings.topic_churn]), user_days), 2),
         # End to end, for the intent events emitted (one per event under every_event, fewer under on_change): from
         # the input record's timestamp to the intent record's, both set by the broker's clients at production.
         "p50_ms": round(float(p50), 1),
