@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,6 +37,7 @@ KIND = "items"
 _DIR_RE = re.compile(r"^v(\d{4,})-items$")
 _REQUIRED = ("codes", "id_bytes", "id_offsets", "indptr", "neighbours", "weights", "popular", "popularity")
 PURCHASE = TYPE_CODE["purchase"]
+SEEN = "seen recently"  # the reason of an item the window holds itself
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,11 @@ class ItemModel:
     popularity: np.ndarray  # float32 [n]: share of the training interactions
     manifest: dict[str, Any]
     path: Path | None = None
+
+    @cached_property
+    def together(self) -> list[str]:
+        """Per item, the reason of a neighbour it brought in (built once: formatting per suggestion costs more)."""
+        return [f"viewed together with {i}" for i in self.item_ids]
 
     @property
     def n_items(self) -> int:
@@ -219,26 +226,33 @@ def suggest(
         fresh = bought[at] != g_key
         g_key, g_from, score = g_key[fresh], g_from[fresh], score[fresh]
     g_user, g_item = g_key // n, g_key % n
-    # top k per user: by user, score descending; lexsort is stable, so ties keep the item order of the keys
-    order = np.lexsort((-score, g_user))
+    # top k per user: by user, then score descending. One sort of a float key (user + a fraction that falls with
+    # the score relative to the user's best) instead of a two-key lexsort; the stable sort keeps the keys' item
+    # order for ties.
+    user_best = np.zeros(b)
+    np.maximum.at(user_best, g_user, score)
+    order = np.argsort(g_user + (1.0 - score / (user_best[g_user] * (1 + 1e-9))), kind="stable")
     g_user, g_item, score, g_from = g_user[order], g_item[order], score[order], g_from[order]
-    user_start = np.searchsorted(g_user, np.arange(b))
-    rank = np.arange(len(g_user)) - user_start[g_user]
-    top = rank < k
-    found: list[list[Suggestion]] = [[] for _ in range(b)]
-    ids = model.item_ids
-    for u, item, s, via in zip(
-        g_user[top].tolist(), g_item[top].tolist(), score[top].tolist(), src[g_from[top]].tolist(), strict=True
-    ):
-        reason = "seen recently" if via == item else f"viewed together with {ids[via]}"
-        found[u].append(Suggestion(ids[item], round(s, 6), reason))
+    user_start = np.searchsorted(g_user, np.arange(b + 1))
+    top = np.arange(len(g_user)) - user_start[g_user] < k
+    counts = np.minimum(np.diff(user_start), k)
+    items, via = g_item[top].tolist(), src[g_from[top]].tolist()
+    ids, together = model.item_ids, model.together
+    made = list(
+        map(
+            Suggestion,
+            [ids[i] for i in items],
+            np.round(score[top], 6).tolist(),
+            [SEEN if v == i else together[v] for i, v in zip(items, via, strict=True)],
+        )
+    )
+    ends = np.cumsum(counts).tolist()
+    found = [made[e - c : e] for e, c in zip(ends, counts.tolist(), strict=True)]
     if config.fallback and len(model.popular):
-        bought_by_user = np.split(bought % n, np.searchsorted(bought // n, np.arange(1, b)))
-        for u, got in enumerate(found):
-            if len(got) >= k:
-                continue
+        for u in np.flatnonzero(counts < k).tolist():
+            got = found[u]
             taken = {x.item_id for x in got}
-            excluded = set(bought_by_user[u].tolist())
+            excluded = set((bought[(bought >= u * n) & (bought < (u + 1) * n)] % n).tolist())
             for item in model.popular.tolist():
                 if len(got) >= k:
                     break
@@ -331,6 +345,25 @@ def load_newest_items(items_dir: Path) -> tuple[ItemModel | None, list[str]]:
         except ArtifactError as exc:
             refused.append(str(exc))
     return None, refused
+
+
+def poll_items(items_dir: Path, serving: ItemModel | None, refused: set[Path]) -> tuple[ItemModel | None, list[str]]:
+    """For the worker's hot swap (like stream/hot_swap.py's for the scorer): the newest valid item artifact newer
+    than ``serving`` (None if there is none), and one line per artifact refused now. A broken artifact is added to
+    ``refused`` and not tried again; the caller swaps the model between two batches."""
+    current = -1 if serving is None else int(serving.manifest["version"])
+    lines: list[str] = []
+    for version, path in list_versions(items_dir):
+        if version <= current:
+            break
+        if path in refused:
+            continue
+        try:
+            return load_items(path), lines
+        except ArtifactError as exc:
+            refused.add(path)
+            lines.append(str(exc))
+    return None, lines
 
 
 def select_items(path: Path) -> ItemModel:

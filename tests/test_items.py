@@ -16,6 +16,7 @@ from models.items import (
     ItemModel,
     load_items,
     load_newest_items,
+    poll_items,
     save_items,
     select_items,
     suggest,
@@ -135,6 +136,23 @@ def test_artifact_round_trip_newest_and_refusals(tmp_path: Path):
     assert len(refused) == 1 and "sha256 mismatch" in refused[0]
     with pytest.raises(ArtifactError, match="no usable item artifact"):
         select_items(tmp_path / "nothing")
+
+
+def test_polling_swaps_to_newer_valid_artifacts_and_refuses_broken_ones_once(tmp_path: Path):
+    m = hand_model()
+    assert poll_items(tmp_path, None, set()) == (None, [])
+    save_items(m, tmp_path, {})
+    refused: set[Path] = set()
+    first, lines = poll_items(tmp_path, None, refused)
+    assert first is not None and first.version == "v0001" and lines == []
+    assert poll_items(tmp_path, first, refused) == (None, [])
+    broken = save_items(m, tmp_path, {})
+    (broken / "items.safetensors").write_bytes(b"not safetensors")
+    assert poll_items(tmp_path, first, refused)[0] is None and refused == {broken}
+    assert poll_items(tmp_path, first, refused) == (None, [])  # refused once, not logged again
+    save_items(m, tmp_path, {})
+    third, _ = poll_items(tmp_path, first, refused)
+    assert third is not None and third.version == "v0003"
 
 
 def test_inconsistent_arrays_are_refused(tmp_path: Path):
