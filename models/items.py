@@ -49,7 +49,7 @@ class ItemConfig:
     position_decay: float = 0.85  # and each later item event in the window multiplies its weight by this ...
     self_weight: float = 1.0  # an item seen counts for itself like a neighbour of similarity 1 (cosine) ...
     self_decay: float = 0.97  # ... with a slower decay: what the user looked at lately stays a candidate
-    neighbours: int = 20  # of each window item, the best this many (the table may hold more)
+    neighbours: int = 10  # of each window item, the best this many (the table holds more; 20 did no better)
     min_weight: float = 0.01  # window items weighted less than this are ignored (a long window's far end)
     fallback: bool = True  # fill up to k with popular items (cold users, unknown items)
     # weight of an event of each type in the window (types without an item carry none)
@@ -200,6 +200,7 @@ def suggest(
     # expand through the neighbour table
     start = model.indptr[src]
     count = np.minimum(model.indptr[src + 1] - start, config.neighbours)
+    count[src_w < config.min_weight] = 0  # far back in a long window: still a candidate itself, not a source
     total = int(count.sum())
     row = np.repeat(np.arange(len(src)), count)
     pos = np.repeat(start - (np.cumsum(count) - count), count) + np.arange(total)
