@@ -7,8 +7,9 @@ item-to-item similarities plus a popularity list for users and items it knows no
 
 The engine's window keeps each event's item as the crc32 of its id (``models.features._crc``), so the table is
 keyed by those codes, sorted for ``np.searchsorted``; the id strings ride along for the output and the reasons.
-Two ids with the same crc32 are rare (40k ids: about one pair in 5,000 catalogs of that size) and resolved by the
-trainer: the more popular one keeps the code, the other is left out of the model.
+Two ids with the same crc32 are rare (among 40k ids, a collision somewhere has a chance of about 1 in 5) and
+the window cannot tell them apart, so the trainer makes them one item, named after the more frequent id; the
+manifest counts such collisions.
 
 ``suggest`` takes the windows of a whole batch of users and is vectorised over the batch: a window's items, weighted
 by event type and recency, are expanded through the neighbour table (CSR arrays) and summed per (user, item); the

@@ -22,7 +22,7 @@ from models.items import (
     suggest,
 )
 from stream.cli import main as cli_main
-from stream.contract import TYPE_CODE
+from stream.contract import TYPE_CODE, Event
 from stream.traffic import simulator
 from training.data import read_events
 from training.evaluate_items import evaluate_items
@@ -205,3 +205,20 @@ def test_cli_train_and_evaluate_items(sim_files: Path, tmp_path: Path, capsys):
     other = tmp_path / "other.jsonl"
     other.write_bytes(b"\n".join(e.to_json() for e in read_events([sim_files])[:50]) + b"\n")
     assert cli_main(["evaluate-items", "--model", str(models), "--data", str(other), "--out", str(report_dir)]) == 2
+
+
+def test_ids_with_one_crc32_are_one_item_named_after_the_more_frequent():
+    """ "plumless" and "buckeroo" share a crc32: the window cannot tell them apart, so neither can the model."""
+    assert _crc("plumless") == _crc("buckeroo")
+    base = 1_767_571_200_000
+    rows = [("u1", "plumless"), ("u1", "x"), ("u2", "buckeroo"), ("u2", "x"), ("u3", "buckeroo"), ("u3", "x")]
+    events = [
+        Event(f"e{i}", user, "product_view", base + 1000 * i, session_id=user, item_id=item)
+        for i, (user, item) in enumerate(rows)
+    ]
+    c = clicks(events)
+    assert c.collisions == 1 and c.names[_crc("plumless")] == "buckeroo"
+    model, info = fit(c, base + 10**9, ItemTrainConfig(), progress=False)
+    assert sorted(model.item_ids) == ["buckeroo", "x"] and info["crc_collisions"] == 1
+    [out] = run(model, [window(("plumless", VIEW, 0))], k=2)
+    assert out is not None and [s.item_id for s in out] == ["buckeroo", "x"]

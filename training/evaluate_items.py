@@ -384,6 +384,8 @@ def plot(report: dict[str, Any], out: Path, title: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__  # what it does, in order
     parser.add_argument("--model", type=Path, required=True, help="item artifacts directory (newest) or one artifact")
     parser.add_argument(
         "--data", nargs="+", required=True, metavar="FILE", help="JSON lines (.gz ok), REES46 or Taobao CSV"

@@ -10,7 +10,8 @@ What happens (docs/training.md, "Item suggestions", has the figures):
 3. cosine similarity C_ij / sqrt(C_ii C_jj) (item-based CF, Sarwar et al. 2001) damped by the support,
    x C_ij / (C_ij + shrink), and the top ``neighbours`` per item kept as a sparse table (CSR);
 4. popularity (share of the interactions) for the fallback; crc32 codes of the ids (the engine's window keeps
-   those) with collisions resolved by popularity; ``models.items.save_items`` publishes the artifact.
+   those; two ids with one code are one item, named after the more frequent); ``models.items.save_items``
+   publishes the artifact.
 """
 
 from __future__ import annotations
@@ -204,6 +205,8 @@ def train_items(paths: Sequence[Path | str], out: Path, cfg: ItemTrainConfig, pr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__  # what it does, in order
     d = ItemTrainConfig()
     parser.add_argument(
         "--data", nargs="+", required=True, metavar="FILE", help="JSON lines (.gz ok), REES46 or Taobao CSV"
