@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def list_versions(model_dir: Path) -> list[tuple[int, Path]]:
-    """Artifact folders, newest first."""
+def list_versions(model_dir: Path, pattern: re.Pattern[str] = _DIR_RE) -> list[tuple[int, Path]]:
+    """Artifact folders (names matching ``pattern``, the version its first group), newest first."""
     if not model_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in model_dir.iterdir() if (m := _DIR_RE.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in model_dir.iterdir() if (m := pattern.match(p.name)) and p.is_dir()]
     return sorted(found, reverse=True)
 
 
@@ -124,45 +125,80 @@ def save_artifact(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a new version (the next number in ``model_dir``) atomically and return its folder."""
-    model_dir.mkdir(parents=True, exist_ok=True)
     arch = model.config.arch
+
+    def write(tmp: Path) -> dict[str, Any]:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        return {
+            "format": FORMAT_VERSION,
+            "name": name or f"intent-{arch}",
+            "arch": arch,
+            "model": model.config.to_dict(),
+            "featurizer": featurizer.to_dict(),
+            "weights": WEIGHTS,
+            "sha256": sha256_file(tmp / WEIGHTS),
+            "calibration": calibration,
+            "thresholds": thresholds,
+            "horizon_s": horizon_s,
+            "churn_days": churn_days,
+            "data_hash": data_hash,
+            "metrics": metrics,
+            **(extra or {}),
+        }
+
+    return publish(model_dir, arch, write)[0]
+
+
+def publish(
+    model_dir: Path, suffix: str, write: Callable[[Path], dict[str, Any]], pattern: re.Pattern[str] = _DIR_RE
+) -> tuple[Path, dict[str, Any]]:
+    """Publish a new version ``v<NNNN>-<suffix>`` in ``model_dir`` atomically: ``write`` fills a hidden folder and
+    returns the manifest, which gets the version number and time; the folder is then renamed into place, so a
+    reader never sees half an artifact. Returns the folder and its manifest."""
+    model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".tmp-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS))
+        manifest = write(tmp)
         for attempt in range(100):  # another trainer may publish at the same moment: take the next number
-            existing = list_versions(model_dir)
+            existing = list_versions(model_dir, pattern)
             version = (existing[0][0] if existing else 0) + 1 + attempt
-            manifest = {
-                "format": FORMAT_VERSION,
-                "name": name or f"intent-{arch}",
-                "version": version,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "arch": arch,
-                "model": model.config.to_dict(),
-                "featurizer": featurizer.to_dict(),
-                "weights": WEIGHTS,
-                "sha256": sha256_file(tmp / WEIGHTS),
-                "calibration": calibration,
-                "thresholds": thresholds,
-                "horizon_s": horizon_s,
-                "churn_days": churn_days,
-                "data_hash": data_hash,
-                "metrics": metrics,
-                **(extra or {}),
-            }
+            manifest |= {"version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            final = model_dir / f"v{version:04d}-{arch}"
+            final = model_dir / f"v{version:04d}-{suffix}"
             try:
                 os.rename(tmp, final)  # atomic; fails if the name was taken meanwhile
-                return final
+                return final, manifest
             except OSError:
                 continue
         raise ArtifactError(f"could not find a free version number in {model_dir}")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_manifest(path: Path, required: tuple[str, ...]) -> dict[str, Any]:
+    """An artifact folder's manifest, with the keys it must have; ArtifactError (one line) otherwise."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path.name}: no {MANIFEST}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path.name}: {MANIFEST} is not valid JSON ({exc})") from None
+    for key in required:
+        if key not in manifest:
+            raise ArtifactError(f"{path.name}: manifest lacks {key!r}")
+    return manifest
+
+
+def verify_sha256(path: Path, file: Path, expected: str, what: str) -> None:
+    """Refuse a missing ``file`` of artifact ``path``, or one whose sha256 is not the manifest's."""
+    if not file.is_file():
+        raise ArtifactError(f"{path.name}: {what} file {file.name} is missing")
+    actual = sha256_file(file)
+    if actual != expected:
+        raise ArtifactError(f"{path.name}: sha256 mismatch (manifest {expected[:12]}…, file {actual[:12]}…)")
 
 
 def load_artifact(
@@ -175,15 +211,7 @@ def load_artifact(
 ) -> LoadedModel:
     """Load one artifact after checking its manifest and sha256 (and those of the runtime's graphs); raise
     ArtifactError otherwise. ``threads``: ONNX Runtime's intra-op threads (torch's are set process-wide)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path.name}: no {MANIFEST}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path.name}: {MANIFEST} is not valid JSON ({exc})") from None
-    for key in ("format", "name", "version", "model", "featurizer", "sha256", "thresholds"):
-        if key not in manifest:
-            raise ArtifactError(f"{path.name}: manifest lacks {key!r}")
+    manifest = read_manifest(path, ("format", "name", "version", "model", "featurizer", "sha256", "thresholds"))
     if manifest["format"] != FORMAT_VERSION:
         raise ArtifactError(f"{path.name}: artifact format {manifest['format']} is not {FORMAT_VERSION}")
     feat = manifest["featurizer"]
@@ -202,11 +230,7 @@ def load_artifact(
             f"INTENTSTREAM_SESSION_GAP_S={trained_gap}"
         )
     weights = path / manifest.get("weights", WEIGHTS)
-    if not weights.is_file():
-        raise ArtifactError(f"{path.name}: weights file {weights.name} is missing")
-    actual = sha256_file(weights)
-    if actual != manifest["sha256"]:
-        raise ArtifactError(f"{path.name}: sha256 mismatch (manifest {manifest['sha256'][:12]}…, file {actual[:12]}…)")
+    verify_sha256(path, weights, manifest["sha256"], "weights")
     try:
         config = ModelConfig.from_dict(manifest["model"])
         model = IntentModel(config)

@@ -30,6 +30,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "write an artifact's ONNX graphs (fp32, --int8) for INTENTSTREAM_RUNTIME=onnx|onnx-int8",
     ),
     "evaluate": ("training.evaluate", "compare models, baselines and the oracle on a held-out split"),
+    "train-items": (
+        "training.train_items",
+        "train the item model (item-to-item collaborative filtering) and write a versioned artifact",
+    ),
+    "evaluate-items": (
+        "training.evaluate_items",
+        "item suggestions against popularity, category and recently-viewed baselines and the item oracle",
+    ),
     "settings": ("stream.settings", "print the effective settings (JSON, secrets masked) or the README table"),
 }
 

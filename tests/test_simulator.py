@@ -274,3 +274,72 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys):
     assert cli_main(["simulate", "--users", "5", "--days", "1", "--out", out, "--start", "1999-12-01"]) == 2
     assert "2000" in capsys.readouterr().err
     assert cli_main(["simulate", "--users", "5", "--days", "1", "--out", str(tmp_path / "no" / "x.jsonl")]) == 2
+
+
+# ---- items and the item oracle ------------------------------------------------------------------------
+
+
+def _next_cart_items(sim: simulator.Simulation) -> list[str | None]:
+    """Per event: the item of the user's next add to cart or purchase (None if there is none)."""
+    out: list[str | None] = [None] * len(sim.events)
+    following: dict[str, str] = {}
+    for i in range(len(sim.events) - 1, -1, -1):
+        e = sim.events[i]
+        out[i] = following.get(e.user_id)
+        if e.type in ("add_to_cart", "purchase"):
+            following[e.user_id] = e.item_id
+    return out
+
+
+def test_item_outcomes_are_distributions():
+    table = simulator.item_outcomes()
+    assert table.shape == (simulator.N_STATES, 3, simulator.N_OUTCOMES)
+    assert (table >= 0).all()
+    np.testing.assert_allclose(table.sum(axis=2), 1.0, atol=1e-9)
+
+
+def test_next_items_are_ranked_where_a_cart_event_follows(small: simulator.Simulation):
+    nxt = _next_cart_items(small)
+    for truth, item in zip(small.truth, nxt, strict=True):
+        ranking = truth["next_items"]
+        assert (ranking is None) == (item is None)
+        if ranking is None:
+            continue
+        ps = [p for _, p in ranking]
+        assert 0 < len(ranking) <= simulator.ORACLE_TOP
+        assert ps == sorted(ps, reverse=True) and ps[-1] > 0 and sum(ps) <= 1.0001
+        assert len({i for i, _ in ranking}) == len(ranking)
+
+
+def test_sessions_browse_item_clusters(small: simulator.Simulation):
+    """Within a session, consecutive fresh product views mostly stay in one cluster of 10 items."""
+    same = pairs = 0
+    last: dict[str, tuple[str, str]] = {}
+    for e in small.events:
+        if e.type != "product_view":
+            continue
+        prev = last.get(e.user_id)
+        if prev and prev[0] == e.session_id and prev[1] != e.item_id:
+            pairs += 1
+            same += prev[1][:-1] == e.item_id[:-1]  # sku-cc-iii<r>: the cluster is all but the last digit
+        last[e.user_id] = (e.session_id or "", e.item_id or "")
+    assert pairs > 500 and same / pairs > 0.35
+
+
+def test_item_oracle_is_nearly_calibrated():
+    """The oracle's probabilities are those of the simulator's own item process, up to the approximations in
+    item_rankings: its top-1 and top-10 mass are close to the hit rates they predict."""
+    sim = simulator.simulate(1500, 30, seed=3)
+    hit1 = hit10 = p1 = p10 = n = 0.0
+    for truth, item in zip(sim.truth, _next_cart_items(sim), strict=True):
+        if item is None:
+            continue
+        ranked = [i for i, _ in truth["next_items"]]
+        n += 1
+        hit1 += ranked[0] == item
+        hit10 += item in ranked
+        p1 += truth["next_items"][0][1]
+        p10 += sum(p for _, p in truth["next_items"])
+    assert n > 3000
+    assert hit10 / n > 0.5
+    assert abs(hit1 - p1) / n < 0.06 and abs(hit10 - p10) / n < 0.08

@@ -158,16 +158,17 @@ def _is_csv(path: Path) -> bool:
 
 
 def read_events(paths: Sequence[Path | str]) -> list[Event]:
-    """Events of all files, in file order: REES46 CSV (stream/traffic/rees46.py) or contract JSON lines (the simulator's
-    reader, which stops at the first invalid line with its number and reason)."""
+    """Events of all files, in file order: REES46 or Taobao CSV (stream/traffic/rees46.py, taobao.py; told apart by
+    the first line) or contract JSON lines (the simulator's reader, which stops at the first invalid line with its
+    number and reason)."""
     events: list[Event] = []
     for p in map(Path, paths):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such data file")
         if _is_csv(p):
-            from stream.traffic import rees46
+            from stream.traffic import rees46, taobao
 
-            events.extend(rees46.read_events(p))
+            events.extend(taobao.read_events(p) if taobao.looks_like_taobao(p) else rees46.read_events(p))
         else:
             from stream.traffic.simulator import read_events as simulator_read_events
 

@@ -478,6 +478,16 @@ def plots(ds: Dataset, scorers: dict[str, np.ndarray], heads: tuple[str, ...], o
     return written
 
 
+def write_report(out: Path, report: dict[str, Any], text: str, json_path: Path | None) -> None:
+    """report.json (non-finite numbers as null) and report.md in ``out``, and the JSON at ``json_path`` if given."""
+    data = json.dumps(_finite(report), indent=2)
+    (out / "report.json").write_text(data)
+    (out / "report.md").write_text(text)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(data)
+
+
 # ---- command line ----------------------------------------------------------------------------------
 
 
@@ -518,12 +528,7 @@ def run(args: argparse.Namespace, settings) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report["plots"] = plots(ds, scorers, tuple(report["data"]["heads"]), args.out)
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(_finite(report), indent=2)
-    (args.out / "report.json").write_text(text)
-    (args.out / "report.md").write_text(markdown(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+    write_report(args.out, report, markdown(report), args.json)
     if not args.quiet:
         print(markdown(report))
     print(f"wrote {args.out / 'report.json'}, report.md and {len(report['plots'])} plots in {report['seconds']} s")

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from itertools import islice
+from itertools import accumulate, islice
 from pathlib import Path
 from typing import IO, Any
 
@@ -319,6 +319,52 @@ def purchase_oracle(horizon_s: int) -> tuple[float, ...]:
     return tuple(v_ext[:N_STATES].tolist())
 
 
+# Outcomes of the item oracle: what the user's next add to cart or purchase will be, seen from a chain state.
+SAME, FRESH, BUY, REMOVED, LATER = range(5)  # the item viewed now, a fresh pick, the cart's main line, a removed
+# line put back, or nothing in this session (the next session decides)
+N_OUTCOMES = 5
+VIEWED, PICKED, UNDONE = range(3)  # what `viewed` holds: the item viewed now, a fresh pick (or none), a removed line
+
+
+@lru_cache(maxsize=1)
+def item_outcomes() -> np.ndarray:
+    """[N_STATES, 3, N_OUTCOMES]: from a chain state after an event, with ``viewed`` holding the item viewed now
+    (VIEWED), a fresh pick or nothing yet (PICKED) or a line just taken out of the cart (UNDONE), the probability
+    of each way the session's next add to cart or purchase comes about.
+
+    An add to cart takes the item ``viewed`` holds; a product view picks a fresh item unless it returns to the one
+    just seen; a removal puts the cart's last line in ``viewed``; a purchase buys the cart (its main line is the
+    event's item). Absorption probabilities of the chain with that flag, by value iteration (sessions are short:
+    it converges in well under 200 steps)."""
+    chain = build_chain()
+    prob, h = chain.prob, chain.hesitation[:, None, None]
+    short, long_ = np.maximum(chain.next_short, 0), np.maximum(chain.next_long, 0)  # -1 only where prob is 0
+    absorbed = np.zeros((N_STATES, 3, N_OUTCOMES))
+    absorbed[:, :, LATER] += prob[:, END, None]
+    absorbed[:, :, BUY] += prob[:, PURCHASE, None]
+    for flag, outcome in ((VIEWED, SAME), (PICKED, FRESH), (UNDONE, REMOVED)):
+        absorbed[:, flag, outcome] += prob[:, ADD]
+    v = absorbed.copy()
+    for _ in range(200):
+        new = absorbed.copy()
+        for m in (PAGE, SEARCH, VIEW, REMOVE, WISH, CHECKOUT):
+            p = prob[:, m, None, None]
+            after = (1.0 - h) * v[short[:, m]] + h * v[long_[:, m]]  # [S, 3, N_OUTCOMES] by the flag after
+            if m == VIEW:
+                new[:, VIEWED] += p[:, 0] * (REVISIT * after[:, VIEWED] + (1 - REVISIT) * after[:, PICKED])
+                new[:, PICKED] += p[:, 0] * after[:, PICKED]
+                new[:, UNDONE] += p[:, 0] * (REVISIT * after[:, UNDONE] + (1 - REVISIT) * after[:, PICKED])
+            elif m == REMOVE:
+                new += p * after[:, UNDONE, None]
+            else:
+                new += p * after
+        done = np.abs(new - v).max() < 1e-12
+        v = new
+        if done:
+            break
+    return v
+
+
 # ---- the daily rhythm and the return process -----------------------------------------------------------
 
 # Relative session-start intensity per UTC hour (night trough, evening peak); normalised to a mean of 1.
@@ -421,13 +467,46 @@ def _zipf_cum(n: int, s: float) -> list[float]:
     return out
 
 
-_ITEM_CUM = _zipf_cum(ITEMS_PER_TIER, 1.1)
 _TASTE_CUM = _zipf_cum(len(CATEGORIES), 1.3)
+
+# Item structure. A tier's 60 items form 6 clusters of 10 that are viewed and bought together; item g * 10 + r
+# of the catalog (g = category * 30 + tier * 6 + k) is the r-th most popular of cluster g. Each cluster has a
+# complement: the same tier and slot in the paired category (0-1, 2-3, ...: phones and audio, notebooks and
+# peripherals, ...). A user has a few favourite clusters; a session has one focus cluster (a favourite, or now and
+# then a new one); a fresh pick of an item comes from the focus, its complement, a favourite or anywhere.
+CLUSTER_SIZE = 10
+ITEMS_PER_CATEGORY = N_TIERS * ITEMS_PER_TIER
+CLUSTERS_PER_TIER = ITEMS_PER_TIER // CLUSTER_SIZE
+CLUSTERS_PER_CATEGORY = N_TIERS * CLUSTERS_PER_TIER
+N_CLUSTERS = len(CATEGORIES) * CLUSTERS_PER_CATEGORY
+N_ITEMS = N_CLUSTERS * CLUSTER_SIZE
+FAVOURITE_WEIGHTS = (0.4, 0.25, 0.2, 0.15)  # a user's favourite clusters (duplicates merge)
+EXPLORE = 0.2  # probability that a session's focus is any cluster of the catalog (not a favourite)
+PICK_SHARES = (0.65, 0.15, 0.12, 0.08)  # fresh pick from: the focus, its complement, a favourite, any item
+PICK_CUM = (0.65, 0.80, 0.92, 1.0)
+_FAVOURITE_CUM = [*list(accumulate(FAVOURITE_WEIGHTS))[:-1], 1.0]
+PAGE_FOCUS = 0.6  # a page view or search shows the focus cluster's category, else one drawn from the taste
+REVISIT = 0.25  # a product view returns to the item just seen
+_RANK_CUM = _zipf_cum(CLUSTER_SIZE, 1.1)
+RANK_P = np.diff([0.0, *_RANK_CUM])  # popularity of the r-th item of a cluster
+TASTE_P = np.diff([0.0, *_TASTE_CUM])  # probability of the r-th category of a user's taste order
+
+
+def complement(cluster: int) -> int:
+    """The cluster bought with ``cluster``: same tier and slot, paired category (an involution)."""
+    category, rest = divmod(cluster, CLUSTERS_PER_CATEGORY)
+    return (category ^ 1) * CLUSTERS_PER_CATEGORY + rest
+
+
+_COMPLEMENT = np.array([complement(g) for g in range(N_CLUSTERS)])
+ORACLE_TOP = 10  # items of the item oracle's ranking written per event
+# Breaks ties between equally likely items by catalog position, far below the 4 decimals written.
+_TIE_BREAK = np.arange(N_ITEMS) * 1e-15
 
 
 def _catalog(seed: int) -> tuple[list[list[float]], list[list[str]]]:
-    """Per category: N_TIERS x ITEMS_PER_TIER items, prices log-normal and sorted into tiers; within a tier the
-    item order is the popularity rank."""
+    """Per category: N_TIERS x ITEMS_PER_TIER items, prices log-normal and sorted into tiers; within a tier,
+    consecutive runs of CLUSTER_SIZE items are the clusters, each in popularity order."""
     rng = random.Random(f"{seed}:catalog")
     prices, ids = [], []
     for c, (_name, median, sigma) in enumerate(CATEGORIES):
@@ -438,6 +517,95 @@ def _catalog(seed: int) -> tuple[list[list[float]], list[list[str]]]:
         prices.append([max(0.5, p) for tier in tiers for p in tier])
         ids.append([f"sku-{c:02d}-{i:04d}" for i in range(N_TIERS * ITEMS_PER_TIER)])
     return prices, ids
+
+
+def item_rankings(state: np.ndarray, favourites: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The item oracle for a batch of events: (items [n, ORACLE_TOP] as catalog positions, -1 past the end;
+    probabilities [n, ORACLE_TOP]) of being the user's next add to cart or purchase given that there is one, best
+    first.
+
+    ``state`` [n, 8] holds ``_UserItems.state`` rows, ``favourites`` [n, 4] the user's favourite clusters.
+    P(next = x) = P(SAME)[x viewed now] + P(FRESH) q_focus(x) + P(BUY)[x the cart's main line] + P(REMOVED)[x its
+    last line] + P(LATER) P(comes back) (the next session's own outcomes, its picks by q_next). The outcome
+    probabilities are ``item_outcomes`` at the event's state; q_focus is a fresh pick's distribution in this
+    session, q_next its average over the next session's focus. Approximations: a second removal is taken to put
+    back the same line, the cart's main line is the current one, and every later session is taken to start like
+    the next one would an hour from now (its intent, cart and chance of coming back after it). Only the focus, the favourites, their
+    complements and the items the state points at can reach the top: any other item's chance is the uniform part
+    alone, which is smaller than any of theirs at the same popularity rank."""
+    n = len(state)
+    outcomes = item_outcomes()
+    focus, s, flag = (state[:, j].astype(np.int64) for j in range(3))
+    specials = state[:, 3:6].astype(np.int64)  # viewed, the cart's main line, its last line; -1 for none
+    keep, next_start = state[:, 6], state[:, 7].astype(np.int64)
+    now = outcomes[s, flag]
+    # Later sessions: each starts like the next one and the user comes back after it as after this one (a geometric
+    # series over sessions that end without an addition).
+    start = outcomes[next_start, PICKED]
+    later = start * (now[:, LATER] * keep / (1.0 - start[:, LATER] * keep))[:, None]
+    w_fresh, w_next = now[:, FRESH], later[:, FRESH]
+    extra = np.stack([now[:, SAME], now[:, BUY] + later[:, BUY], now[:, REMOVED] + later[:, REMOVED]], axis=1)
+    share_focus, share_complement, share_favourite, share_any = PICK_SHARES
+    fav_w = np.array(FAVOURITE_WEIGHTS)
+    slots = np.concatenate([focus[:, None], _COMPLEMENT[focus][:, None], favourites, _COMPLEMENT[favourites]], axis=1)
+
+    def favourite_weight(clusters: np.ndarray) -> np.ndarray:
+        return ((clusters[:, :, None] == favourites[:, None, :]) * fav_w).sum(axis=2)
+
+    fav, fav_of_complement = favourite_weight(slots), favourite_weight(_COMPLEMENT[slots])
+    q_focus = (
+        share_focus * (slots == focus[:, None]) + share_complement * (slots == slots[:, 1:2]) + share_favourite * fav
+    )
+    q_next = (1 - EXPLORE) * (share_focus * fav + share_complement * fav_of_complement) + share_favourite * fav
+    cluster_w = w_fresh[:, None] * q_focus + w_next[:, None] * q_next
+    for j in range(1, slots.shape[1]):  # a cluster listed twice counts once
+        cluster_w[(slots[:, :j] == slots[:, j : j + 1]).any(axis=1), j] = -np.inf
+    # the parts every item has: an explored focus (any cluster, by popularity rank) and a pick of any item
+    explored = w_next * EXPLORE * (share_focus + share_complement) / N_CLUSTERS
+    anything = (w_fresh + w_next) * share_any / N_ITEMS
+    score = (cluster_w[:, :, None] + explored[:, None, None]) * RANK_P + anything[:, None, None]
+    cand = np.concatenate(
+        [
+            (slots[:, :, None] * CLUSTER_SIZE + np.arange(CLUSTER_SIZE)).reshape(n, slots.shape[1] * CLUSTER_SIZE),
+            specials,
+        ],
+        1,
+    )
+    special_base = explored[:, None] * RANK_P[np.maximum(specials, 0) % CLUSTER_SIZE] + anything[:, None]
+    score = np.concatenate([score.reshape(n, slots.shape[1] * CLUSTER_SIZE), special_base], axis=1)
+    score -= _TIE_BREAK[np.maximum(cand, 0)]
+    rows = np.arange(n)
+    for j in range(specials.shape[1]):  # its weight goes to the item's first column; later copies are dropped
+        is_it = (cand == specials[:, j, None]) & (specials[:, j, None] >= 0)
+        first = np.argmax(is_it, axis=1)
+        has = is_it[rows, first]
+        score[rows[has], first[has]] += extra[has, j]
+        is_it[rows, first] = False
+        score[is_it] = -np.inf
+    score[:, -specials.shape[1] :][specials < 0] = -np.inf
+    top = np.argpartition(-score, ORACLE_TOP, axis=1)[:, :ORACLE_TOP]
+    top_score = np.take_along_axis(score, top, axis=1)
+    order = np.argsort(-top_score, axis=1, kind="stable")
+    items = np.take_along_axis(np.take_along_axis(cand, top, axis=1), order, axis=1)
+    p = np.take_along_axis(top_score, order, axis=1)
+    items[~np.isfinite(p)] = -1
+    # Given that an add to cart or a purchase follows (where the ranking is judged).
+    p /= (now[:, SAME] + now[:, FRESH] + now[:, BUY] + now[:, REMOVED] + later[:, :LATER].sum(axis=1))[:, None]
+    return items, np.where(np.isfinite(p), np.maximum(p, 0.0), 0.0)
+
+
+def _rankings_json(items: np.ndarray, p: np.ndarray, item_ids: list[list[str]]) -> list[str]:
+    """``item_rankings`` as the truth file's ``next_items``: ``[["sku-03-0126",0.3121],...]`` (4 decimals)."""
+    prefix = [f'["{i}",' for ids in item_ids for i in ids]
+    decimals = _P_TEXT
+    ks = np.rint(p * 10_000).astype(np.int64).tolist()
+    return [
+        "[" + ",".join([prefix[x] + decimals[k] for x, k in zip(row, k_row, strict=True) if k > 0 and x >= 0]) + "]"
+        for row, k_row in zip(items.tolist(), ks, strict=True)
+    ]
+
+
+_P_TEXT = [f"{k / 10_000!r}]" for k in range(10_001)]
 
 
 # ---- one user -----------------------------------------------------------------------------------------
@@ -463,12 +631,26 @@ def _carry_bonus(cart: int, since_add_ms: int) -> int:
     return 1 if since_add_ms < 3 * DAY_MS else 0
 
 
+@dataclass
+class _UserItems:
+    """What the item oracle needs of one user: per event (session's focus, chain state, `viewed` flag, viewed
+    item, the cart's main line, its last line, P(comes back after this event), the next session's start state),
+    items as catalog positions (category * ITEMS_PER_CATEGORY + item, -1 for none), and the favourite clusters."""
+
+    state: list[tuple[int, int, int, int, int, int, float, int]]
+    favourites: list[int]
+
+
 def _simulate_user(
     u: int, params: Params, chain: Chain, oracle: tuple[float, ...], catalog: tuple[list[list[float]], list[list[str]]]
-) -> tuple[int, list[tuple]]:
-    """(persona, events) of user ``u``: events as tuples (ts, type, session, category, item, price, quantity,
-    p_purchase, p_churn, p_churn_session_end), in the user's time order."""
+) -> tuple[int, list[tuple], _UserItems]:
+    """(persona, events, item state) of user ``u``: events as tuples (ts, type, session, category, item, price,
+    quantity, p_purchase, p_churn, p_churn_session_end), in the user's time order, and what the item oracle needs
+    (``item_rankings``)."""
     rng = random.Random(f"{params.seed}:user:{u}")
+    # Item choices beyond the three uniforms a fresh pick has always drawn come from a stream of their own, so
+    # the event chain (types, times, labels, the purchase and churn oracles) is what it was without items.
+    item_rand = random.Random(f"{params.seed}:items:{u}").random
     rand = rng.random
     log = math.log
     prices, _ids = catalog
@@ -507,9 +689,26 @@ def _simulate_user(
             - ms_b * _HOUR_SHARE_PER_MS[hour_b]
         )
 
+    def favourite_cluster() -> int:
+        """A cluster by the category taste and the price tier, any slot of the tier."""
+        c = taste[bis(_TASTE_CUM, item_rand())]
+        return (c * N_TIERS + bis(tier_cum, item_rand())) * CLUSTERS_PER_TIER + int(item_rand() * CLUSTERS_PER_TIER)
+
+    favourites = [favourite_cluster() for _ in FAVOURITE_WEIGHTS]  # a repeat adds up the weights
+    focus = favourites[0]
+
     def pick_item() -> tuple[int, int, float]:
-        c = taste[bis(_TASTE_CUM, rand())]
-        i = bis(tier_cum, rand()) * ITEMS_PER_TIER + bis(_ITEM_CUM, rand())
+        where, rank, which = rand(), rand(), rand()
+        if where < PICK_CUM[0]:
+            g, r = focus, bis(_RANK_CUM, rank)
+        elif where < PICK_CUM[1]:
+            g, r = complement(focus), bis(_RANK_CUM, rank)
+        elif where < PICK_CUM[2]:
+            g, r = favourites[bis(_FAVOURITE_CUM, which)], bis(_RANK_CUM, rank)
+        else:  # anything in the catalog, uniformly
+            g, r = int(item_rand() * N_CLUSTERS), int(rank * CLUSTER_SIZE)
+        c, slot = divmod(g, CLUSTERS_PER_CATEGORY)
+        i = slot * CLUSTER_SIZE + r
         return c, i, prices[c][i]
 
     if rand() < 0.7:  # a customer already: their process is running when the period starts
@@ -518,12 +717,17 @@ def _simulate_user(
         t = next_session_start(rng, params.start_ms + int(rand() * (end_ms - params.start_ms)), 4.0)
     events: list[tuple] = []
     cart: list[list] = []  # lines [category, item, price, quantity]
+    # per event: (session's focus, state, `viewed` flag, viewed item, cart's main line, cart's last line,
+    # P(comes back), the next session's start state); see item_rankings
+    item_state: list[tuple[int, int, int, int, int, int, float, int]] = []
     last_add_ms = t
     session = 0
     while t < end_ms:
         intent = pp.base_intent - int(pp.intent_drift * session) + _carry_bonus(len(cart), t - last_add_ms)
         s = state_index(persona, START, min(N_INTENT - 1, max(0, intent)), len(cart))
         viewed: tuple[int, int, float] | None = None
+        x = item_rand()
+        focus = int(item_rand() * N_CLUSTERS) if x < EXPLORE else favourites[bis(_FAVOURITE_CUM, item_rand())]
         stop_p = min(0.95, pp.stop + pp.stop_growth * session)
         rate = rate0 * pp.rate_decay**session
         first = True
@@ -545,11 +749,16 @@ def _simulate_user(
             s = nxt_l[s][move] if long_gap else nxt_s[s][move]
             cat = item = price = qty = None
             if move == VIEW:
-                if viewed is None or rand() >= 0.25:  # a quarter of views return to the item just seen
+                if viewed is None or rand() >= REVISIT:
                     viewed = pick_item()
                 cat, item, price = viewed
             elif move in (PAGE, SEARCH):
-                cat = taste[bis(_TASTE_CUM, rand())]
+                x = rand()
+                cat = (
+                    focus // CLUSTERS_PER_CATEGORY
+                    if x < PAGE_FOCUS
+                    else taste[bis(_TASTE_CUM, (x - PAGE_FOCUS) / (1 - PAGE_FOCUS))]
+                )
             elif move == ADD:
                 if viewed is None:
                     viewed = pick_item()
@@ -582,6 +791,31 @@ def _simulate_user(
             stay_away = exp(-rate * rate_f * window_intensity(t)) if return_window else 1.0
             q_churn = p_stop + (1.0 - p_stop) * stay_away
             events.append((t, move, session, cat, item, price, qty, oracle[s], p_end[s] * q_churn, q_churn))
+            if cart:
+                main = max(cart, key=lambda line: line[2] * line[3])
+                main_item, last_item = (
+                    main[0] * ITEMS_PER_CATEGORY + main[1],
+                    cart[-1][0] * ITEMS_PER_CATEGORY + cart[-1][1],
+                )
+            else:
+                main_item = last_item = -1
+            next_intent = (
+                pp.base_intent
+                - int(pp.intent_drift * (session + 1))
+                + _carry_bonus(len(cart), t + MIN_SESSION_GAP_S * 1000 - last_add_ms)
+            )
+            item_state.append(
+                (
+                    focus,
+                    s,
+                    PICKED if viewed is None else VIEWED,
+                    -1 if viewed is None else viewed[0] * ITEMS_PER_CATEGORY + viewed[1],
+                    main_item,
+                    last_item,
+                    1.0 - p_stop,
+                    state_index(persona, START, min(N_INTENT - 1, max(0, next_intent)), len(cart)),
+                )
+            )
         if t >= end_ms:
             break
         # stop_f and rate_f are still those of the session's last event, which the oracle used
@@ -589,12 +823,22 @@ def _simulate_user(
             break
         t = next_session_start(rng, t + MIN_SESSION_GAP_S * 1000, rate * rate_f)
         session += 1
-    return persona, events
+    return persona, events, _UserItems(item_state, favourites)
 
 
 _END_FACTORS: list[tuple[float, float]] = [  # by chain state
     _end_factors((s // (N_INTENT * N_CART)) % N_STAGES, (s // N_CART) % N_INTENT, s % N_CART) for s in range(N_STATES)
 ]
+
+
+def _followed_by_cart(events: list[tuple]) -> list[bool]:
+    """Per event of one user: whether a later event is an add to cart or a purchase."""
+    out = [False] * len(events)
+    seen = False
+    for i in range(len(events) - 1, -1, -1):
+        out[i] = seen
+        seen = seen or events[i][1] in (ADD, PURCHASE)
+    return out
 
 
 def _truth_labels(
@@ -644,7 +888,8 @@ DEFAULT_START_MS = parse_start(DEFAULT_START)
 @dataclass
 class _Run:
     """Everything generated, sorted by event time: rows are (ts, user, seq, type, session, category, item,
-    price, quantity, p_purchase, p_churn, p_churn_session_end, label_purchase, label_churn, order_value)."""
+    price, quantity, p_purchase, p_churn, p_churn_session_end, label_purchase, label_churn, order_value,
+    next_items: the item oracle's JSON)."""
 
     params: Params
     rows: list[tuple]
@@ -685,12 +930,39 @@ def _generate(
     rows: list[tuple] = []
     personas: list[int] = []
     devices: list[int] = []
+    pending: list[tuple[int, list[tuple], _UserItems]] = []
+
+    def flush() -> None:
+        """Rank the items for the pending users' events at once (the oracle is vectorised) and add their rows."""
+        if not pending:
+            return
+        # Only events that some later add to cart or purchase of the user follows have anything to rank against.
+        ranked = [has for _, events, _ in pending for has in _followed_by_cart(events)]
+        state = np.array([row for _, _, items in pending for row in items.state], dtype=np.float64)[ranked]
+        counts = [len(items.state) for _, _, items in pending]
+        favourites = np.repeat(np.array([items.favourites for _, _, items in pending]), counts, axis=0)[ranked]
+        found = iter(_rankings_json(*item_rankings(state, favourites), catalog[1]))
+        rankings = iter([next(found) if has else "null" for has in ranked])
+        for u, events, _ in pending:
+            labels = _truth_labels(events, params.horizon_ms, params.churn_ms, params.end_ms)
+            rows.extend(
+                (e[0], u, seq, *e[1:], *lab, next(rankings))
+                for seq, (e, lab) in enumerate(zip(events, labels, strict=True))
+            )
+        pending.clear()
+
+    waiting = 0
     for u in tqdm(range(users), desc="simulate", unit=" users", file=sys.stderr, disable=not progress):
-        persona, events = _simulate_user(u, params, chain, oracle, catalog)
+        persona, events, items = _simulate_user(u, params, chain, oracle, catalog)
         personas.append(persona)
         devices.append(bisect.bisect_right(DEVICE_CUM, random.Random(f"{seed}:device:{u}").random()))
-        labels = _truth_labels(events, params.horizon_ms, params.churn_ms, params.end_ms)
-        rows.extend((e[0], u, seq, *e[1:], *lab) for seq, (e, lab) in enumerate(zip(events, labels, strict=True)))
+        if events:
+            pending.append((u, events, items))
+            waiting += len(events)
+        if waiting >= 20_000:
+            flush()
+            waiting = 0
+    flush()
     rows.sort()  # (ts, user, seq) is unique: ties in time go by user, then by the user's own order
     return _Run(params, rows, personas, devices, catalog[1])
 
@@ -714,7 +986,7 @@ def _json_lines(run: _Run) -> Iterator[tuple[str, str]]:
     cat_names = [c[0] for c in CATEGORIES]
     item_ids = run.item_ids
     labels = _LABEL_JSON
-    for ts, u, seq, move, session, cat, item, price, qty, pp, pc, pce, lp, lc, ov in run.rows:
+    for ts, u, seq, move, session, cat, item, price, qty, pp, pc, pce, lp, lc, ov, next_items in run.rows:
         known = user_part.get(u)
         if known is None:
             known = user_part[u] = (
@@ -737,7 +1009,8 @@ def _json_lines(run: _Run) -> Iterator[tuple[str, str]]:
             f'"session_id":"ss-{u:07d}-{session:04d}"{item_json}{price_json}{qty_json}{tail_json}',
             f'{{"event_id":"{event_id}",{user_json},{persona_json},"label_purchase":{labels[lp]},'
             f'"label_churn":{labels[lc]},"p_purchase":{round(pp, 6)!r},"p_churn":{round(pc, 6)!r},'
-            f'"p_churn_session_end":{round(pce, 6)!r},"order_value":{"null" if ov is None else repr(round(ov, 2))}}}',
+            f'"p_churn_session_end":{round(pce, 6)!r},"order_value":{"null" if ov is None else repr(round(ov, 2))},'
+            f'"next_items":{next_items}}}',
         )
 
 

@@ -1,0 +1,78 @@
+"""Micro-benchmark of ``models.items.suggest``: microseconds per user at a batch size, on real windows.
+
+    python -m load_tests.bench_items --model var/items --data var/sim.jsonl.gz [--batch 256] [--json PATH]
+
+The windows are the engine's (each user's last 64 events, of any type) at the users' last events in the data;
+the figure is the median over repeated calls of one batch after another, single-threaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models.features import FeaturizerConfig
+from models.items import select_items, suggest
+from training.data import read_events
+from training.train_items import clicks
+
+
+def windows(path: list[str], window: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    c = clicks(read_events(path))
+    ends = np.r_[np.flatnonzero(c.user[1:] != c.user[:-1]), len(c) - 1]  # each user's last event
+    starts = np.maximum(np.searchsorted(c.user, c.user[ends]), ends - window + 1)
+    return (
+        [c.item[s : e + 1] for s, e in zip(starts, ends, strict=True)],
+        [c.type[s : e + 1] for s, e in zip(starts, ends, strict=True)],
+        [c.ts[s : e + 1] for s, e in zip(starts, ends, strict=True)],
+    )
+
+
+def bench(model_path: Path, data: list[str], batch: int, rounds: int, k: int) -> dict:
+    model = select_items(model_path)
+    items, types, ts = windows(data, FeaturizerConfig().window)
+    n_batches = max(1, min(rounds, len(items) // batch))
+    per_user = []
+    for r in range(n_batches):
+        a = r * batch
+        t0 = time.perf_counter()
+        out = suggest(model, items[a : a + batch], types[a : a + batch], ts[a : a + batch], k=k)
+        per_user.append((time.perf_counter() - t0) / len(out) * 1e6)
+    lengths = [len(x) for x in items]
+    return {
+        "model": str(model.path),
+        "batch": batch,
+        "k": k,
+        "batches": n_batches,
+        "us_per_user_median": round(statistics.median(per_user), 1),
+        "us_per_user_p90": round(float(np.percentile(per_user, 90)), 1),
+        "mean_window": round(float(np.mean(lengths)), 1),
+        "neighbours_used": model.config.neighbours,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="item artifacts directory or one artifact")
+    p.add_argument("--data", nargs="+", required=True, help="events whose users' windows are looked up")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=50, help="batches timed (at most the data's users / batch)")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--json", type=Path, default=None, metavar="PATH")
+    args = p.parse_args()
+    result = bench(args.model, args.data, args.batch, args.rounds, args.k)
+    print(
+        f"suggest: {result['us_per_user_median']} µs per user (median; p90 {result['us_per_user_p90']}) at batch "
+        f"{result['batch']}, k {result['k']}, mean window {result['mean_window']} events"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
