@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("stream.worker", "run a scoring worker (Faust app); start several to share the partitions"),
     "simulate": ("stream.traffic.simulator", "write synthetic clickstream with ground truth (JSON lines, .gz ok)"),
     "replay": ("stream.traffic.replay", "publish a file of events to the clickstream topic (rate, speed-up or max)"),
-    "train": ("training.train", "train a GRU/CNN/hybrid intent+churn model and write a versioned artifact"),
+    "train": ("training.train", "train a GRU/CNN/hybrid/transformer intent+churn model and write a versioned artifact"),
     "export": (
         "models.export",
         "write an artifact's ONNX graphs (fp32, --int8) for INTENTSTREAM_RUNTIME=onnx|onnx-int8",

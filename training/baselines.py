@@ -16,7 +16,7 @@ once, from the records up to and including the scored one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
@@ -213,11 +213,15 @@ class AggregateBaseline:
     kind: str  # one of BASELINE_KINDS
     seed: int = 0
     max_rows: int = 400_000  # subsample of the training rows per head (fit time)
+    empty_columns: np.ndarray = field(init=False, repr=False)  # features without a value anywhere (set by fit)
 
     def _x(self, feats: np.ndarray) -> np.ndarray:
-        # Trees take the features as they are (missing values natively; monotone transforms change nothing);
-        # logistic regression gets log scales and a missing-value indicator.
-        return _model_input(feats) if self.kind == "logreg" else feats
+        # Trees take the features as they are (missing values natively; monotone transforms change nothing), but a
+        # column missing everywhere (no prices in a trace) as zeros: sklearn's binning fails on one without values.
+        # Logistic regression gets log scales and a missing-value indicator.
+        if self.kind == "logreg":
+            return _model_input(feats)
+        return np.where(self.empty_columns, 0.0, feats)
 
     def _categorical(self, n_columns: int) -> np.ndarray | None:
         if self.kind != "gbt":
@@ -231,6 +235,7 @@ class AggregateBaseline:
         if self.kind not in BASELINE_KINDS:
             raise ValueError(f"baseline kind: expected one of {BASELINE_KINDS}, got {self.kind!r}")
         rng = np.random.default_rng(self.seed)
+        self.empty_columns = np.isnan(feats).all(axis=0)
         x = self._x(feats)
         self.categorical = self._categorical(x.shape[1])
         self.models = {}

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import math
@@ -157,23 +158,39 @@ def _is_csv(path: Path) -> bool:
     return path.name.endswith((".csv", ".csv.gz"))
 
 
-def read_events(paths: Sequence[Path | str]) -> list[Event]:
-    """Events of all files, in file order: REES46 or Taobao CSV (stream/traffic/rees46.py, taobao.py; told apart by
-    the first line) or contract JSON lines (the simulator's reader, which stops at the first invalid line with its
-    number and reason)."""
+FORMATS = ("auto", "jsonl", "rees46", "taobao")
+
+
+def read_events(paths: Sequence[Path | str], fmt: str = "auto") -> list[Event]:
+    """Events of all files, in file order: REES46 or Taobao CSV (stream/traffic/rees46.py, taobao.py) or contract
+    JSON lines (the simulator's reader, which stops at the first invalid line with its number and reason).
+    ``fmt``: one of FORMATS; ``auto`` tells them apart by the file name (.csv) and the CSV's first line."""
+    if fmt not in FORMATS:
+        raise ValueError(f"data format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     events: list[Event] = []
     for p in map(Path, paths):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such data file")
-        if _is_csv(p):
+        if fmt in ("rees46", "taobao") or (fmt == "auto" and _is_csv(p)):
             from stream.traffic import rees46, taobao
 
-            events.extend(taobao.read_events(p) if taobao.looks_like_taobao(p) else rees46.read_events(p))
+            is_taobao = fmt == "taobao" or (fmt == "auto" and taobao.looks_like_taobao(p))
+            events.extend(taobao.read_events(p) if is_taobao else rees46.read_events(p))
         else:
             from stream.traffic.simulator import read_events as simulator_read_events
 
             events.extend(simulator_read_events(p))
     return events
+
+
+def add_format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="the data files' format: contract JSON lines (the simulator's), a REES46 or a Taobao user-behaviour CSV "
+        "(default auto: .csv files by their header line, anything else JSON lines)",
+    )
 
 
 def files_hash(paths: Iterable[Path | str]) -> str:
@@ -296,8 +313,8 @@ def build_dataset(
     )
 
 
-def load_dataset(paths: Sequence[Path | str], config: DataConfig) -> Dataset:
-    events = read_events(paths)
+def load_dataset(paths: Sequence[Path | str], config: DataConfig, fmt: str = "auto") -> Dataset:
+    events = read_events(paths, fmt)
     return build_dataset(events, config, data_hash=files_hash(paths), sources=[str(p) for p in paths])
 
 

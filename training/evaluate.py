@@ -36,7 +36,7 @@ from training.baselines import (
     baseline_features,
     rule_baseline,
 )
-from training.data import DAY_MS, TEST, VAL, DataConfig, Dataset, load_dataset
+from training.data import DAY_MS, TEST, VAL, DataConfig, Dataset, add_format_argument, load_dataset
 from training.train import Tensors, _finite, predict
 
 HEADS = ("purchase", "churn")
@@ -506,6 +506,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="user-level bootstrap replicates for the 95%% intervals of every model-vs-baseline difference "
         "(default 200; 0: none)",
     )
+    add_format_argument(parser)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write report.json here")
 
@@ -518,7 +519,7 @@ def run(args: argparse.Namespace, settings) -> int:
     except ArtifactError as exc:
         print(f"intentstream evaluate: refused: {exc}")
         return 2
-    ds = load_dataset(args.data, data_config_for(models))
+    ds = load_dataset(args.data, data_config_for(models), args.format)
     truth = read_truth(args.truth, ds) if args.truth else None
     serving = Serving(settings.emit_delta, settings.emit_cooldown_s, settings.churn_cooldown_s)
     report, scorers = evaluate(

@@ -35,7 +35,17 @@ from models.artifact import ArtifactError, resolve_device, save_artifact
 from models.features import N_TYPES, FeaturizerConfig, model_inputs, session_deadline
 from models.model import ARCHS, IntentModel, ModelConfig
 from training import metrics as M
-from training.data import TEST, TRAIN, VAL, DataConfig, Dataset, batch_order, load_dataset, make_chunks
+from training.data import (
+    TEST,
+    TRAIN,
+    VAL,
+    DataConfig,
+    Dataset,
+    add_format_argument,
+    batch_order,
+    load_dataset,
+    make_chunks,
+)
 
 
 @dataclass(frozen=True)
@@ -556,6 +566,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help=f"the purchase 'high' band: the lowest threshold with this precision (default {d.purchase_min_precision:g})",
     )
+    add_format_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write a JSON summary here")
 
@@ -584,7 +595,7 @@ def run(args: argparse.Namespace, settings) -> int:
     )
     out = args.out or settings.model_dir
     t0 = time.perf_counter()
-    ds = load_dataset(args.data, data_cfg)
+    ds = load_dataset(args.data, data_cfg, args.format)
     load_s = time.perf_counter() - t0
     s = ds.summary()
     print(
@@ -597,6 +608,14 @@ def run(args: argparse.Namespace, settings) -> int:
         result = train_model(ds, cfg, progress=not args.quiet)
     except ArtifactError as exc:  # e.g. --device cuda without CUDA
         print(f"intentstream train: {exc}")
+        return 2
+    except ValueError as exc:  # no labelled position: a trace shorter than the label horizons
+        hours = (ds.t_end - ds.t_start) / 3_600_000
+        print(
+            f"intentstream train: {exc}: the data spans {hours:.2f} h and a purchase label needs "
+            f"--horizon-s {data_cfg.horizon_s:g} s after its event; pass a shorter --horizon-s (e.g. "
+            f"{max(60, int(hours * 3600 / 4))}) or more data"
+        )
         return 2
     path = publish(result, ds, cfg, Path(out))
     test = result.metrics["test"]
