@@ -52,7 +52,15 @@ from stream.settings import Settings
 
 SUSTAINED_FRACTION = 0.95  # a step is sustained when its output rate is at least this share of the offered rate ...
 SUSTAINED_LAG_S = 1.0  # ... and at most this many seconds of traffic are waiting at its end
-TARGETS = {"engine_vs_ceiling": 0.5, "engine_vs_naive": 10.0, "p99_ms_at_50pct": 100.0, "rss_growth_pct": 10.0}
+# Issue 10's targets (the data plane), with full windows: capacity against the ceiling and the naive consumer, the
+# latency tail at 50% and 75% of capacity; and memory that stays flat.
+TARGETS = {
+    "engine_vs_ceiling": 0.15,
+    "engine_vs_naive": 30.0,
+    "p99_ms_at_50pct": 100.0,
+    "p99_ms_at_75pct": 250.0,
+    "rss_growth_pct": 10.0,
+}
 
 
 @dataclass
@@ -883,13 +891,13 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
     for key in ("engine_vs_ceiling", "engine_vs_naive"):
         if report.get(key) is not None:
             out[key] = {"target": f">= {TARGETS[key]}", "reached": report[key], "met": report[key] >= TARGETS[key]}
-    half = report.get("latency_at_50pct") or {}
-    if half.get("p99") is not None:
-        out["p99_ms_at_50pct"] = {
-            "target": f"<= {TARGETS['p99_ms_at_50pct']}",
-            "reached": half["p99"],
-            "met": half["p99"] <= TARGETS["p99_ms_at_50pct"],
-        }
+    at_75 = [s for s in report.get("steps", []) if s.get("requested") == "75%"]
+    for key, step in (
+        ("p99_ms_at_50pct", report.get("latency_at_50pct") or {}),
+        ("p99_ms_at_75pct", at_75[0].get("latency_ms", {}) if at_75 else {}),
+    ):
+        if step.get("p99") is not None:
+            out[key] = {"target": f"<= {TARGETS[key]}", "reached": step["p99"], "met": step["p99"] <= TARGETS[key]}
     measured = [s for s in report.get("steps", []) if s.get("rss_mb", {}).get("growth_pct") is not None]
     if measured:
         worst = max(measured, key=lambda s: abs(s["rss_mb"]["growth_pct"]))
