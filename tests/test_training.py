@@ -241,7 +241,11 @@ def test_train_and_evaluate_end_to_end_through_the_cli(tmp_path, capsys):
     pairs = report["bootstrap"]["purchase"]
     assert set(pairs) == {f"{m} - {b}" for m in ("gru", "cnn") for b in ("rule", "logreg", "gbt_counts", "gbt")}
     served = report["served"]["gru"]["test"]
-    assert served["churn_alert"]["alerts_per_1k_users_day"] >= 0 and served["intents"]["on_change_per_user_day"] > 0
+    assert (
+        np.isfinite(served["churn_alert"]["alerts_per_1k_users_day"])
+        and served["intents"]["on_change_per_user_day"] > 0
+    )
+    assert report["served"]["gru"]["expected_on_validation"] == expected  # the manifest's, shown beside the test's
     diff = pairs["gru - gbt"]["pr_auc"]
     assert diff["lo"] <= diff["mean"] <= diff["hi"] and diff["n"] == 30
     for name, m in report["models"].items():

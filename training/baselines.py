@@ -133,7 +133,10 @@ def timing_features(ds: Dataset) -> np.ndarray:
         return np.where(seen, (ts - ts[np.maximum(last, 0)]) / 1000.0, NEVER_S)
 
     # Sliding windows: records are sorted by user, then time, so (user, ts) is one sorted key.
-    key = ds.record_user.astype(np.int64) * (1 << 42) + (ts - ts.min() if n else ts)
+    # One user's keys span the trace and the longest window, so a window never reaches into the previous user's
+    # (and users times that span stays far inside int64).
+    span = (int(ts.max() - ts.min()) if n else 0) + 1000 * max(WINDOWS_S.values()) + 1
+    key = ds.record_user.astype(np.int64) * span + (ts - ts.min() if n else ts)
     first = {name: np.searchsorted(key, key - 1000 * w, side="left") for name, w in WINDOWS_S.items()}
 
     def count_in(mask: np.ndarray, window: str) -> np.ndarray:

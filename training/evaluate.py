@@ -27,6 +27,7 @@ import torch
 from models.artifact import MANIFEST, ArtifactError, LoadedModel, list_versions, load_artifact, resolve_device
 from models.model import probabilities
 from stream import emit
+from stream.settings import Settings
 from stream.state.user import UserState
 from training import metrics as M
 from training.baselines import (
@@ -142,9 +143,13 @@ def score_table(
 class Serving:
     """The worker's settings that decide how many events the CRM receives at the served thresholds."""
 
-    emit_delta: float = 0.15
-    emit_cooldown_s: float = 300.0
-    churn_cooldown_s: float = 7 * 86400.0
+    emit_delta: float
+    emit_cooldown_s: float
+    churn_cooldown_s: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> Serving:
+        return cls(settings.emit_delta, settings.emit_cooldown_s, settings.churn_cooldown_s)
 
 
 def served_volumes(ds: Dataset, probs: np.ndarray, thresholds: dict[str, dict[str, float]], serving: Serving) -> dict:
@@ -160,20 +165,9 @@ def served_volumes(ds: Dataset, probs: np.ndarray, thresholds: dict[str, dict[st
         period = (ds.record_split == TEST) & (ts >= ds.t_split["churn"])
         user_days = M.active_user_days(ds.record_user[period], ts[period])
         cooldown_ms = round(serving.churn_cooldown_s * 1000)
-        fired = M.alerts_at(ds.record_user[at], ts[at], probs[at, 1], thresholds["churn"]["alert"], cooldown_ms)
-        y = ds.churn[at]
-        known = ~np.isnan(y)
-        base = float(np.mean(y[known])) if known.any() else math.nan
-        precision = float(np.mean(y[fired & known])) if (fired & known).any() else math.nan
-        out["churn_alert"] = {
-            "threshold": thresholds["churn"]["alert"],
-            "alerts": int(fired.sum()),
-            "alerts_per_1k_users_day": M.per_1k_user_days(int(fired.sum()), user_days),
-            "precision": precision,
-            "recall": float(y[fired & known].sum() / y[known].sum()) if y[known].sum() else math.nan,
-            "base_rate": base,
-            "precision_over_base_rate": precision / base if base else math.nan,
-        }
+        out["churn_alert"] = M.alert_summary(
+            ds.record_user[at], ts[at], probs[at, 1], ds.churn[at], thresholds["churn"]["alert"], cooldown_ms, user_days
+        )
     rows = np.flatnonzero(test["purchase"])
     user_days = M.active_user_days(ds.record_user[rows], ts[rows])
     bands = thresholds["purchase"]
@@ -213,7 +207,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     bootstrap: int = 0,
-    serving: Serving = Serving(),
+    serving: Serving | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(report, probabilities [N, 3] per scorer) on the test split; ``bootstrap``: user-level replicates of every
     model-vs-baseline difference (0: none)."""
@@ -252,7 +246,7 @@ def evaluate(
     for name, loaded in served.items():
         report["served"][name] = {
             "expected_on_validation": loaded.manifest.get("metrics", {}).get("expected"),
-            "test": served_volumes(ds, scorers[name], loaded.thresholds, serving),
+            "test": served_volumes(ds, scorers[name], loaded.thresholds, serving or Serving.of(Settings())),
         }
     if truth is not None:
         del report["models"]["oracle"]["order_value"]  # the oracle knows probabilities, not order values
@@ -511,7 +505,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write report.json here")
 
 
-def run(args: argparse.Namespace, settings) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     t0 = time.perf_counter()
     device = args.device or settings.device
     try:
@@ -521,7 +515,7 @@ def run(args: argparse.Namespace, settings) -> int:
         return 2
     ds = load_dataset(args.data, data_config_for(models), args.format)
     truth = read_truth(args.truth, ds) if args.truth else None
-    serving = Serving(settings.emit_delta, settings.emit_cooldown_s, settings.churn_cooldown_s)
+    serving = Serving.of(settings)
     report, scorers = evaluate(
         ds, models, truth, device=device, seed=args.seed, progress=not args.quiet, bootstrap=args.bootstrap,
         serving=serving,

@@ -239,6 +239,28 @@ def alerts_at(user: np.ndarray, ts: np.ndarray, p: np.ndarray, threshold: float,
     return fired
 
 
+def alert_summary(
+    user: np.ndarray, ts: np.ndarray, p: np.ndarray, y: np.ndarray, threshold: float, cooldown_ms: int, user_days: int
+) -> dict[str, float]:
+    """What the CRM receives from churn alerts at ``threshold`` over these session ends (``alerts_at``), judged
+    against the labels ``y`` (NaN: unknown): their number per 1,000 active users per day, precision, recall and the
+    base rate they are to be compared with."""
+    fired = alerts_at(user, ts, p, threshold, cooldown_ms)
+    known = ~np.isnan(y)
+    hits = fired & known
+    base = float(np.mean(y[known])) if known.any() else math.nan
+    precision = float(np.mean(y[hits])) if hits.any() else math.nan
+    return {
+        "threshold": threshold,
+        "alerts": int(fired.sum()),
+        "alerts_per_1k_users_day": per_1k_user_days(int(fired.sum()), user_days),
+        "precision": precision,
+        "recall": float(y[hits].sum() / y[known].sum()) if y[known].sum() else math.nan,
+        "base_rate": base,
+        "precision_over_base_rate": precision / base if base else math.nan,
+    }
+
+
 def per_1k_user_days(count: int, user_days: int) -> float:
     return 1000.0 * count / user_days if user_days else math.nan
 

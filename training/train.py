@@ -34,6 +34,7 @@ from tqdm import tqdm
 from models.artifact import ArtifactError, resolve_device, save_artifact
 from models.features import N_TYPES, FeaturizerConfig, model_inputs, session_deadline
 from models.model import ARCHS, IntentModel, ModelConfig
+from stream.settings import Settings
 from training import metrics as M
 from training.data import (
     TEST,
@@ -81,7 +82,7 @@ class TrainConfig:
     purchase_min_precision: float = 0.5  # purchase "high" band
     churn_alert_budget: float = 10.0  # churn alerts per 1,000 active users per day
     churn_min_precision: float = 0.0  # > 0: the churn threshold for this precision instead of the budget
-    churn_cooldown_s: float = 7 * 86400.0  # the engine's INTENTSTREAM_CHURN_COOLDOWN_S, for the expected volume
+    churn_cooldown_s: float = Settings().churn_cooldown_s  # the worker's, for the expected alert volume
 
     def model_config(self, category_buckets: int) -> ModelConfig:
         return ModelConfig(
@@ -317,8 +318,6 @@ def calibrate(ds: Dataset, raw: np.ndarray, cfg: TrainConfig) -> tuple[dict, dic
     else:
         churn_target = f"{cfg.churn_alert_budget:g} alerts per 1,000 active users per day"
         alert = M.threshold_for_budget(ds.record_user[at], ts[at], pc, cfg.churn_alert_budget, user_days, cooldown_ms)
-    fired = M.alerts_at(ds.record_user[at], ts[at], pc, alert, cooldown_ms)
-    known = ~np.isnan(yc)
     purchase_at = ds.head_mask(VAL, "purchase")
     purchase_days = M.active_user_days(ds.record_user[purchase_at], ts[purchase_at])
     expected = {
@@ -329,10 +328,7 @@ def calibrate(ds: Dataset, raw: np.ndarray, cfg: TrainConfig) -> tuple[dict, dic
         },
         "churn_alert": {
             "target": churn_target,
-            "alerts_per_1k_users_day": M.per_1k_user_days(int(fired.sum()), user_days),
-            "precision": float(np.mean(yc[fired & known])) if (fired & known).any() else math.nan,
-            "recall": float(yc[fired & known].sum() / yc[known].sum()) if yc[known].sum() else math.nan,
-            "base_rate": float(np.mean(yc[known])) if known.any() else math.nan,
+            **M.alert_summary(ds.record_user[at], ts[at], pc, yc, alert, cooldown_ms, user_days),
             "cooldown_s": cfg.churn_cooldown_s,
         },
         "on": "validation users, from t_split",
@@ -511,11 +507,23 @@ def _finite(obj: Any) -> Any:
 
 
 def train_small(
-    data: list[Path | str], out: Path, arch: str = "gru", max_minutes: float = 2.0, seed: int = 0, progress=False
+    data: list[Path | str],
+    out: Path,
+    arch: str = "gru",
+    max_minutes: float = 2.0,
+    seed: int = 0,
+    progress=False,
+    settings: Settings | None = None,
 ) -> Path:
-    """A usable model in a couple of minutes on a laptop CPU (the demo's path): fewer, larger steps."""
-    cfg = TrainConfig(arch=arch, epochs=4, batch_size=64, max_minutes=max_minutes, seed=seed, patience=1)
-    ds = load_dataset(data, DataConfig())
+    """A usable model in a couple of minutes on a laptop CPU (the demo's path): fewer, larger steps. ``settings``:
+    the worker's, whose window, session gap and churn cooldown the model must agree with to be served."""
+    s = settings or Settings()
+    cfg = TrainConfig(
+        arch=arch, epochs=4, batch_size=64, max_minutes=max_minutes, seed=seed, patience=1,
+        churn_cooldown_s=s.churn_cooldown_s,
+    )  # fmt: skip
+    featurizer = FeaturizerConfig(window=s.window_size, session_gap_s=s.session_gap_s)
+    ds = load_dataset(data, DataConfig(featurizer=featurizer))
     return publish(train_model(ds, cfg, progress=progress), ds, cfg, out)
 
 
@@ -571,7 +579,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write a JSON summary here")
 
 
-def run(args: argparse.Namespace, settings) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     cfg = TrainConfig(
         arch=args.arch,
         epochs=args.epochs,

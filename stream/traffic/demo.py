@@ -73,25 +73,33 @@ def _ensure_broker(settings: Settings) -> bool:
 
 
 def _ensure_model(settings: Settings) -> dict[str, Any]:
-    """The serving model's expected churn alert volume (its manifest), after training one if there is none."""
+    """The serving model's expected churn alert volume (its manifest), after training one if none is served."""
     from models.artifact import load_newest
 
-    model, _ = load_newest(
-        settings.model_dir, expect_window=settings.window_size, expect_session_gap_s=settings.session_gap_s
-    )
-    if model is not None:
-        _say(f"serving {model.name} {model.version} from {settings.model_dir}")
-        return dict(model.manifest.get("metrics", {}).get("expected", {}).get("churn_alert") or {})
-    from stream.traffic.simulator import write_simulation
-    from training.train import train_small
+    def served() -> Any:
+        model, _ = load_newest(
+            settings.model_dir, expect_window=settings.window_size, expect_session_gap_s=settings.session_gap_s
+        )
+        return model
 
-    data = settings.state_dir / "demo" / "train.jsonl.gz"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    _say(f"no model in {settings.model_dir}: simulating training data and training a small GRU (~2 min)")
-    write_simulation(data, users=2_000, days=21, seed=1)
-    path = train_small([data], settings.model_dir, max_minutes=2.0, progress=True)
-    _say(f"trained {path.name}")
-    return _ensure_model(settings)
+    model = served()
+    if model is None:
+        from stream.traffic.simulator import write_simulation
+        from training.train import train_small
+
+        data = settings.state_dir / "demo" / "train.jsonl.gz"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        _say(f"no model in {settings.model_dir}: simulating training data and training a small GRU (~2 min)")
+        write_simulation(data, users=2_000, days=21, seed=1)
+        path = train_small([data], settings.model_dir, max_minutes=2.0, progress=True, settings=settings)
+        _say(f"trained {path.name}")
+        model = served()
+        if model is None:  # trained with these settings: only a broken folder could refuse it
+            raise SystemExit(
+                f"intentstream demo: the model just trained in {path} is refused; see `intentstream worker`"
+            )
+    _say(f"serving {model.name} {model.version} from {settings.model_dir}")
+    return dict(model.manifest.get("metrics", {}).get("expected", {}).get("churn_alert") or {})
 
 
 def _metric(text: str, name: str) -> float:
@@ -180,7 +188,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         summary = asyncio.run(_traffic(args, own, url))
         # The CRM's budget the model was trained for, and what its threshold gave on validation.
         summary["alert_budget"] = expected.get("target", "n/a").split(" ")[0]
-        summary["expected_alerts_per_1k_users_day"] = round(float(expected.get("alerts_per_1k_users_day", "nan")), 2)
+        validation = expected.get("alerts_per_1k_users_day")  # null in the manifest when it could not be measured
+        summary["expected_alerts_per_1k_users_day"] = "n/a" if validation is None else round(float(validation), 2)
     finally:
         if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
