@@ -281,9 +281,10 @@ class Engine:
         self, items: ItemModel | None, windows: list[np.ndarray], ends: list[list[int]]
     ) -> list[list[Suggestion] | None]:
         """The suggestions of every emitted intent event, in one lookup for the batch. Only emitted events are
-        looked up (under on_change a small share of the scored ones): a lookup costs 20-40 us a user, a quarter
-        to a half of what an event costs the worker (docs/training.md). Each event's window ends at that event, like its reasons, so what it
-        suggests does not depend on how the records were cut into batches."""
+        looked up (under on_change a share of the scored ones): a lookup costs about 20 us a user plus 300 us a
+        call, against 50-70 us for all else an event costs the worker (docs/training.md). Each event's window ends
+        at that event, like its reasons, so what it suggests does not depend on how records were cut into
+        batches."""
         n = sum(map(len, ends))
         if items is None:
             return [None] * n
