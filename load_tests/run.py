@@ -19,6 +19,11 @@ Phases (one run, one broker, fresh topics and consumer groups named ``lt-<tag>-*
    difference is the end-to-end latency, read off the output topic after the run (reading it during the
    run would take CPU from the workers).
 
+``--suggestions on,off`` measures the engine's capacity with item suggestions and without, in turns (with
+``--repeat``), and reports the ratio. Under every_event each event is looked up: the worst case (under the
+default on_change only the emitted events are). The item model is ``--items-dir``'s newest or one trained on
+the traffic's own template (training/train_items.py).
+
 Writes DIR/report.json, DIR/summary.md and PNG plots (load_tests/report.py). Absolute figures depend on
 the machine and what else runs on it: the report records the CPU count and load averages; the ratios
 come from phases measured back to back in the same run.
@@ -61,6 +66,7 @@ TARGETS = {
     "p99_ms_at_75pct": 250.0,
     "rss_growth_pct": 10.0,
 }
+SUGGESTIONS_COST_PCT = 15.0  # issue 12: suggestions may cost at most this share of the events/s
 
 
 @dataclass
@@ -86,6 +92,8 @@ class Config:
     compare_steps: list[str] = field(default_factory=list)
     repeat: int = 1
     runtimes: list[str] = field(default_factory=list)  # INTENTSTREAM_RUNTIME of the engine, then of the others
+    suggestions: list[str] = field(default_factory=lambda: ["off"])  # the engine's, then the other's (capacity)
+    items_dir: Path | None = None
 
 
 # ---- display -------------------------------------------------------------------------------------------
@@ -204,9 +212,17 @@ class Run:
         self.report: dict[str, Any] = {}
         # The engine's runtime, then others measured beside it (capacity in turns, rate steps after the engine's).
         self.runtime, *self.other_runtimes = cfg.runtimes or [self.base.runtime]
+        self.suggestions, *self.other_suggestions = cfg.suggestions or ["off"]
+        self.items_dir = cfg.items_dir or cfg.out / "items"
 
-    def settings(self, name: str, input_topic: str, runtime: str | None = None) -> Settings:
+    def settings(
+        self, name: str, input_topic: str, runtime: str | None = None, suggestions: str | None = None
+    ) -> Settings:
+        # "off" names a folder that does not exist, whatever INTENTSTREAM_ITEMS_DIR says: a measurement without
+        # suggestions must not pick up an item model from the environment.
+        on = (suggestions or self.suggestions) == "on"
         return Settings.from_env(
+            items_dir=str(self.items_dir if on else self.cfg.out / "no-items"),
             runtime=runtime or self.runtime,
             topic_clickstream=input_topic,
             topic_dlq=f"{self.tag}-{name}-dlq",
@@ -266,6 +282,24 @@ class Run:
             export_onnx(model.path, int8="onnx-int8" in missing or "onnx-int8" in exports)
         return {"name": model.name, "version": model.version, "arch": model.config.arch, "path": str(model.path)}
 
+    def ensure_items(self, traffic: Traffic) -> dict[str, Any] | None:
+        """The item model of the suggestions, when a measurement has them: ``--items-dir``'s newest, or one
+        trained on the traffic's template (its items are the traffic's: every tile plays the template's items)."""
+        if "on" not in (self.suggestions, *self.other_suggestions):
+            return None
+        from models.items import ItemConfig, load_newest_items, save_items
+        from training.train_items import ItemTrainConfig, clicks, fit
+
+        items, _ = load_newest_items(self.items_dir)
+        if items is None:
+            if self.cfg.items_dir is not None:
+                raise RuntimeError(f"no usable item model in {self.cfg.items_dir}")
+            self.say("training an item model on the traffic's template")
+            c = clicks(traffic.template.events)
+            items, info = fit(c, int(c.ts.max()) + 1, ItemTrainConfig(), progress=False)
+            save_items(items, self.items_dir, {"serving": ItemConfig().to_dict(), "fit": info})
+        return {"version": items.version, "items": items.n_items, "nnz": len(items.neighbours), "path": str(items.path)}
+
     # -- phases -----------------------------------------------------------------------------------------
 
     async def produce(
@@ -291,9 +325,10 @@ class Run:
         backlog_n: int,
         argv: list[str] | None = None,
         runtime: str | None = None,
+        suggestions: str | None = None,
     ) -> dict:
         """Drain the backlog with ``kind`` processes: the output rate over ``capacity_s`` after the warm-up."""
-        s = self.settings(name, backlog_topic, runtime)
+        s = self.settings(name, backlog_topic, runtime, suggestions)
         outputs = [s.topic_intent] if kind == "ceiling" else [s.topic_intent, s.topic_dlq]
         await P.create_topics(s, {t: s.partitions for t in s.output_topics})
         self.say(f"capacity of {name}: {self.cfg.workers} process(es) drain the backlog")
@@ -513,6 +548,7 @@ class Run:
                 "repeat": cfg.repeat,
                 "runtime": self.runtime,
                 "other_runtimes": self.other_runtimes,
+                "suggestions": [self.suggestions, *self.other_suggestions],
             },
         }
         self.report["model"] = self.ensure_model()
@@ -532,6 +568,7 @@ class Run:
                 "tiles_before_wrap": traffic.tiles,
                 "simulated_s": round(time.perf_counter() - t0, 1),
             }
+            self.report["items"] = self.ensure_items(traffic)
             # 1. capacity, side by side, on one backlog
             backlog_topic = f"{self.tag}-backlog"
             await P.create_topics(self.base, {backlog_topic: self.base.partitions})
@@ -545,21 +582,24 @@ class Run:
                 "backlog",
             )
             self.report["backlog"] = {"events": stats.sent, "producer_eps": round(stats.rate, 1)}
-            systems: list[tuple[str, str, list[str] | None, str | None]] = [
-                (kind, kind, None, None) for kind in (["ceiling", "naive", "engine"] if cfg.baselines else ["engine"])
+            systems: list[tuple[str, str, list[str] | None, str | None, str | None]] = [
+                (kind, kind, None, None, None)
+                for kind in (["ceiling", "naive", "engine"] if cfg.baselines else ["engine"])
             ]
             for variant in cfg.variants:  # proposed engine changes, measured beside the engine
                 variant_argv = [sys.executable, "-m", "load_tests.variants", variant]
-                systems.append((f"engine-{variant}", "engine", variant_argv, None))
+                systems.append((f"engine-{variant}", "engine", variant_argv, None, None))
             for other in self.other_runtimes:  # the engine with another scoring runtime
-                systems.append((f"engine-{other}", "engine", None, other))
+                systems.append((f"engine-{other}", "engine", None, other, None))
+            for other in self.other_suggestions:  # the engine with suggestions on (or off)
+                systems.append((f"engine-suggestions-{other}", "engine", None, None, other))
             # With --repeat, the systems take turns (A B C A B C ...): a change in the machine's load hits all of
             # them alike, and each figure is the median of its turns.
-            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _, _ in systems}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in systems}
             for turn in range(cfg.repeat):
-                for name, kind, argv, rt in systems:
+                for name, kind, argv, rt, sugg in systems:
                     label = name if cfg.repeat == 1 else f"{name}-r{turn}"
-                    runs[name].append(await self.capacity(label, kind, backlog_topic, stats.sent, argv, rt))
+                    runs[name].append(await self.capacity(label, kind, backlog_topic, stats.sent, argv, rt, sugg))
             capacity: dict[str, Any] = {}
             for name, results in runs.items():
                 ranked = sorted(results, key=lambda r: r["eps"])
@@ -573,6 +613,13 @@ class Run:
                 self.report["naive_eps"] = capacity["naive"]["eps"]
                 self.report["engine_vs_ceiling"] = _ratio(engine_eps, capacity["ceiling"]["eps"])
                 self.report["engine_vs_naive"] = _ratio(engine_eps, capacity["naive"]["eps"])
+            if self.other_suggestions:
+                self.report["suggestions"] = suggestions_cost(
+                    {
+                        self.suggestions: capacity["engine"],
+                        **{o: capacity[f"engine-suggestions-{o}"] for o in self.other_suggestions},
+                    }
+                )
 
             # 2. rate steps
             rates = resolve_rates(cfg.rates, engine_eps)
@@ -886,8 +933,32 @@ def runtime_summary(capacity: dict[str, Any], steps: dict[str, Any], eps: float)
     }
 
 
+def suggestions_cost(by_setting: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The engine's capacity with suggestions against without (each the median of its turns)."""
+    if set(by_setting) != {"on", "off"}:
+        return None
+    on, off = by_setting["on"]["eps"], by_setting["off"]["eps"]
+    ratio = _ratio(on, off)
+    return {
+        "on_eps": on,
+        "off_eps": off,
+        "on_eps_runs": by_setting["on"]["eps_runs"],
+        "off_eps_runs": by_setting["off"]["eps_runs"],
+        "on_vs_off": ratio,
+        "cost_pct": None if ratio is None else round((1 - ratio) * 100, 1),
+        "looked_up": "every event (emit policy every_event): the worst case",
+    }
+
+
 def targets(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    cost = (report.get("suggestions") or {}).get("cost_pct")
+    if cost is not None:
+        out["suggestions_cost_pct"] = {
+            "target": f"<= {SUGGESTIONS_COST_PCT}% fewer events/s with suggestions (every event looked up)",
+            "reached": cost,
+            "met": cost <= SUGGESTIONS_COST_PCT,
+        }
     for key in ("engine_vs_ceiling", "engine_vs_naive"):
         if report.get(key) is not None:
             out[key] = {"target": f">= {TARGETS[key]}", "reached": report[key], "met": report[key] >= TARGETS[key]}
@@ -962,6 +1033,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="scoring runtime of the engine (default INTENTSTREAM_RUNTIME); R1,R2,...: the engine with each, side "
         "by side (capacity in turns, then the same rate steps, set from R1's capacity); exported when needed",
     )
+    parser.add_argument(
+        "--suggestions",
+        default="off",
+        help="item suggestions in the engine's intent events: on or off (default off); on,off or off,on: the "
+        "engine's capacity with each, side by side (in turns with --repeat), and the ratio; the rate steps use the "
+        "first",
+    )
+    parser.add_argument(
+        "--items-dir",
+        type=Path,
+        help="item model for --suggestions on (default: one trained on the traffic's template, in DIR/items)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -988,6 +1071,8 @@ def main(args: argparse.Namespace) -> int:
         keep_topics=args.keep_topics,
         keep_state=args.keep_state,
         runtimes=[r.strip() for r in args.runtime.split(",") if r.strip()],
+        suggestions=_on_off(args.suggestions),
+        items_dir=args.items_dir,
     )
     run = Run(cfg)
     try:
@@ -1002,6 +1087,13 @@ def main(args: argparse.Namespace) -> int:
     return 0 if not report.get("interrupted") and "targets" in report else 1
 
 
+def _on_off(value: str) -> list[str]:
+    got = [v.strip() for v in value.split(",") if v.strip()]
+    if not got or len(got) > 2 or len(set(got)) != len(got) or not set(got) <= {"on", "off"}:
+        raise SystemExit(f"--suggestions: on, off, on,off or off,on (got {value!r})")
+    return got
+
+
 def summary_line(r: dict[str, Any]) -> str:
     half = r.get("latency_at_50pct") or {}
     parts = [
@@ -1014,4 +1106,6 @@ def summary_line(r: dict[str, Any]) -> str:
         f"p99_ms_at_50pct={half.get('p99')}",
         f"load1={r.get('machine', {}).get('load_avg_start', [None])[0]}",
     ]
+    if r.get("suggestions"):
+        parts.append(f"suggestions_on_vs_off={r['suggestions']['on_vs_off']}")
     return "summary: " + " ".join(parts)

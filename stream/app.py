@@ -107,7 +107,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
     compat.check_internals()
     device = resolve_device(settings.device)
     torch.set_num_threads(max(1, settings.torch_threads))
-    engine = Engine(settings, load_model(settings, device), device)
+    engine = Engine(settings, load_model(settings, device), device, hot_swap.load_items(settings))
     hot_swap.announce(engine.model)
     log.info("event=model_loaded name=%s version=%s device=%s", engine.model.name, engine.model.version, device)
 
@@ -355,11 +355,13 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
             await producers.pop(tid).stop()
 
     refused_paths: set[Path] = set()
+    refused_items: set[Path] = set()
 
     @app.timer(interval=hot_swap.MODEL_POLL_S)
     async def poll_models() -> None:
-        """Hot swap: a newer valid artifact replaces the model between two batches."""
+        """Hot swap: a newer valid artifact replaces the model (or the item model) between two batches."""
         await hot_swap.poll_once(settings, engine, device, refused_paths)
+        await hot_swap.poll_items_once(settings, engine, refused_items)
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:

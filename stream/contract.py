@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -327,10 +328,12 @@ def intent_record(
     produced_at_ms: int | None,
     scored_at_ms: int,
     reasons: list[str],
+    suggestions: Sequence[tuple[str, float, str]] | None = None,
 ) -> bytes:
     """Purchase-intent event. ``latency_ms``: from the input record's broker timestamp to scoring.
     ``order_value_if_purchase``: the model's predicted value of the purchase, should one come; the event carries it
-    and ``expected_order_value``, the expectation: purchase probability x that value."""
+    and ``expected_order_value``, the expectation: purchase probability x that value. ``suggestions``: (item_id,
+    score, reason) triples (models.items.Suggestion; not imported: that module imports this one), None for null."""
     return orjson.dumps(
         {
             "schema": SCHEMA_VERSION,
@@ -348,6 +351,9 @@ def intent_record(
             "scored_at": scored_at_ms,
             "latency_ms": None if produced_at_ms is None else scored_at_ms - produced_at_ms,
             "reasons": reasons,
+            "suggestions": None
+            if suggestions is None
+            else [{"item_id": i, "score": sc, "reason": r} for i, sc, r in suggestions],
         }
     )
 

@@ -1,4 +1,5 @@
-"""The serving model: the newest valid artifact at start, and a newer one swapped in between two batches."""
+"""The serving models, the scorer and the item model of the suggestions: the newest valid artifact of each at start,
+and a newer one swapped in between two batches."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from models.artifact import LoadedModel, MissingExportError, list_versions, load_artifact, load_newest
+from models.items import ItemModel, load_newest_items, poll_items
 from stream import metrics
 from stream.engine import Engine
 from stream.settings import Settings
@@ -75,3 +77,27 @@ async def poll_once(settings: Settings, engine: Engine, device: torch.device, re
         announce(model)
         log.info("event=model_swapped name=%s version=%s", model.name, model.version)
         return
+
+
+def load_items(settings: Settings) -> ItemModel | None:
+    """The newest valid item model, or None: the worker runs without one (intent events carry null suggestions)
+    rather than refusing to start, since suggestions are an extra and the scores do not depend on them."""
+    items, refused = load_newest_items(settings.items_dir)
+    for line in refused:
+        log.error("event=items_refused %s", line)
+    if items is None:
+        log.info("event=items_none dir=%s; intent events carry no suggestions until one appears", settings.items_dir)
+    else:
+        log.info("event=items_loaded version=%s items=%d", items.version, items.n_items)
+    return items
+
+
+async def poll_items_once(settings: Settings, engine: Engine, refused: set[Path]) -> None:
+    """Swap in the newest valid item artifact newer than the one served; a broken one is refused once and logged."""
+    items, lines = await asyncio.to_thread(poll_items, settings.items_dir, engine.items, refused)
+    serving = "none" if engine.items is None else engine.items.version
+    for line in lines:
+        log.error("event=items_refused %s; still serving %s", line, serving)
+    if items is not None:
+        engine.swap_items(items)
+        log.info("event=items_swapped version=%s items=%d", items.version, items.n_items)

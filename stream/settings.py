@@ -77,6 +77,13 @@ class Settings:
     app_id: str = _f("intentstream", "Faust app id: consumer group and prefix of the state changelog topics.")
     state_dir: Path = _f(Path("var"), "Local state folder: broker data, worker RocksDB tables, logs.")
     model_dir: Path = _f(Path("var/models"), "Model directory: one sub-folder per versioned artifact.")
+    items_dir: Path = _f(
+        Path("var/items/models"),
+        "Item model directory (`intentstream train-items --out`): intent events carry `suggestions` from its newest "
+        "valid artifact, swapped in when a newer one appears; none there (or the folder missing): `suggestions` is "
+        "null.",
+    )
+    suggestions_k: int = _f(5, "Items suggested per intent event, at most.", minimum=1)
     device: str = _f("auto", "Scoring device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     runtime: str = _f(
         "torch",

@@ -34,6 +34,7 @@ def fresh(kafka: Settings, tmp_path: Path) -> Settings:
         app_id=f"intentstream-test-{tag}",
         state_dir=str(tmp_path / "state"),
         model_dir=str(tmp_path / "models"),
+        items_dir=str(tmp_path / "items"),  # none there: suggestions only where a test publishes an item model
     )
 
 

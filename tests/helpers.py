@@ -13,13 +13,15 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from load_tests import procs
 from load_tests.procs import free_port
 from models.artifact import save_artifact, untrained_model
-from models.features import FeaturizerConfig
+from models.features import FeaturizerConfig, _crc
+from models.items import ItemConfig, ItemModel
 from stream.settings import Settings
 from stream.topics import kafka_client_kwargs
 
@@ -68,6 +70,29 @@ def write_model(model_dir: Path, arch: str = "gru", seed: int = 0, churn_alert: 
         data_hash="untrained-test",
         metrics={},
         name=f"untrained-{arch}",
+    )
+
+
+def item_model(table: dict[str, list[tuple[str, float]]], popular: list[str], version: int = 1) -> ItemModel:
+    """An item model built by hand: ``table``, each item's neighbours (best first) with their similarities;
+    ``popular``, the fallback list, most popular first (every item must be a key of ``table``)."""
+    ids = sorted(table, key=_crc)  # the artifact's order: by crc32 code, for searchsorted
+    at = {name: k for k, name in enumerate(ids)}
+    indptr, cols, weights = [0], [], []
+    for name in ids:
+        cols += [at[x] for x, _ in table[name]]
+        weights += [w for _, w in table[name]]
+        indptr.append(len(cols))
+    share = {name: (len(popular) - popular.index(name)) / len(popular) if name in popular else 0.0 for name in ids}
+    return ItemModel(
+        codes=np.array([_crc(x) for x in ids], dtype=np.uint32),
+        item_ids=ids,
+        indptr=np.array(indptr, dtype=np.int64),
+        neighbours=np.array(cols, dtype=np.int32),
+        weights=np.array(weights, dtype=np.float32),
+        popular=np.array([at[x] for x in popular], dtype=np.int32),
+        popularity=np.array([share[x] for x in ids], dtype=np.float32),
+        manifest={"version": version, "serving": ItemConfig().to_dict()},
     )
 
 

@@ -544,28 +544,42 @@ def test_intent_record_fields_rounding_and_latency():
         "scored_at": 1_700_000_000_042,
         "latency_ms": 42,
         "reasons": ["added to cart", "3 product views in 5 min"],
+        "suggestions": None,
     }
 
 
+def minimal_intent(**fields: Any) -> dict[str, Any]:
+    """An intent event without produce time, order value or reasons, ``fields`` added, as a consumer reads it."""
+    base: dict[str, Any] = {
+        "user_id": "u",
+        "score": 0.1,
+        "band": "low",
+        "order_value_if_purchase": None,
+        "model_name": "cnn",
+        "model_version": "v1",
+        "event_id": "e",
+        "event_ts": OCT_1_2019_MS,
+        "produced_at_ms": None,
+        "scored_at_ms": 5,
+        "reasons": [],
+    }
+    out: dict[str, Any] = orjson.loads(intent_record(**(base | fields)))
+    return out
+
+
 def test_intent_record_without_produce_time_or_order_value():
-    out = orjson.loads(
-        intent_record(
-            user_id="u",
-            score=0.1,
-            band="low",
-            order_value_if_purchase=None,
-            model_name="cnn",
-            model_version="v1",
-            event_id="e",
-            event_ts=OCT_1_2019_MS,
-            produced_at_ms=None,
-            scored_at_ms=5,
-            reasons=[],
-        )
-    )
+    out = minimal_intent()
     assert out["latency_ms"] is None and out["input_ts"] is None and out["expected_order_value"] is None
     assert out["order_value_if_purchase"] is None
     assert out["schema"] == 1
+
+
+def test_intent_record_suggestions_are_objects_in_order():
+    out = minimal_intent(suggestions=[("sku-2", 0.75, "viewed together with sku-1"), ("sku-9", 0.0, "popular")])
+    assert out["suggestions"] == [
+        {"item_id": "sku-2", "score": 0.75, "reason": "viewed together with sku-1"},
+        {"item_id": "sku-9", "score": 0.0, "reason": "popular"},
+    ]
 
 
 def test_churn_record_fields():

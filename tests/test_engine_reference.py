@@ -122,6 +122,8 @@ def assert_same_outputs(got: list, want: list, what: str) -> None:
         if value == w_value:
             continue
         g, w = orjson.loads(value), orjson.loads(w_value)
+        if g.get("suggestions", 0) is None:  # a field the reference predates; null: no item model in these runs
+            del g["suggestions"]
         if "expected_order_value" in w and "order_value_if_purchase" not in w:  # the reference's conditional value
             v = w["order_value_if_purchase"] = w["expected_order_value"]
             w["expected_order_value"] = None if v is None else w["score"] * v

@@ -24,6 +24,7 @@ from models.items import (
 from stream.cli import main as cli_main
 from stream.contract import TYPE_CODE, Event
 from stream.traffic import simulator
+from tests.helpers import item_model
 from training.data import read_events
 from training.evaluate_items import evaluate_items
 from training.train_items import ItemTrainConfig, clicks, fit
@@ -34,27 +35,8 @@ HOUR = 3_600_000
 
 def hand_model() -> ItemModel:
     """a-b-c viewed together (a-b strongest), d alone; popularity d > a > b > c."""
-    names = ["a", "b", "c", "d"]
-    order = sorted(range(4), key=lambda i: _crc(names[i]))
-    ids = [names[i] for i in order]
-    at = {name: k for k, name in enumerate(ids)}
     table = {"a": [("b", 0.8), ("c", 0.3)], "b": [("a", 0.8), ("c", 0.5)], "c": [("b", 0.5), ("a", 0.3)], "d": []}
-    indptr, cols, w = [0], [], []
-    for name in ids:
-        cols += [at[x] for x, _ in table[name]]
-        w += [s for _, s in table[name]]
-        indptr.append(len(cols))
-    pop = {"d": 0.4, "a": 0.3, "b": 0.2, "c": 0.1}
-    return ItemModel(
-        codes=np.array([_crc(x) for x in ids], dtype=np.uint32),
-        item_ids=ids,
-        indptr=np.array(indptr, dtype=np.int64),
-        neighbours=np.array(cols, dtype=np.int32),
-        weights=np.array(w, dtype=np.float32),
-        popular=np.array([at[x] for x in ("d", "a", "b", "c")], dtype=np.int32),
-        popularity=np.array([pop[x] for x in ids], dtype=np.float32),
-        manifest={"version": 1, "serving": ItemConfig().to_dict()},
-    )
+    return item_model(table, popular=["d", "a", "b", "c"])
 
 
 def window(*events: tuple[str | None, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

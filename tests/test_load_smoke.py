@@ -6,14 +6,18 @@ machine running the tests may be busy).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
+from load_tests import procs
 from stream.settings import Settings
+from tests.helpers import read_to_end
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -71,3 +75,32 @@ def test_load_run_smoke(kafka: Settings, tmp_path: Path):
     for name in ("summary.md", "throughput_lag.png", "latency.png", "resources.png", "capacity.png"):
         assert (out / name).stat().st_size > 0, name
     assert "## Rate steps" in (out / "summary.md").read_text()
+
+
+def test_load_run_measures_suggestions_side_by_side(kafka: Settings, tmp_path: Path):
+    """--suggestions on,off: the engine's capacity with and without, in turns, and the ratio; the events of the
+    one with suggestions carry them (from an item model trained on the traffic), the other's carry null."""
+    out = tmp_path / "load"
+    cmd = [
+        sys.executable, "-m", "load_tests", "run", "--out", str(out), "--no-baselines", "--keep-topics",
+        "--users", "300", "--backlog", "3000", "--capacity-s", "3", "--warmup", "1", "--repeat", "2",
+        "--duration", "2", "--rates", "100", "--suggestions", "on,off",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    tag = report["tag"]
+    try:
+        assert "suggestions_on_vs_off=" in proc.stdout
+        assert set(report["capacity"]) == {"engine", "engine-suggestions-off"}
+        cost = report["suggestions"]
+        assert len(cost["on_eps_runs"]) == len(cost["off_eps_runs"]) == 2 and cost["on_eps"] > 0 < cost["off_eps"]
+        assert cost["on_vs_off"] == pytest.approx(cost["on_eps"] / cost["off_eps"], rel=1e-2)
+        assert report["targets"]["suggestions_cost_pct"]["reached"] == cost["cost_pct"]
+        assert report["items"]["items"] > 0
+        got = read_to_end(kafka, [f"{tag}-engine-r0-intent", f"{tag}-engine-suggestions-off-r0-intent"])
+        on, off = ([orjson.loads(m.value)["suggestions"] for m in msgs] for msgs in got.values())
+        assert on and off and all(s is None for s in off)
+        assert all(s for s in on) and any(x["reason"].startswith("viewed together") for s in on for x in s)
+    finally:
+        asyncio.run(procs.delete_topics(kafka, tag))

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
 
 from models.features import FeaturizerConfig
+from models.items import save_items
 from stream.contract import validate
 from stream.settings import Settings
 from stream.state.user import UserState
@@ -20,6 +23,7 @@ from tests.helpers import (
     Worker,
     consume,
     encode,
+    item_model,
     make_events,
     produce,
     read_to_end,
@@ -204,40 +208,59 @@ def test_churn_alerts_are_the_same_at_two_replay_speeds(kafka: Settings, tmp_pat
             w.stop()
 
 
+def traffic_across_a_swap(
+    settings: Settings, worker: Worker, events: list[dict], publish: Callable[[], object], swapped: Callable[[], bool]
+) -> list[dict]:
+    """Traffic flows while ``publish`` puts a new artifact out; the second half is sent only once ``swapped()``,
+    so both versions must serve some events whatever the machine's speed. Returns the intent events, one per input
+    event (every_event), checked to be neither lost nor repeated."""
+    half = len(events) // 2
+    done = threading.Event()
+
+    def traffic() -> None:
+        produce(settings, encode(events[:half]), 120.0)
+        done.wait(120)
+        produce(settings, encode(events[half:]), 120.0)
+
+    producer = threading.Thread(target=traffic)
+    producer.start()
+    time.sleep(1.0)
+    publish()
+    wait_for(swapped, 60, "the worker to swap")
+    done.set()
+    producer.join()
+    got = consume(settings, [settings.topic_intent], until=lambda g: len(g[settings.topic_intent]) >= len(events))
+    intents = [orjson.loads(m.value) for m in got[settings.topic_intent]]
+    assert sorted(i["event_id"] for i in intents) == sorted(e["event_id"] for e in events)
+    assert worker.alive()
+    return intents
+
+
+def assert_versions_only_move_forward(intents: list[dict], version_of: Callable[[dict], str]) -> None:
+    """Both versions served, and once a user is served by the new one, never again by the old."""
+    by_user: dict[str, list[str]] = {}
+    for i in sorted(intents, key=lambda i: i["event_ts"]):
+        by_user.setdefault(i["user_id"], []).append(version_of(i))
+    assert {v for seq in by_user.values() for v in seq} == {"v0001", "v0002"}
+    for seq in by_user.values():
+        assert seq == sorted(seq)
+
+
 def test_model_swap_during_traffic_loses_and_repeats_nothing(fresh: Settings, tmp_path: Path):
     write_model(fresh.model_dir, seed=0)
     events = make_events(n_users=30, seed=5)
     worker = Worker(fresh, tmp_path, emit_policy="every_event").start()
     try:
         wait_assigned([worker], fresh.partitions)
-        # Traffic flows while v0002 is published; the second half is sent only once the worker reports v0002, so
-        # both versions must appear whatever the machine's speed.
-        half = len(events) // 2
-        swapped = threading.Event()
-
-        def traffic() -> None:
-            produce(fresh, encode(events[:half]), 120.0)
-            swapped.wait(120)
-            produce(fresh, encode(events[half:]), 120.0)
-
-        producer = threading.Thread(target=traffic)
-        producer.start()
-        time.sleep(1.0)
-        write_model(fresh.model_dir, "transformer", seed=1)  # v0002, another architecture, published mid-traffic
-        wait_for(lambda: worker.get("/health")["model"]["version"] == "v0002", 60, "the worker to load v0002")
-        swapped.set()
-        producer.join()
-        got = consume(fresh, [fresh.topic_intent], until=lambda g: len(g[fresh.topic_intent]) >= len(events))
-        intents = [orjson.loads(m.value) for m in got[fresh.topic_intent]]
-        assert sorted(i["event_id"] for i in intents) == sorted(e["event_id"] for e in events)
-        versions = [i["model"]["version"] for i in intents]
-        assert "v0001" in versions and "v0002" in versions
+        intents = traffic_across_a_swap(
+            fresh,
+            worker,
+            events,
+            lambda: write_model(fresh.model_dir, "transformer", seed=1),  # v0002, another architecture
+            lambda: worker.get("/health")["model"]["version"] == "v0002",
+        )
         assert {i["model"]["name"] for i in intents} == {"untrained-gru", "untrained-transformer"}
-        by_user: dict[str, list[str]] = {}
-        for i in sorted(intents, key=lambda i: i["event_ts"]):
-            by_user.setdefault(i["user_id"], []).append(i["model"]["version"])
-        for seq in by_user.values():  # once a user is scored by v0002, never again by v0001
-            assert seq == sorted(seq)
+        assert_versions_only_move_forward(intents, lambda i: i["model"]["version"])
 
         bad = write_model(fresh.model_dir, seed=2)  # v0003 with corrupted weights: refused, v0002 keeps serving
         weights = bad / "weights.safetensors"
@@ -245,6 +268,61 @@ def test_model_swap_during_traffic_loses_and_repeats_nothing(fresh: Settings, tm
         wait_for(lambda: "model_refused" in worker.log_path.read_text(errors="replace"), 30, "the refusal log line")
         assert worker.get("/health")["model"]["version"] == "v0002"
         assert worker.alive()
+    finally:
+        worker.stop()
+
+
+def test_item_model_swap_during_traffic_loses_and_repeats_nothing(fresh: Settings, tmp_path: Path):
+    """Every intent event carries suggestions, from v0001 of the item model and then from v0002, which names other
+    items: each event's suggestions tell which version made them."""
+    write_model(fresh.model_dir, seed=0)
+    names = [f"item-{i}" for i in range(20)]  # make_events' items
+    first = item_model({x: [(names[(i + 1) % 20], 0.5)] for i, x in enumerate(names)}, popular=names)
+    save_items(first, fresh.items_dir, {})
+    # v0002: each item's only neighbour is a new one, and items do not count for themselves (serving config), so
+    # its suggestions are all new-* items
+    second = item_model(
+        {**{x: [(f"new-{i}", 0.9)] for i, x in enumerate(names)}, **{f"new-{i}": [] for i in range(20)}},
+        popular=[f"new-{i}" for i in range(20)],
+    )
+    second.manifest["serving"]["self_weight"] = 0.0
+    events = make_events(n_users=30, seed=6)
+    worker = Worker(fresh, tmp_path, emit_policy="every_event", suggestions_k=3).start()
+
+    def logged(what: str) -> bool:
+        return what in worker.log_path.read_text(errors="replace")
+
+    def version_of(intent: dict) -> str:
+        made = {s["item_id"].split("-")[0] for s in intent["suggestions"]}
+        assert made in ({"item"}, {"new"}) and len(intent["suggestions"]) == 3, intent
+        return "v0001" if made == {"item"} else "v0002"
+
+    try:
+        wait_assigned([worker], fresh.partitions)
+        assert logged("event=items_loaded version=v0001")
+        intents = traffic_across_a_swap(
+            fresh,
+            worker,
+            events,
+            lambda: save_items(second, fresh.items_dir, {"serving": second.manifest["serving"]}),
+            lambda: logged("event=items_swapped version=v0002"),
+        )
+        reasons = {s["reason"].rsplit(" ", 1)[0] for i in intents for s in i["suggestions"]}
+        assert reasons <= {"seen", "viewed together with", "popular"} and "viewed together with" in reasons
+        assert_versions_only_move_forward(intents, version_of)
+
+        # v0003 names neighbours it does not hold: refused, v0002 keeps serving (broken before it is published, so
+        # no poll can catch it whole)
+        save_items(dataclasses.replace(first, neighbours=first.neighbours + 1000), fresh.items_dir, {})
+        wait_for(lambda: logged("event=items_refused"), 30, "the refusal log line")
+        more = make_events(n_users=3, seed=7, start_ts=BASE_TS + 30 * 86_400_000)
+        produce(fresh, encode(more))
+        got = consume(
+            fresh, [fresh.topic_intent], until=lambda g: len(g[fresh.topic_intent]) >= len(events) + len(more)
+        )
+        ids = {e["event_id"] for e in more}
+        later = [i for i in map(orjson.loads, (m.value for m in got[fresh.topic_intent])) if i["event_id"] in ids]
+        assert {version_of(i) for i in later} == {"v0002"} and worker.alive()
     finally:
         worker.stop()
 
