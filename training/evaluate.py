@@ -16,7 +16,6 @@ import gzip
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,20 +138,7 @@ def score_table(
     return out
 
 
-@dataclass(frozen=True)
-class Serving:
-    """The worker's settings that decide how many events the CRM receives at the served thresholds."""
-
-    emit_delta: float
-    emit_cooldown_s: float
-    churn_cooldown_s: float
-
-    @classmethod
-    def of(cls, settings: Settings) -> Serving:
-        return cls(settings.emit_delta, settings.emit_cooldown_s, settings.churn_cooldown_s)
-
-
-def served_volumes(ds: Dataset, probs: np.ndarray, thresholds: dict[str, dict[str, float]], serving: Serving) -> dict:
+def served_volumes(ds: Dataset, probs: np.ndarray, thresholds: dict[str, dict[str, float]], serving: Settings) -> dict:
     """What the CRM receives from a served model on the test users from t_split, judged against the truth: churn
     alerts (the engine's cooldown applied) per 1,000 active users per day with their precision and recall, and
     intent events per user per day under each emission policy (``stream.emit``'s own rules, each user's state
@@ -207,7 +193,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     bootstrap: int = 0,
-    serving: Serving | None = None,
+    serving: Settings | None = None,  # the worker's: its emission and churn cooldowns decide the volumes
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(report, probabilities [N, 3] per scorer) on the test split; ``bootstrap``: user-level replicates of every
     model-vs-baseline difference (0: none)."""
@@ -246,7 +232,7 @@ def evaluate(
     for name, loaded in served.items():
         report["served"][name] = {
             "expected_on_validation": loaded.manifest.get("metrics", {}).get("expected"),
-            "test": served_volumes(ds, scorers[name], loaded.thresholds, serving or Serving.of(Settings())),
+            "test": served_volumes(ds, scorers[name], loaded.thresholds, serving or Settings()),
         }
     if truth is not None:
         del report["models"]["oracle"]["order_value"]  # the oracle knows probabilities, not order values
@@ -515,10 +501,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     ds = load_dataset(args.data, data_config_for(models), args.format)
     truth = read_truth(args.truth, ds) if args.truth else None
-    serving = Serving.of(settings)
     report, scorers = evaluate(
         ds, models, truth, device=device, seed=args.seed, progress=not args.quiet, bootstrap=args.bootstrap,
-        serving=serving,
+        serving=settings,
     )  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     report["plots"] = plots(ds, scorers, tuple(report["data"]["heads"]), args.out)
