@@ -113,6 +113,15 @@ class ItemModel:
         return f"v{int(self.manifest['version']):04d}"
 
     @property
+    def sha256(self) -> str:
+        """Of the artifact's arrays (its manifest's)."""
+        return str(self.manifest.get("sha256", ""))
+
+    def describe(self) -> dict[str, Any]:
+        """What the worker reports of the item model it serves (/health, /metrics)."""
+        return {"name": str(self.manifest.get("name", "items-knn")), "version": self.version, "sha256": self.sha256}
+
+    @property
     def config(self) -> ItemConfig:
         return ItemConfig.from_dict(self.manifest.get("serving", {}))
 
