@@ -123,7 +123,13 @@ class ItemModel:
 
     @property
     def config(self) -> ItemConfig:
-        return ItemConfig.from_dict(self.manifest.get("serving", {}))
+        """From the manifest's ``serving`` (kept while that is unchanged: it is read at every lookup)."""
+        serving = self.manifest.get("serving", {})
+        key = tuple(serving.items())
+        cached = self.__dict__.get("_config")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_config"] = (key, ItemConfig.from_dict(serving))
+        return cached[1]
 
     def index_of(self, codes: np.ndarray) -> np.ndarray:
         """Item index of each crc32 code, -1 where the model does not know it (or the code is 0: no item)."""
@@ -271,12 +277,13 @@ def suggest(
     idx = tables.index_of(codes)
     known = idx >= 0
     bought_at = known & (types == PURCHASE)
-    bought = np.unique(user[bought_at] * n + idx[bought_at])
+    bought = np.sort(user[bought_at] * n + idx[bought_at])
+    bought = bought[_starts(bought)]  # each (user, item) once
     # the window's items per (user, item), in key order: their summed weights
     keep = np.flatnonzero(known & (np.maximum(w, w_self) >= config.min_weight))
     src_key = user[keep] * n + idx[keep]
     order, sorted_key = _stable_order(src_key, b * n)
-    first = np.r_[True, sorted_key[1:] != sorted_key[:-1]] if len(keep) else np.zeros(0, bool)
+    first = _starts(sorted_key)
     inverse = np.empty(len(keep), dtype=np.int64)
     inverse[order] = np.cumsum(first) - 1
     n_src = int(first.sum())
@@ -297,7 +304,7 @@ def suggest(
     # per (user, item): the sum, in key order (the row that contributed most is found below, for the top k only)
     order, key = _stable_order(cand_user * n + cand, b * n)
     contrib = contrib[order]
-    starts_g = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
+    starts_g = np.flatnonzero(_starts(key))
     score = np.add.reduceat(contrib, starts_g) if len(key) else np.zeros(0)
     group = np.arange(len(starts_g))
     g_user = cand_user[order[starts_g]]
@@ -313,7 +320,8 @@ def suggest(
     # a float key (user + a fraction that falls with the score relative to the user's best), done only for the
     # candidates whose key is at most their user's k-th smallest (found by an unstable sort of the keys alone).
     per_user = np.bincount(g_user, minlength=b)
-    user_start = np.r_[0, np.cumsum(per_user)]
+    user_start = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(per_user, out=user_start[1:])
     user_best = np.zeros(b)
     has = np.flatnonzero(per_user)
     if len(score):
@@ -330,13 +338,13 @@ def suggest(
     first = starts_g[group]
     items = cand[order[first]]
     # the row that contributed most to each suggestion: the first of the largest in its group's rows
-    size = np.r_[starts_g[1:], len(key)][group] - first
+    size = np.append(starts_g[1:], len(key))[group] - first
     offsets = np.cumsum(size) - size
     rows = np.repeat(first - offsets, size) + np.arange(int(size.sum()))
     values = contrib[rows]
     is_best = np.flatnonzero(values == np.repeat(np.maximum.reduceat(values, offsets), size)) if len(rows) else rows
     in_group = np.repeat(np.arange(len(group)), size)[is_best]
-    best = rows[is_best[np.r_[True, in_group[1:] != in_group[:-1]]]] if len(is_best) else is_best
+    best = rows[is_best[_starts(in_group)]]
     via = src[from_row[order[best]]]
     reasons = np.where(via == items, SEEN, tables.together[via]).tolist()
     scores = np.round(score[top], 6).tolist()
@@ -374,6 +382,14 @@ def _fill_popular(
     ids = tables.ids
     for u, row in zip(short.tolist(), free, strict=True):
         found[u] += [Suggestion(i, 0.0, "popular") for i in ids[popular[row]].tolist()]
+
+
+def _starts(a: np.ndarray) -> np.ndarray:
+    """Of a sorted array: True where a run of equal values starts."""
+    out = np.empty(len(a), dtype=bool)
+    out[:1] = True
+    np.not_equal(a[1:], a[:-1], out=out[1:])
+    return out
 
 
 def _stable_order(key: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
