@@ -180,16 +180,22 @@ def gc_freeze() -> None:
     engine.Engine.process = first_then_process  # type: ignore[method-assign]
 
 
-def items_before() -> None:
-    """``models.items.suggest`` as it was before it was made faster (ITEMS_BEFORE): the same suggestions (held to it
-    by tests/test_items_reference.py), to measure the lookup's speed-up in the worker beside the engine's."""
+def items_module_at(rev: str) -> types.ModuleType:
+    """models/items.py as of ``rev``, as a module of its own (``models.items`` is left alone)."""
     source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{ITEMS_BEFORE}:models/items.py"], capture_output=True, check=True
+        ["git", "-C", str(ROOT), "show", f"{rev}:models/items.py"], capture_output=True, check=True
     ).stdout
-    module = types.ModuleType("models.items_before")
+    module = types.ModuleType(f"models.items_{rev}")
     module.__file__ = str(ROOT / "models/items.py")
     sys.modules[module.__name__] = module
     exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def items_before() -> None:
+    """``models.items.suggest`` as it was before it was made faster (ITEMS_BEFORE): the same suggestions (held to it
+    by tests/test_items_reference.py), to measure the lookup's speed-up in the worker beside the engine's."""
+    module = items_module_at(ITEMS_BEFORE)
     items = importlib.import_module("models.items")
     items.suggest = module.suggest  # type: ignore[attr-defined]
     if "stream.engine" in sys.modules:

@@ -12,8 +12,8 @@ the window cannot tell them apart, so the trainer makes them one item, named aft
 manifest counts such collisions.
 
 ``suggest`` takes the windows of a whole batch of users and is vectorised over the batch: a window's items, weighted
-by event type and recency, are expanded through the neighbour table (CSR arrays) and summed per (user, item); the
-top k per user come out of one sort. No dense item x item matrix is ever built.
+by event type and recency, are expanded through the neighbour table and summed per (user, item); the top k per
+user come out of a sort of the few candidates near each user's best. No dense item x item matrix is ever built.
 """
 
 from __future__ import annotations
@@ -184,11 +184,13 @@ class LookupTables:
         self.model = model
         size = 1 << max(10, (8 * n - 1).bit_length())
         self.mask = size - 1
-        slot = model.codes.astype(np.int64) & self.mask
+        self.n = n
+        reachable = np.flatnonzero(model.codes != 0)  # code 0 is no item (ItemModel.index_of)
+        slot = model.codes[reachable].astype(np.int64) & self.mask
         per_slot = np.bincount(slot, minlength=size)
-        self.slots = np.full(size, -1, dtype=np.int64)  # -1: no item, -2: several items (binary search)
-        self.slots[slot] = np.where(per_slot[slot] == 1, np.arange(n), -2)
-        self.codes = np.r_[model.codes.astype(np.uint32), np.uint32(0)]  # [-1] (index -1, -2 clipped): no code
+        self.slots = np.full(size, n, dtype=np.int64)  # n: no item there, n + 1: several (binary search)
+        self.slots[slot] = np.where(per_slot[slot] == 1, reachable, n + 1)
+        self.codes = np.r_[model.codes.astype(np.int64), -1, -1]  # [n], [n + 1]: equal to no code
         count = np.minimum(np.diff(model.indptr), neighbours) if n else np.zeros(0, np.int64)
         width = int(count.max()) if n else 0
         at = np.arange(width)
@@ -205,10 +207,9 @@ class LookupTables:
     def index_of(self, codes: np.ndarray) -> np.ndarray:
         """Like ``ItemModel.index_of``."""
         codes = np.asarray(codes, dtype=np.uint32)
-        at = self.slots[codes & np.uint32(self.mask)]
-        idx = np.where(self.codes[np.maximum(at, -1)] == codes, at, -1)
-        idx[codes == 0] = -1
-        several = np.flatnonzero(at == -2)
+        at = self.slots[codes & self.mask]
+        idx = np.where(self.codes[at] == codes, at, -1)
+        several = np.flatnonzero(at > self.n)
         if len(several):
             idx[several] = self.model.index_of(codes[several])
         return idx
@@ -395,10 +396,10 @@ def _starts(a: np.ndarray) -> np.ndarray:
 def _stable_order(key: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
     """``order`` such that ``key[order]`` is sorted and equal keys keep their positions' order, and ``key[order]``;
     ``key``: int64 in [0, bound). One unstable (vectorised) sort of key << bits | position where that fits in 63
-    bits, a stable argsort otherwise."""
+    bits, a stable argsort otherwise (and for a short ``key``, where the calls cost more than the sort)."""
     m = len(key)
     bits = max(int(m - 1).bit_length(), 1)
-    if bits + int(bound).bit_length() > 63:
+    if m < 1024 or bits + int(bound).bit_length() > 63:  # small: fewer numpy calls
         order = np.argsort(key, kind="stable")
         return order, key[order]
     s = np.sort((key << bits) | np.arange(m, dtype=np.int64))

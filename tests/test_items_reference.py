@@ -201,7 +201,9 @@ def test_suggest_gives_what_the_reference_gives_on_edges():
     )
     none = [np.zeros(0, np.uint32)], [np.zeros(0, np.uint8)], [np.zeros(0, np.int64)]
     lists = [[int(model.codes[3]), 0, int(model.codes[5])]], [[1, 1, 2]], [[0, 1000, 2000]]  # plain lists
-    for m in (model, empty):
+    zero = random_model(rng, 30, ties=False)
+    zero.codes[0] = 0  # an item whose crc32 is 0: no window item is it (0 is "no item")
+    for m in (model, empty, zero):
         for windows in (none, lists, random_windows(rng, model, 20)):
             assert suggest(m, *windows) == suggest_reference(m, *windows)
     assert suggest(model, [], [], []) == []
