@@ -38,6 +38,7 @@ def _state(table: dict[str, bytes], user_id: str, rec: E.InRecord) -> bytes | No
 
 
 def measure(events: int, users: int, before: str, batch: int = 256) -> dict[str, dict[str, float]]:
+    torch.set_num_threads(1)  # the worker's INTENTSTREAM_TORCH_THREADS (and thread_time counts this thread only)
     traffic = Traffic(users=users, seed=11)
     c = clicks(traffic.template.events)
     items, _ = fit(c, int(c.ts.max()) + 1, ItemTrainConfig(), progress=False)
