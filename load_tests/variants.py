@@ -180,6 +180,54 @@ def gc_freeze() -> None:
     engine.Engine.process = first_then_process  # type: ignore[method-assign]
 
 
+def items_module_at(rev: str) -> types.ModuleType:
+    """models/items.py as of ``rev``, as a module of its own (``models.items`` is left alone)."""
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:models/items.py"], capture_output=True, check=True
+    ).stdout
+    module = types.ModuleType(f"models.items_{rev}")
+    module.__file__ = str(ROOT / "models/items.py")
+    sys.modules[module.__name__] = module
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def items_before() -> None:
+    """``models.items.suggest`` as it was before it was made faster (ITEMS_BEFORE): the same suggestions (held to it
+    by tests/test_items_reference.py), to measure the lookup's speed-up in the worker beside the engine's."""
+    module = items_module_at(ITEMS_BEFORE)
+    items = importlib.import_module("models.items")
+    items.suggest = module.suggest  # type: ignore[attr-defined]
+    if "stream.engine" in sys.modules:
+        sys.modules["stream.engine"].suggest = module.suggest  # type: ignore[attr-defined]
+
+
+ITEMS_BEFORE = "4ae7345"
+
+
+def suggest_per_user() -> None:
+    """A proposed engine change: one lookup per user per batch, the window up to the user's last emitted event in
+    the batch, whose suggestions the user's other emitted events of the batch carry too (today each emitted event
+    is looked up with its own window). Fewer windows looked up where users emit several events per batch, at the
+    price of suggestions that depend on how records are cut into batches (within one batch)."""
+    from stream import engine
+
+    def _suggestions(self: Any, items: Any, windows: list[Any], ends: list[list[int]]) -> list[Any]:
+        if items is None:
+            return [None] * sum(map(len, ends))
+        last = [w[: at[-1]] for w, at in zip(windows, ends, strict=True)]
+        got = engine.suggest(
+            items,
+            [w["item"] for w in last],
+            [w["type"] for w in last],
+            [w["ts"] for w in last],
+            k=self.settings.suggestions_k,
+        )
+        return [offer for offer, at in zip(got, ends, strict=True) for _ in at]
+
+    engine.Engine._suggestions = _suggestions  # type: ignore[method-assign]
+
+
 VARIANTS: dict[str, Callable[[], None]] = {
     "head-app": head_app,
     "head-engine": head_engine,
@@ -191,6 +239,8 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "reasons-lists": reasons_lists,
     "gc-log": gc_log,
     "gc-freeze": gc_freeze,
+    "items-before": items_before,
+    "suggest-per-user": suggest_per_user,
 }
 
 

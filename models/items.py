@@ -12,8 +12,8 @@ the window cannot tell them apart, so the trainer makes them one item, named aft
 manifest counts such collisions.
 
 ``suggest`` takes the windows of a whole batch of users and is vectorised over the batch: a window's items, weighted
-by event type and recency, are expanded through the neighbour table (CSR arrays) and summed per (user, item); the
-top k per user come out of one sort. No dense item x item matrix is ever built.
+by event type and recency, are expanded through the neighbour table and summed per (user, item); the top k per
+user come out of a sort of the few candidates near each user's best. No dense item x item matrix is ever built.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
+from itertools import repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -112,8 +113,23 @@ class ItemModel:
         return f"v{int(self.manifest['version']):04d}"
 
     @property
+    def sha256(self) -> str:
+        """Of the artifact's arrays (its manifest's)."""
+        return str(self.manifest.get("sha256", ""))
+
+    def describe(self) -> dict[str, Any]:
+        """What the worker reports of the item model it serves (/health, /metrics)."""
+        return {"name": str(self.manifest.get("name", "items-knn")), "version": self.version, "sha256": self.sha256}
+
+    @property
     def config(self) -> ItemConfig:
-        return ItemConfig.from_dict(self.manifest.get("serving", {}))
+        """From the manifest's ``serving`` (kept while that is unchanged: it is read at every lookup)."""
+        serving = self.manifest.get("serving", {})
+        key = tuple(serving.items())
+        cached = self.__dict__.get("_config")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_config"] = (key, ItemConfig.from_dict(serving))
+        return cached[1]
 
     def index_of(self, codes: np.ndarray) -> np.ndarray:
         """Item index of each crc32 code, -1 where the model does not know it (or the code is 0: no item)."""
@@ -124,6 +140,14 @@ class ItemModel:
         pos_c = np.minimum(pos, self.n_items - 1)
         found = (self.codes[pos_c] == codes) & (codes != 0)
         return np.where(found, pos_c, -1).astype(np.int64)
+
+    def lookup_tables(self, neighbours: int) -> LookupTables:
+        """What ``suggest`` reads, derived from the arrays once per model (and per ``neighbours``): the arrays are not
+        modified once loaded or trained."""
+        cache: dict[int, LookupTables] = self.__dict__.setdefault("_lookup_tables", {})
+        if neighbours not in cache:
+            cache[neighbours] = LookupTables(self, neighbours)
+        return cache[neighbours]
 
     def arrays(self) -> dict[str, np.ndarray]:
         encoded = [s.encode() for s in self.item_ids]
@@ -144,6 +168,62 @@ class ItemModel:
 # ---- the batch lookup -------------------------------------------------------------------------------
 
 
+class LookupTables:
+    """An item model's arrays as ``suggest`` reads them.
+
+    - ``index_of``: the crc32 codes' item indices through a direct-mapped table of 2^b slots (at least 8 per item)
+      keyed by the codes' low bits, since crc32 spreads them evenly: a slot of one item answers with a compare,
+      the few codes whose slot holds several items go to the binary search (``ItemModel.index_of``).
+    - ``neighbours``/``weights``: each item's best ``neighbours`` as rows of a dense block, padded with similarity 0.
+    - ``ids``/``together``: the item ids and the reasons, as object arrays (one gather, then ``tolist``).
+    - ``popular``: the fallback items, most popular first, each once.
+    - ``decay``: factor ** count from a table of powers (the same values as ``factor ** count``)."""
+
+    def __init__(self, model: ItemModel, neighbours: int):
+        n = model.n_items
+        self.model = model
+        size = 1 << max(10, (8 * n - 1).bit_length())
+        self.mask = size - 1
+        self.n = n
+        reachable = np.flatnonzero(model.codes != 0)  # code 0 is no item (ItemModel.index_of)
+        slot = model.codes[reachable].astype(np.int64) & self.mask
+        per_slot = np.bincount(slot, minlength=size)
+        self.slots = np.full(size, n, dtype=np.int64)  # n: no item there, n + 1: several (binary search)
+        self.slots[slot] = np.where(per_slot[slot] == 1, reachable, n + 1)
+        self.codes = np.r_[model.codes.astype(np.int64), -1, -1]  # [n], [n + 1]: equal to no code
+        count = np.minimum(np.diff(model.indptr), neighbours) if n else np.zeros(0, np.int64)
+        width = int(count.max()) if n else 0
+        at = np.arange(width)
+        has = at < count[:, None]
+        pos = np.where(has, model.indptr[:-1, None] + at, 0)
+        self.neighbours = np.where(has, model.neighbours[pos] if len(model.neighbours) else 0, 0).astype(np.int64)
+        self.weights = np.where(has, model.weights[pos] if len(model.weights) else 0, 0).astype(np.float32)
+        self.ids = np.array(model.item_ids, dtype=object)
+        self.together = np.array(model.together, dtype=object)
+        _, first = np.unique(model.popular, return_index=True)
+        self.popular = model.popular[np.sort(first)].astype(np.int64)  # without repeats: the fallback, in order
+        self._powers: dict[float, np.ndarray] = {}
+
+    def index_of(self, codes: np.ndarray) -> np.ndarray:
+        """Like ``ItemModel.index_of``."""
+        codes = np.asarray(codes, dtype=np.uint32)
+        at = self.slots[codes & self.mask]
+        idx = np.where(self.codes[at] == codes, at, -1)
+        several = np.flatnonzero(at > self.n)
+        if len(several):
+            idx[several] = self.model.index_of(codes[several])
+        return idx
+
+    def decay(self, factor: float, count: np.ndarray) -> np.ndarray:
+        """``factor ** count`` for counts >= 0."""
+        table = self._powers.get(factor)
+        need = int(count.max()) + 1 if len(count) else 1
+        if table is None or len(table) < need:
+            table = factor ** np.arange(max(need, 2 * len(table) if table is not None else 128), dtype=np.int64)
+            self._powers[factor] = table
+        return table[count]
+
+
 def suggest(
     model: ItemModel,
     item_codes: Sequence[np.ndarray],
@@ -160,108 +240,170 @@ def suggest(
     is the event type's weight x 0.5^(age / half life) x position_decay^(item events after it), summed over j's
     events. Items bought in the window are left out. Each
     suggestion's reason names the window item that contributed most. Users with fewer than k scored items get
-    popular ones after them (``fallback``); None where there is nothing to suggest at all."""
+    popular ones after them (``fallback``); None where there is nothing to suggest at all.
+
+    How it is kept cheap (docs/training.md, "Lookup speed"): the crc32 codes are looked up in a hash table built
+    once per model, the neighbour table is read as a dense [items, neighbours] block, both groupings (the window's
+    items per user, the candidates per user) are one sort of an int64 that carries the position in its low bits
+    (a stable order without a stable sort), and the top k per user are sorted only among the candidates at or above
+    each user's k-th best score. tests/test_items_reference.py holds it to the straightforward implementation."""
     config = config or model.config
     k = config.k if k is None else k
     b = len(item_codes)
     if b == 0:
         return []
-    lengths = np.fromiter((len(a) for a in item_codes), np.int64, b)
-    user = np.repeat(np.arange(b, dtype=np.int64), lengths)
-    codes = (
-        np.concatenate([np.asarray(a, dtype=np.uint32) for a in item_codes])
-        if lengths.sum()
-        else np.zeros(0, np.uint32)
-    )
-    types = np.concatenate([np.asarray(a, dtype=np.int64) for a in type_codes]) if len(codes) else np.zeros(0, np.int64)
-    times = np.concatenate([np.asarray(a, dtype=np.int64) for a in ts]) if len(codes) else np.zeros(0, np.int64)
+    tables = model.lookup_tables(config.neighbours)
     n = max(model.n_items, 1)
-    idx = model.index_of(codes)
-    known = idx >= 0
-    bought = np.unique(user[known & (types == PURCHASE)] * n + idx[known & (types == PURCHASE)])
-    # recency: age from the user's newest event, and the number of the user's item events after this one
+    lengths = np.fromiter(map(len, item_codes), np.int64, b)
+    if lengths.sum():
+        codes = np.concatenate(item_codes, dtype=np.uint32, casting="unsafe")
+        types = np.concatenate(type_codes)  # indices of type_weights(): uint8 as the window keeps them, or int
+        times = np.concatenate(ts, dtype=np.int64, casting="unsafe")
+    else:
+        codes, types, times = np.zeros(0, np.uint32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    user = np.repeat(np.arange(b, dtype=np.int64), lengths)
     ends = np.cumsum(lengths)
-    starts = ends - lengths
-    newest = np.zeros(b, dtype=np.int64)
     filled = lengths > 0
+    newest = np.zeros(b, dtype=np.int64)
     if len(times):
-        newest[filled] = np.maximum.reduceat(times, starts[filled])
-    has_item = (codes != 0).astype(np.int64)
-    from_end = np.zeros(len(codes) + 1, dtype=np.int64)  # item events at or after each position, whole batch
-    from_end[:-1] = np.cumsum(has_item[::-1])[::-1]
-    after = from_end[1:] - from_end[ends[user]]
+        newest[filled] = np.maximum.reduceat(times, (ends - lengths)[filled])
+    # recency: age from the user's newest event, and the number of the user's item events after this one
+    has_item = codes != 0
+    seen = np.cumsum(has_item)  # item events up to and including each position, whole batch
+    after = seen[ends[user] - 1] - seen if len(codes) else np.zeros(0, np.int64)
     age_s = (newest[user] - times) / 1000.0
     base = config.type_weights()[types] * np.exp2(-age_s / config.half_life_s)
-    w, w_self = base * config.position_decay**after, base * config.self_weight * config.self_decay**after
-    keep = known & (np.maximum(w, w_self) >= config.min_weight)
-    src_key, inverse = np.unique(user[keep] * n + idx[keep], return_inverse=True)
-    src_w = np.bincount(inverse, weights=w[keep], minlength=len(src_key))
-    src_self = np.bincount(inverse, weights=w_self[keep], minlength=len(src_key))
-    src_user, src = src_key // n, src_key % n
-    # expand through the neighbour table
-    start = model.indptr[src]
-    count = np.minimum(model.indptr[src + 1] - start, config.neighbours)
-    count[src_w < config.min_weight] = 0  # far back in a long window: still a candidate itself, not a source
-    total = int(count.sum())
-    row = np.repeat(np.arange(len(src)), count)
-    pos = np.repeat(start - (np.cumsum(count) - count), count) + np.arange(total)
-    cand = np.concatenate([model.neighbours[pos].astype(np.int64), src])
-    contrib = np.concatenate([src_w[row] * model.weights[pos], src_self])
-    from_row = np.concatenate([row, np.arange(len(src))])
+    w = base * tables.decay(config.position_decay, after)
+    w_self = base * config.self_weight * tables.decay(config.self_decay, after)
+    idx = tables.index_of(codes)
+    known = idx >= 0
+    bought_at = known & (types == PURCHASE)
+    bought = np.sort(user[bought_at] * n + idx[bought_at])
+    bought = bought[_starts(bought)]  # each (user, item) once
+    # the window's items per (user, item), in key order: their summed weights
+    keep = np.flatnonzero(known & (np.maximum(w, w_self) >= config.min_weight))
+    src_key = user[keep] * n + idx[keep]
+    order, sorted_key = _stable_order(src_key, b * n)
+    first = _starts(sorted_key)
+    inverse = np.empty(len(keep), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    n_src = int(first.sum())
+    src_w = np.bincount(inverse, weights=w[keep], minlength=n_src)
+    src_self = np.bincount(inverse, weights=w_self[keep], minlength=n_src)
+    head = order[first]
+    src_user, src = user[keep[head]], idx[keep[head]]
+    # expand through the neighbour table: far back in a long window, an item is still a candidate itself, not a
+    # source (rows shorter than ``neighbours`` are padded with similarity 0, which the contrib > 0 below drops)
+    rows = np.flatnonzero(src_w >= config.min_weight)
+    nb = tables.neighbours.shape[1]
+    cand = np.concatenate([tables.neighbours[src[rows]].ravel(), src])
+    contrib = np.concatenate([(src_w[rows, None] * tables.weights[src[rows]]).ravel(), src_self])
+    from_row = np.concatenate([np.repeat(rows, nb), np.arange(n_src)])
+    ok = np.flatnonzero(contrib > 0)
+    cand, contrib, from_row = cand[ok], contrib[ok], from_row[ok]
     cand_user = src_user[from_row]
-    key = cand_user * n + cand
-    ok = contrib > 0
-    key, contrib, from_row = key[ok], contrib[ok], from_row[ok]
-    # per (user, item): the sum, and the row that contributed most (the first of the largest, in key order)
-    order = np.argsort(key, kind="stable")
-    key, contrib, from_row = key[order], contrib[order], from_row[order]
-    starts_g = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
+    # per (user, item): the sum, in key order (the row that contributed most is found below, for the top k only)
+    order, key = _stable_order(cand_user * n + cand, b * n)
+    contrib = contrib[order]
+    starts_g = np.flatnonzero(_starts(key))
     score = np.add.reduceat(contrib, starts_g) if len(key) else np.zeros(0)
-    group = np.cumsum(np.r_[False, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
-    best = np.maximum.reduceat(contrib, starts_g) if len(key) else np.zeros(0)
-    is_best = contrib == best[group]
-    best_row = np.full(len(starts_g), -1, dtype=np.int64)
-    best_row[group[is_best][::-1]] = np.flatnonzero(is_best)[::-1]  # the first best row of each group
-    g_key, g_from = key[starts_g], from_row[best_row]
+    group = np.arange(len(starts_g))
+    g_user = cand_user[order[starts_g]]
     if len(bought):  # items bought in the window are not suggested
-        at = np.minimum(np.searchsorted(bought, g_key), len(bought) - 1)
-        fresh = bought[at] != g_key
-        g_key, g_from, score = g_key[fresh], g_from[fresh], score[fresh]
-    g_user, g_item = g_key // n, g_key % n
-    # top k per user: by user, then score descending. One sort of a float key (user + a fraction that falls with
-    # the score relative to the user's best) instead of a two-key lexsort; the stable sort keeps the keys' item
-    # order for ties.
+        g_key = key[starts_g]
+        at = np.searchsorted(g_key, bought)
+        hit = at[g_key[np.minimum(at, len(g_key) - 1)] == bought] if len(g_key) else at[:0]
+        if len(hit):
+            fresh = np.ones(len(g_key), dtype=bool)
+            fresh[hit] = False
+            group, g_user, score = group[fresh], g_user[fresh], score[fresh]
+    # top k per user: by user, then score descending, ties in item order. The order is that of one stable sort of
+    # a float key (user + a fraction that falls with the score relative to the user's best), done only for the
+    # candidates whose key is at most their user's k-th smallest (found by an unstable sort of the keys alone).
+    per_user = np.bincount(g_user, minlength=b)
+    user_start = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(per_user, out=user_start[1:])
     user_best = np.zeros(b)
-    np.maximum.at(user_best, g_user, score)
-    order = np.argsort(g_user + (1.0 - score / (user_best[g_user] * (1 + 1e-9))), kind="stable")
-    g_user, g_item, score, g_from = g_user[order], g_item[order], score[order], g_from[order]
+    has = np.flatnonzero(per_user)
+    if len(score):
+        user_best[has] = np.maximum.reduceat(score, user_start[has])
+    f = g_user + (1.0 - score / (user_best[g_user] * (1 + 1e-9)))
+    kth = np.sort(f)[np.maximum(user_start[:-1] + np.minimum(per_user, k) - 1, 0)] if len(f) else np.zeros(b)
+    near = np.flatnonzero(f <= kth[g_user])
+    near = near[np.argsort(f[near], kind="stable")]
+    g_user, score, group = g_user[near], score[near], group[near]
     user_start = np.searchsorted(g_user, np.arange(b + 1))
-    top = np.arange(len(g_user)) - user_start[g_user] < k
+    top = np.flatnonzero(np.arange(len(g_user)) - user_start[g_user] < k)
     counts = np.minimum(np.diff(user_start), k)
-    items, via = g_item[top].tolist(), src[g_from[top]].tolist()
-    ids, together = model.item_ids, model.together
-    made = list(
-        map(
-            Suggestion,
-            [ids[i] for i in items],
-            np.round(score[top], 6).tolist(),
-            [SEEN if v == i else together[v] for i, v in zip(items, via, strict=True)],
-        )
-    )
-    ends = np.cumsum(counts).tolist()
-    found = [made[e - c : e] for e, c in zip(ends, counts.tolist(), strict=True)]
-    if config.fallback and len(model.popular):
-        for u in np.flatnonzero(counts < k).tolist():
-            got = found[u]
-            taken = {x.item_id for x in got}
-            excluded = set((bought[(bought >= u * n) & (bought < (u + 1) * n)] % n).tolist())
-            for item in model.popular.tolist():
-                if len(got) >= k:
-                    break
-                if item not in excluded and ids[item] not in taken:
-                    got.append(Suggestion(ids[item], 0.0, "popular"))
-    out: list[list[Suggestion] | None] = [got or None for got in found]
+    group = group[top]
+    first = starts_g[group]
+    items = cand[order[first]]
+    # the row that contributed most to each suggestion: the first of the largest in its group's rows
+    size = np.append(starts_g[1:], len(key))[group] - first
+    offsets = np.cumsum(size) - size
+    rows = np.repeat(first - offsets, size) + np.arange(int(size.sum()))
+    values = contrib[rows]
+    is_best = np.flatnonzero(values == np.repeat(np.maximum.reduceat(values, offsets), size)) if len(rows) else rows
+    in_group = np.repeat(np.arange(len(group)), size)[is_best]
+    best = rows[is_best[_starts(in_group)]]
+    via = src[from_row[order[best]]]
+    reasons = np.where(via == items, SEEN, tables.together[via]).tolist()
+    scores = np.round(score[top], 6).tolist()
+    made = list(map(tuple.__new__, repeat(Suggestion), zip(tables.ids[items].tolist(), scores, reasons, strict=True)))
+    ends_l = np.cumsum(counts).tolist()
+    found = [made[e - c : e] for e, c in zip(ends_l, counts.tolist(), strict=True)]
+    if config.fallback and len(tables.popular):
+        _fill_popular(tables, found, counts, k, bought, items, g_user[top], n)
+    return [got or None for got in found]
+
+
+def _fill_popular(
+    tables: LookupTables,
+    found: list[list[Suggestion]],
+    counts: np.ndarray,
+    k: int,
+    bought: np.ndarray,
+    items: np.ndarray,
+    item_user: np.ndarray,
+    n: int,
+) -> None:
+    """Users with fewer than k suggestions get popular items after them, most popular first, but none they bought
+    or already have."""
+    short = np.flatnonzero(counts < k)
+    if not len(short):
+        return
+    bought_user = bought // n
+    most = int(np.bincount(bought_user).max()) if len(bought) else 0
+    popular = tables.popular[: 2 * k + most]  # a user skips at most k - 1 taken and the items it bought
+    keys = short[:, None] * n + popular
+    have = np.sort(np.r_[bought, item_user * n + items])
+    at = np.minimum(np.searchsorted(have, keys), max(len(have) - 1, 0))
+    free = have[at] != keys if len(have) else np.ones(keys.shape, dtype=bool)
+    free &= np.cumsum(free, axis=1) <= (k - counts[short])[:, None]
+    ids = tables.ids
+    for u, row in zip(short.tolist(), free, strict=True):
+        found[u] += [Suggestion(i, 0.0, "popular") for i in ids[popular[row]].tolist()]
+
+
+def _starts(a: np.ndarray) -> np.ndarray:
+    """Of a sorted array: True where a run of equal values starts."""
+    out = np.empty(len(a), dtype=bool)
+    out[:1] = True
+    np.not_equal(a[1:], a[:-1], out=out[1:])
     return out
+
+
+def _stable_order(key: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """``order`` such that ``key[order]`` is sorted and equal keys keep their positions' order, and ``key[order]``;
+    ``key``: int64 in [0, bound). One unstable (vectorised) sort of key << bits | position where that fits in 63
+    bits, a stable argsort otherwise (and for a short ``key``, where the calls cost more than the sort)."""
+    m = len(key)
+    bits = max(int(m - 1).bit_length(), 1)
+    if m < 1024 or bits + int(bound).bit_length() > 63:  # small: fewer numpy calls
+        order = np.argsort(key, kind="stable")
+        return order, key[order]
+    s = np.sort((key << bits) | np.arange(m, dtype=np.int64))
+    return s & ((1 << bits) - 1), s >> bits
 
 
 # ---- artifacts --------------------------------------------------------------------------------------
@@ -325,7 +467,7 @@ def load_items(path: Path) -> ItemModel:
         raise ArtifactError(f"{path.name}: arrays are inconsistent (shapes, order or indices)")
     blob, offsets = a["id_bytes"].tobytes(), a["id_offsets"].tolist()
     ids = [blob[offsets[i] : offsets[i + 1]].decode() for i in range(n)]
-    return ItemModel(
+    model = ItemModel(
         codes=a["codes"],
         item_ids=ids,
         indptr=a["indptr"],
@@ -336,6 +478,8 @@ def load_items(path: Path) -> ItemModel:
         manifest=manifest,
         path=path,
     )
+    model.lookup_tables(model.config.neighbours)  # here (the worker's hot swap loads in a thread), not in a batch
+    return model
 
 
 def load_newest_items(items_dir: Path) -> tuple[ItemModel | None, list[str]]:

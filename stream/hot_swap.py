@@ -79,6 +79,11 @@ async def poll_once(settings: Settings, engine: Engine, device: torch.device, re
         return
 
 
+def announce_items(items: ItemModel | None) -> None:
+    """The item model served, in /metrics (/health reads the engine's)."""
+    metrics.ITEMS_MODEL.info({"name": "", "version": "none", "sha256": ""} if items is None else items.describe())
+
+
 def load_items(settings: Settings) -> ItemModel | None:
     """The newest valid item model, or None: the worker runs without one (intent events carry null suggestions)
     rather than refusing to start, since suggestions are an extra and the scores do not depend on them."""
@@ -89,6 +94,7 @@ def load_items(settings: Settings) -> ItemModel | None:
         log.info("event=items_none dir=%s; intent events carry no suggestions until one appears", settings.items_dir)
     else:
         log.info("event=items_loaded version=%s items=%d", items.version, items.n_items)
+    announce_items(items)
     return items
 
 
@@ -100,4 +106,5 @@ async def poll_items_once(settings: Settings, engine: Engine, refused: set[Path]
         log.error("event=items_refused %s; still serving %s", line, serving)
     if items is not None:
         engine.swap_items(items)
+        announce_items(items)
         log.info("event=items_swapped version=%s items=%d", items.version, items.n_items)

@@ -39,6 +39,11 @@ CONSUMER_LAG = Gauge(
     "intentstream_consumer_lag", "Records behind the end of the input", ["partition"], registry=REGISTRY
 )
 MODEL_VERSION = Info("intentstream_model", "The model being served", registry=REGISTRY)
+ITEMS_MODEL = Info(
+    "intentstream_items_model",
+    "The item model of the suggestions being served (version none: no item model, suggestions are null)",
+    registry=REGISTRY,
+)
 
 
 def observe_batch(result: BatchResult, n_records: int) -> None:

@@ -17,6 +17,12 @@ from stream.settings import Settings
 from stream.state.user import BANDS, UserState
 
 
+def items_info(engine: Engine) -> dict[str, Any] | None:
+    """/health's ``items``: the item model the engine serves (name, version, sha256 of its arrays), or None."""
+    items = engine.items  # one read: a hot swap replaces the attribute, never the model in it
+    return None if items is None else items.describe()
+
+
 def register_views(app: faust.App, users: Any, engine: Engine, settings: Settings, device: torch.device) -> None:
     def ready() -> bool:
         recovery: Any = app.tables.recovery  # type: ignore[attr-defined]  # the stub's TableManagerT lacks it
@@ -31,6 +37,8 @@ def register_views(app: faust.App, users: Any, engine: Engine, settings: Setting
                     # false while rebalancing or restoring tables from their changelogs
                     "ready": ready(),
                     "model": {"name": engine.model.name, "version": engine.model.version},
+                    # the item model of the suggestions; null: none, intent events carry null suggestions
+                    "items": items_info(engine),
                     "device": str(device),
                     "partitions": sorted(
                         tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_clickstream

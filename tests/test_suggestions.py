@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 from pathlib import Path
 
 import orjson
 import pytest
 import torch
 
-from models.artifact import load_newest
+from models.artifact import load_newest, sha256_file
+from models.items import ARRAYS, save_items
 from stream import engine as engine_module
+from stream import hot_swap
 from stream.engine import Engine, InRecord
 from stream.settings import Settings
+from stream.views import items_info
 from tests.helpers import BASE_TS, item_model, make_events, write_model
 
 # a-b-c viewed together (a-b strongest), d alone; popularity d > a > b > c
@@ -114,3 +119,29 @@ def test_only_emitted_events_are_looked_up_once_per_batch(engine: Engine, monkey
     result = engine.process(records(events), lambda uid, rec: table.get(uid))
     assert result.scored == len(events) and 0 < result.intents < len(events)
     assert calls == [result.intents]
+
+
+def items_metric() -> dict[str, str]:
+    """The labels of intentstream_items_model_info in /metrics' text."""
+    from stream import metrics
+
+    [line] = [x for x in metrics.render()[0].decode().splitlines() if x.startswith("intentstream_items_model_info{")]
+    return dict(re.findall(r'(\w+)="([^"]*)"', line))
+
+
+def test_the_item_model_served_is_in_health_and_metrics(engine: Engine, tmp_path: Path):
+    """/health's ``items`` and the intentstream_items_model info metric name the item model served: none before
+    there is one, then its version and the sha256 of its arrays, at start and after a hot swap."""
+    settings = Settings.from_env({}, items_dir=str(tmp_path / "items"))
+    engine.swap_items(hot_swap.load_items(settings))
+    assert items_info(engine) is None and items_metric() == {"name": "", "version": "none", "sha256": ""}
+
+    path = save_items(item_model(TABLE, popular=["d"]), settings.items_dir, {})
+    engine.swap_items(hot_swap.load_items(settings))  # as at the worker's start
+    served = {"name": "items-knn", "version": "v0001", "sha256": sha256_file(path / ARRAYS)}
+    assert items_info(engine) == served and items_metric() == served
+
+    path = save_items(item_model(TABLE, popular=["a"]), settings.items_dir, {})
+    asyncio.run(hot_swap.poll_items_once(settings, engine, set()))  # the hot swap
+    served = {"name": "items-knn", "version": "v0002", "sha256": sha256_file(path / ARRAYS)}
+    assert items_info(engine) == served and items_metric() == served

@@ -307,6 +307,7 @@ def test_item_model_swap_during_traffic_loses_and_repeats_nothing(fresh: Setting
             lambda: save_items(second, fresh.items_dir, {"serving": second.manifest["serving"]}),
             lambda: logged("event=items_swapped version=v0002"),
         )
+        assert worker.get("/health")["items"]["version"] == "v0002"  # and /metrics: tests/test_suggestions.py
         reasons = {s["reason"].rsplit(" ", 1)[0] for i in intents for s in i["suggestions"]}
         assert reasons <= {"seen", "viewed together with", "popular"} and "viewed together with" in reasons
         assert_versions_only_move_forward(intents, version_of)
