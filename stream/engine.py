@@ -23,7 +23,7 @@ from models.items import ItemModel, Suggestion, suggest
 from stream import contract, emit
 from stream.churn import PartitionSessions
 from stream.contract import Event
-from stream.scoring import UserBatch, score_batch
+from stream.scoring import UserBatch, UserScores, score_batch
 from stream.settings import Settings
 from stream.state.user import BANDS, Accept, PendingWindow, UserState
 
@@ -76,6 +76,21 @@ class _Touched:
         return self.window.state
 
 
+@dataclass(slots=True)
+class PreparedBatch:
+    """A batch between ``Engine.prepare`` and ``Engine.finish``: validated, its users' windows updated, its model
+    inputs assembled; the models it is scored and emitted with are the ones it was prepared with."""
+
+    model: LoadedModel
+    items: ItemModel | None
+    now_ms: int
+    result: BatchResult = field(default_factory=BatchResult)
+    touched: dict[str, _Touched] = field(default_factory=dict)
+    closed: list[tuple[str, int, InRecord]] = field(default_factory=list)  # (user, last_ts, record that closed it)
+    scored: list[tuple[str, _Touched]] = field(default_factory=list)  # users with new events, in first-seen order
+    inputs: list[UserBatch] = field(default_factory=list)  # their model inputs, in the same order
+
+
 class Engine:
     def __init__(self, settings: Settings, model: LoadedModel, device: torch.device, items: ItemModel | None = None):
         self.settings = settings
@@ -112,13 +127,21 @@ class Engine:
         self.items = items
 
     def process(self, records: list[InRecord], get_state: Callable[[str, InRecord], bytes | None]) -> BatchResult:
-        s, model, items = self.settings, self.model, self.items  # one model of each kind for the whole batch
-        result = BatchResult()
-        now_ms = int(time.time() * 1000)
+        """One batch, start to end: ``prepare``, ``score`` and ``finish`` in a row. The worker runs ``score`` on a
+        thread of its own instead, while it completes the previous batch (stream/app.py)."""
+        batch = self.prepare(records, get_state)
+        return self.finish(batch, self.score(batch))
+
+    def prepare(self, records: list[InRecord], get_state: Callable[[str, InRecord], bytes | None]) -> PreparedBatch:
+        """Ingest and state: validate every record, close sessions by the partition's watermark, add each event to
+        its user's window (or find it a duplicate, or too late); what the model must score, per user. Reads the
+        users' states through ``get_state``, once per user."""
+        s, model = self.settings, self.model  # one model of each kind for the whole batch
+        batch = PreparedBatch(model, self.items, int(time.time() * 1000))
+        result, touched, closed = batch.result, batch.touched, batch.closed
+        now_ms = batch.now_ms
         max_ts_ms = now_ms + MAX_FUTURE_MS
         watermark_cap = now_ms + self.watermark_lead_ms
-        touched: dict[str, _Touched] = {}
-        closed: list[tuple[str, int, InRecord]] = []  # (user, last_ts of the closed session, record that closed it)
         featurizer, tag, lateness_ms, gap_ms = model.featurizer, model.state_tag, self.lateness_ms, self.gap_ms
         validate, max_bytes = contract.validate, s.max_record_bytes
 
@@ -172,28 +195,45 @@ class Engine:
 
         for t in touched.values():
             t.window.finish()
-        scored = [(uid, t) for uid, t in touched.items() if t.items]
+        batch.scored = [(uid, t) for uid, t in touched.items() if t.items]
+        for _, t in batch.scored:
+            window, appended = t.state.records, t.window.appended
+            if t.rescore:
+                ub = UserBatch(prior=t.prior, hidden=t.hidden, rescore_window=window)
+            elif len(appended) <= len(window):  # the window's tail: the appended records, packed already
+                ub = UserBatch(prior=t.prior, hidden=t.hidden, new=window[len(window) - len(appended) :])
+            else:  # more new events than the window holds: the first have left it
+                ub = UserBatch(prior=t.prior, hidden=t.hidden, new=appended)
+            batch.inputs.append(ub)
+        return batch
+
+    def score(self, batch: PreparedBatch) -> list[UserScores]:
+        """The model's one forward pass over a prepared batch. Touches nothing but the batch's model inputs, so the
+        worker may run it on another thread (PyTorch and ONNX Runtime release the GIL while they compute)."""
+        if not batch.inputs:
+            return []
+        started = time.perf_counter()
+        scores = score_batch(batch.model, batch.inputs, self.device)
+        batch.result.model_seconds = time.perf_counter() - started
+        return scores
+
+    def finish(self, batch: PreparedBatch, user_scores: list[UserScores]) -> BatchResult:
+        """Emit: the intent events by the emission policy (with reasons and suggestions), churn alerts for the
+        sessions the batch closed, and every touched user's new state."""
+        result, touched, model = batch.result, batch.touched, batch.model
+        tag = model.state_tag
         risk_at: dict[tuple[str, int], float] = {}
-        if scored:
-            batches = []
-            for _, t in scored:
-                ub = UserBatch(prior=t.prior, hidden=t.hidden, new=t.window.appended)
-                if t.rescore:
-                    ub.rescore_window = t.state.records
-                batches.append(ub)
-            started = time.perf_counter()
-            user_scores = score_batch(model, batches, self.device)
-            result.model_seconds = time.perf_counter() - started
+        if batch.scored:
             scored_at = int(time.time() * 1000)
             emitted: list[tuple[str, InRecord, Event, list[float], int]] = []
             windows: list[np.ndarray] = []
             ends: list[list[int]] = []
-            for (uid, t), us, ub in zip(scored, user_scores, batches, strict=True):
+            for (uid, t), us, ub in zip(batch.scored, user_scores, batch.inputs, strict=True):
                 per_item = (
                     np.repeat(us.probs[-1:], len(t.items), axis=0) if ub.rescore_window is not None else us.probs
                 ).tolist()  # Python floats: one conversion per user
                 n_before = len(emitted)
-                self._emit_intents(result, uid, t, per_item, scored_at, emitted)
+                self._emit_intents(result, model, uid, t, per_item, scored_at, emitted)
                 if len(emitted) > n_before:
                     window_ts = t.state.records["ts"]
                     windows.append(t.state.records)
@@ -209,11 +249,12 @@ class Engine:
                 # last event, scored on the window with the late event in it.
                 risk_at[(uid, t.window.last_ts)] = last[1]
             reasons = emit.intent_reasons_at(windows, ends)
-            self._intent_records(result, emitted, reasons, self._suggestions(items, windows, ends), scored_at)
-        for user_id, last_ts, rec in closed:
+            suggestions = self._suggestions(batch.items, windows, ends)
+            self._intent_records(result, model, emitted, reasons, suggestions, scored_at)
+        for user_id, last_ts, rec in batch.closed:
             t = touched[user_id]
             risk = risk_at.get((user_id, last_ts), t.churn_risk_before)
-            self._maybe_alert(result, user_id, t.state, last_ts, risk, rec)
+            self._maybe_alert(result, model, user_id, t.state, last_ts, risk, rec)
         for uid, t in touched.items():
             result.states[uid] = (t.state.to_bytes(), t.last_record)
         return result
@@ -226,6 +267,7 @@ class Engine:
     def _emit_intents(
         self,
         result: BatchResult,
+        model: LoadedModel,
         uid: str,
         t: _Touched,
         per_item: list[list[float]],
@@ -235,7 +277,7 @@ class Engine:
         """Which of a user's scored items emit an intent event (the policy, in order: each emission moves the
         user's last emitted score and band); ``per_item``: one [purchase, churn, value] row per item."""
         s, st = self.settings, t.state
-        thresholds = self.model.thresholds["purchase"]
+        thresholds = model.thresholds["purchase"]
         cooldown_ms = int(s.emit_cooldown_s * 1000)
         policy, delta = s.emit_policy, s.emit_delta
         latencies = result.latencies_ms
@@ -252,12 +294,13 @@ class Engine:
     def _intent_records(
         self,
         result: BatchResult,
+        model: LoadedModel,
         emitted: list[tuple[str, InRecord, Event, list[float], int]],
         reasons: list[list[str]],
         suggestions: list[list[Suggestion] | None],
         scored_at: int,
     ) -> None:
-        model_name, model_version, topic = self.model.name, self.model.version, self.settings.topic_intent
+        model_name, model_version, topic = model.name, model.version, self.settings.topic_intent
         outputs = result.outputs
         for (uid, rec, ev, p, band), why, offer in zip(emitted, reasons, suggestions, strict=True):
             value = contract.intent_record(
@@ -281,10 +324,10 @@ class Engine:
         self, items: ItemModel | None, windows: list[np.ndarray], ends: list[list[int]]
     ) -> list[list[Suggestion] | None]:
         """The suggestions of every emitted intent event, in one lookup for the batch. Only emitted events are
-        looked up (under on_change a share of the scored ones): a lookup costs about 20 us a user plus 300 us a
-        call, against 50-70 us for all else an event costs the worker (docs/training.md). Each event's window ends
-        at that event, like its reasons, so what it suggests does not depend on how records were cut into
-        batches."""
+        looked up (under on_change a share of the scored ones): a lookup costs about 12-19 us of CPU a user plus
+        300 us a call, against 50-70 us for all else an event costs the worker (docs/training.md). Each event's
+        window ends at that event, like its reasons, so what it suggests does not depend on how records were cut
+        into batches."""
         n = sum(map(len, ends))
         if items is None:
             return [None] * n
@@ -300,9 +343,8 @@ class Engine:
         return suggest(items, codes, types, times, k=self.settings.suggestions_k)
 
     def _maybe_alert(
-        self, result: BatchResult, uid: str, st: UserState, last_ts: int, risk: float, rec: InRecord
+        self, result: BatchResult, model: LoadedModel, uid: str, st: UserState, last_ts: int, risk: float, rec: InRecord
     ) -> None:
-        model = self.model
         threshold = model.thresholds["churn"]["alert"]
         if risk < threshold or st.churn_alert_ts == last_ts:
             return

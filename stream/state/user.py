@@ -139,7 +139,7 @@ class PendingWindow:
     state: UserState
     config: FeaturizerConfig
     appended: list[tuple] = field(default_factory=list)  # records appended by this batch, in order
-    last: tuple | np.void | None = None  # the window's newest record (``encode_event``'s ``prev``)
+    last: tuple | None = None  # the window's newest record (``encode_event``'s ``prev``)
     last_ts: int = 0
     _unpacked: list[tuple] = field(default_factory=list)  # appended, not yet in ``state.records``
     # Duplicates: the window is the base (``state.records`` when first needed, or after a late insertion) followed
@@ -152,8 +152,9 @@ class PendingWindow:
     @classmethod
     def of(cls, state: UserState, config: FeaturizerConfig) -> PendingWindow:
         records = state.records
-        last = records[-1] if len(records) else None
-        return cls(state, config, last=last, last_ts=int(last[0]) if last is not None else 0)
+        # A tuple of Python numbers, not a numpy record: encode_event reads three of its fields, ~3x cheaper so.
+        last = records[-1].item() if len(records) else None
+        return cls(state, config, last=last, last_ts=last[0] if last is not None else 0)
 
     def accept(self, event: Event, allowed_lateness_ms: int) -> Accept:
         h = event_hash(event.event_id)
@@ -207,8 +208,8 @@ class PendingWindow:
         st = self.finish()
         outcome = st.accept(event, self.config, allowed_lateness_ms)
         if outcome is Accept.INSERTED:
-            self.last = st.records[-1]
-            self.last_ts = int(st.records["ts"][-1])
+            self.last = st.records[-1].item()
+            self.last_ts = self.last[0]
             self._base_hashes, self._since, self._n_since = None, {}, 0  # the new window is the base
         return outcome
 
