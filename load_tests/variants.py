@@ -81,6 +81,15 @@ def before_batch_ingest() -> None:
 BEFORE_BATCH_INGEST = "35fa8c2"
 
 
+def score_inline() -> None:
+    """stream/app.py before the scoring thread (9aa18f2): the forward pass on the event loop's thread, between the
+    batch's ingest and its emission, and the previous batch completed after it (``Engine.process`` in one call)."""
+    _module_from_git("stream.app", "stream/app.py", SCORE_INLINE)
+
+
+SCORE_INLINE = "9aa18f2"
+
+
 def fetch_wait(ms: int) -> Callable[[], None]:
     """The worker with another ``INTENTSTREAM_FETCH_MAX_WAIT_MS`` (stream/app.py bounds the wait of Faust's worker
     consumer, hard-coded at 1500 ms in Faust; the default is 100). ``fetch-wait-1500`` is Faust's own."""
@@ -233,6 +242,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "head-engine": head_engine,
     "before-reasons": before_reasons,
     "before-batch-ingest": before_batch_ingest,
+    "score-inline": score_inline,
     "fetch-wait-20": fetch_wait(20),
     "fetch-wait-100": fetch_wait(100),
     "fetch-wait-1500": fetch_wait(1500),
