@@ -77,6 +77,7 @@ class TrainConfig:
     d_model: int = 64
     gru_hidden: int = 64
     dropout: float = 0.1
+    rate_state: bool = False  # ModelConfig.rate_state: visit-rate accumulators in the hidden state (gru, hybrid)
     medium_recall: float = 0.8  # purchase "medium" band: the threshold that still catches this recall
     # Thresholds for what the CRM can act on (``calibrate``): volumes and precision, not F1.
     purchase_min_precision: float = 0.5  # purchase "high" band
@@ -90,6 +91,7 @@ class TrainConfig:
             d_model=self.d_model,
             gru_hidden=self.gru_hidden,
             dropout=self.dropout,
+            rate_state=self.rate_state,
             category_buckets=category_buckets,
         )
 
@@ -362,7 +364,7 @@ class NextEventHead(nn.Module):
     def __init__(self, model: IntentModel):
         super().__init__()
         c = model.config
-        self.linear = nn.Linear(c.gru_hidden if c.has_state else c.d_model, N_MOVES + 1)
+        self.linear = nn.Linear(c.head_dim, N_MOVES + 1)
         self.features: torch.Tensor | None = None
         self.hook = model.head.register_forward_pre_hook(self._capture)
 
@@ -539,6 +541,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, default=d.patience, help="epochs without a better val score")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument(
+        "--rate-state",
+        action="store_true",
+        help="gru/hybrid: carry the visit-rate accumulators (days since the first event, sessions) in the hidden "
+        "state and feed rate features to the GRU and the heads (models/model.py)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="model init and data order (same seed, same weights)")
     parser.add_argument("--split-seed", type=int, default=DataConfig().split_seed, help="salt of the user split")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: INTENTSTREAM_DEVICE)")
@@ -586,6 +594,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         patience=args.patience,
         batch_size=args.batch_size,
         lr=args.lr,
+        rate_state=args.rate_state,
         seed=args.seed,
         device=args.device or settings.device,
         max_minutes=args.max_minutes,
