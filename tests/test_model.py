@@ -144,7 +144,7 @@ def test_merged_grus_output_their_mean_from_the_start_and_from_a_carried_state()
         mean = torch.stack([o for o, _ in outs]).mean(dim=0)
         got, states = merged(t, c, x)
         assert torch.allclose(got, mean, atol=1e-5)
-        h = torch.cat([s[:, 29] for _, s in outs], dim=-1)  # type: ignore[index]
+        h = torch.cat([s[:, 29] for _, s in outs], dim=-1)
         assert states is not None and torch.allclose(states[:, 29], h, atol=1e-6)
         later, _ = merged(t[:, 30:], c[:, 30:], x[:, 30:], h0=h)
         assert torch.allclose(later, mean[:, 30:], atol=1e-5)
