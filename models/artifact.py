@@ -296,9 +296,11 @@ def load_newest(
 
 
 def untrained_model(arch: str = "gru", seed: int = 0) -> IntentModel:
-    """A deterministic untrained model with the real interface, for tests of the pipeline only."""
+    """A deterministic untrained model with the real interface, for tests of the pipeline only. ``arch`` may name a
+    variant: ``gru+rate`` is a GRU with ``ModelConfig.rate_state``."""
     torch.manual_seed(seed)
-    return IntentModel(ModelConfig(arch=arch)).eval()
+    base, _, variant = arch.partition("+")
+    return IntentModel(ModelConfig(arch=base, rate_state=variant == "rate")).eval()
 
 
 def resolve_device(setting: str) -> torch.device:

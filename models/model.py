@@ -29,6 +29,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from models.features import N_NUMERIC, N_TYPES
 
 HEADS = ("purchase", "churn", "order_value")
+RATE_STATE = 2  # accumulators carried in the hidden state: days since the user's first event, sessions so far
+RATE_FEATURES = 4  # features derived from them (``rate_features``)
+DAY_S = 86_400.0
 ARCHS = ("gru", "cnn", "hybrid", "transformer")
 
 
@@ -46,10 +49,27 @@ class ModelConfig:
     n_layers: int = 2  # transformer blocks
     n_heads: int = 4
     attention_span: int = 32  # events a layer's position attends to, itself included (two layers reach 63 back)
+    # gru / hybrid: carry the user's visit-rate accumulators (days since the first event, sessions) in the last
+    # RATE_STATE entries of the hidden state (gru_hidden counts them) and feed rate features to the GRU and the heads
+    rate_state: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch: expected one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.rate_state and self.arch not in ("gru", "hybrid"):
+            raise ValueError(f"rate_state needs a hidden state to carry it (gru or hybrid), not {self.arch!r}")
+
+    @property
+    def recurrent_hidden(self) -> int:
+        """The GRU's own hidden size: ``gru_hidden`` less the rate accumulators."""
+        return self.gru_hidden - (RATE_STATE if self.rate_state else 0)
+
+    @property
+    def head_dim(self) -> int:
+        """Width of the representation the heads read."""
+        if not self.has_state:
+            return self.d_model
+        return self.recurrent_hidden + (RATE_FEATURES if self.rate_state else 0)
 
     @property
     def receptive_field(self) -> int:
@@ -148,8 +168,9 @@ class IntentModel(nn.Module):
         )
         self.blocks = nn.ModuleList([TransformerBlock(c) for _ in range(c.n_layers)] if c.arch == "transformer" else [])
         self.final_norm = nn.LayerNorm(c.d_model) if c.arch == "transformer" else None
-        self.gru = nn.GRU(c.d_model, c.gru_hidden, batch_first=True) if c.has_state else None
-        d_out = c.gru_hidden if c.has_state else c.d_model
+        n_rate = RATE_FEATURES if c.rate_state else 0
+        self.gru = nn.GRU(c.d_model + n_rate, c.recurrent_hidden, batch_first=True) if c.has_state else None
+        d_out = c.head_dim
         self.head = nn.Sequential(nn.Linear(d_out, d_out), nn.GELU(), nn.Dropout(c.dropout), nn.Linear(d_out, 3))
 
     def forward(
@@ -181,6 +202,13 @@ class IntentModel(nn.Module):
             x = self.final_norm(x)
         x = x[:, context_len:]
         states = None
+        rate_acc = rate = None
+        if self.config.rate_state:
+            n_gru = self.config.recurrent_hidden
+            rate_acc = rate_accumulators(numeric[:, context_len:], None if h0 is None else h0[:, n_gru:])
+            rate = rate_features(rate_acc)
+            x = torch.cat([x, rate], dim=-1)
+            h0 = None if h0 is None else h0[:, :n_gru]
         if self.gru is not None:
             hx = None if h0 is None else h0.unsqueeze(0).contiguous()
             if lengths is not None and _mostly_padding(lengths, x.shape[1]):
@@ -189,7 +217,36 @@ class IntentModel(nn.Module):
             else:
                 x, _ = self.gru(x, hx)
             states = x  # one layer: the output at t is the hidden state after t
+        if rate_acc is not None and rate is not None and states is not None:
+            states = torch.cat([states, rate_acc], dim=-1)
+            x = torch.cat([x, rate], dim=-1)
         return self.head(x), states
+
+
+def rate_accumulators(numeric: torch.Tensor, acc0: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, 2]: days since the user's first event and sessions started so far, after each position, from the
+    record features (the gap before the event, ``log1p(gap_s) / 10``, and the new-session flag) and the values after
+    the events before (``acc0`` [B, 2], zeros for a new user). Causal sums: one pass over a history gives what the
+    engine's step-by-step hidden state gives."""
+    days = (torch.exp(numeric[..., 0] * 10.0) - 1.0) / DAY_S
+    acc = torch.cumsum(torch.stack([days, numeric[..., 1]], dim=-1), dim=1)
+    return acc if acc0 is None else acc + acc0.unsqueeze(1)
+
+
+def rate_features(acc: torch.Tensor) -> torch.Tensor:
+    """[B, T, 4] from the accumulators: log days since the first event, log sessions, log mean days between session
+    starts, log sessions per day (clamped: a hidden state from elsewhere may hold anything)."""
+    days = acc[..., 0].clamp(min=0.0)
+    sessions = acc[..., 1].clamp(min=0.0)
+    between = days / (sessions - 1.0).clamp(min=1.0)
+    per_day = sessions / (days + 1.0)
+    return (
+        torch.stack(
+            [torch.log(1.0 + days), torch.log(1.0 + sessions), torch.log(1.0 + between), torch.log(1.0 + per_day)],
+            dim=-1,
+        )
+        / 3.0
+    )
 
 
 def _mostly_padding(lengths: torch.Tensor, width: int) -> bool:

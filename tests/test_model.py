@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.artifact import ArtifactError, load_artifact, load_newest, save_artifact, untrained_model
+from models.ensemble import merge
 from models.features import FeaturizerConfig, encode_events, model_inputs
 from models.model import ARCHS
 from tests.test_features import random_events
@@ -127,3 +128,23 @@ def test_weights_load_without_pickle(tmp_path):
     path = _save(tmp_path)
     assert (path / "weights.safetensors").read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle stream
     assert np.frombuffer((path / "weights.safetensors").read_bytes()[:8], "<u8")[0] > 0  # safetensors header len
+
+
+def test_merged_grus_output_their_mean_from_the_start_and_from_a_carried_state():
+    members = [untrained_model("gru", seed) for seed in (0, 1, 2)]
+    with torch.no_grad():
+        for m in members:  # away from the initialisation's symmetries: every block must land where it belongs
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    merged = merge(members)
+    assert merged.config.gru_hidden == 3 * members[0].config.gru_hidden and merged.config.arch == "gru"
+    t, c, x = _inputs()
+    with torch.no_grad():
+        outs = [m(t, c, x) for m in members]
+        mean = torch.stack([o for o, _ in outs]).mean(dim=0)
+        got, states = merged(t, c, x)
+        assert torch.allclose(got, mean, atol=1e-5)
+        h = torch.cat([s[:, 29] for _, s in outs], dim=-1)
+        assert states is not None and torch.allclose(states[:, 29], h, atol=1e-6)
+        later, _ = merged(t[:, 30:], c[:, 30:], x[:, 30:], h0=h)
+        assert torch.allclose(later, mean[:, 30:], atol=1e-5)

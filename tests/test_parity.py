@@ -232,8 +232,11 @@ def check(models: list[LoadedModel], got: dict, delivered: list[Event], counts: 
     assert {(body["user_id"], body["last_seen"]) for _, body in got["alerts"]} == judged
 
 
+VARIANTS = (*ARCHS, "gru+rate")  # gru+rate: the visit-rate accumulators carried in the hidden state
+
+
 @pytest.mark.parametrize("batch", [1, 7, 256])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_engine_scores_equal_the_trainers_predict(arch: str, batch: int, tmp_path: Path) -> None:
     # Two artifacts of the same architecture, each the v0001 of its own folder: a version string cannot tell them
     # apart, their sha256 can.
@@ -246,7 +249,7 @@ def test_engine_scores_equal_the_trainers_predict(arch: str, batch: int, tmp_pat
     assert len(got["alerts"]) >= 30  # every user's last session, and the earlier ones
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_long_histories_carry_past_the_window(arch: str, tmp_path: Path) -> None:
     """Users with three windows of events, in order, one model: the GRU's hidden state carried across batches and
     the CNN's context read from the window score every event as the trainer's pass over the whole history."""

@@ -17,7 +17,7 @@ from stream.cli import main as cli_main
 from stream.contract import TYPE_CODE, Event
 from training import metrics as M
 from training.data import TEST, TRAIN, VAL, DataConfig, build_dataset, make_chunks
-from training.train import Tensors, TrainConfig, multitask_loss, next_event_targets, train_model
+from training.train import Tensors, TrainConfig, multitask_loss, next_event_targets, predict, train_model
 
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00Z
 DAY_MS = 86_400_000
@@ -211,6 +211,19 @@ def test_training_is_deterministic_for_a_seed(dataset):
     assert set(sa) == set(type(a.model)(a.model.config).state_dict()) and not a.model.head._forward_pre_hooks
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     assert a.calibration == b.calibration and a.thresholds == b.thresholds
+
+
+def test_an_ensemble_is_its_members_folded_into_one_gru(dataset):
+    cfg = TrainConfig(epochs=1, batch_size=16, d_model=16, gru_hidden=16, seed=3, device="cpu")
+    members = [train_model(dataset, TrainConfig(**{**cfg.__dict__, "seed": s}), progress=False) for s in (3, 4)]
+    both = train_model(dataset, TrainConfig(**{**cfg.__dict__, "ensemble": 2}), progress=False)
+    assert both.model.config.gru_hidden == 32 and [h["member"] for h in both.history] == [0, 1]
+    assert both.metrics["best_epoch"] == [m.metrics["best_epoch"] for m in members]
+    tensors = Tensors(dataset)
+    users = np.arange(dataset.n_users)
+    raw = [predict(m.model, dataset, tensors, users, torch.device("cpu")) for m in members]
+    got = predict(both.model, dataset, tensors, users, torch.device("cpu"))
+    assert np.allclose(got, (raw[0] + raw[1]) / 2, atol=1e-5, equal_nan=True)
 
 
 def test_train_and_evaluate_end_to_end_through_the_cli(tmp_path, capsys):

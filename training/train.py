@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -32,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.artifact import ArtifactError, resolve_device, save_artifact
+from models.ensemble import merge
 from models.features import N_TYPES, FeaturizerConfig, model_inputs, session_deadline
 from models.model import ARCHS, IntentModel, ModelConfig
 from stream.settings import Settings
@@ -77,6 +79,10 @@ class TrainConfig:
     d_model: int = 64
     gru_hidden: int = 64
     dropout: float = 0.1
+    rate_state: bool = False  # ModelConfig.rate_state: visit-rate accumulators in the hidden state (gru, hybrid)
+    # gru: train this many members (seeds seed, seed + 1, ...) and serve their mean as one block-diagonal GRU
+    # (models/ensemble.py); calibration and thresholds are fitted on the merged model
+    ensemble: int = 1
     medium_recall: float = 0.8  # purchase "medium" band: the threshold that still catches this recall
     # Thresholds for what the CRM can act on (``calibrate``): volumes and precision, not F1.
     purchase_min_precision: float = 0.5  # purchase "high" band
@@ -90,6 +96,7 @@ class TrainConfig:
             d_model=self.d_model,
             gru_hidden=self.gru_hidden,
             dropout=self.dropout,
+            rate_state=self.rate_state,
             category_buckets=category_buckets,
         )
 
@@ -362,7 +369,7 @@ class NextEventHead(nn.Module):
     def __init__(self, model: IntentModel):
         super().__init__()
         c = model.config
-        self.linear = nn.Linear(c.gru_hidden if c.has_state else c.d_model, N_MOVES + 1)
+        self.linear = nn.Linear(c.head_dim, N_MOVES + 1)
         self.features: torch.Tensor | None = None
         self.hook = model.head.register_forward_pre_hook(self._capture)
 
@@ -379,6 +386,8 @@ class NextEventHead(nn.Module):
 
 
 def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    if cfg.ensemble > 1:
+        return train_ensemble(ds, cfg, progress)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     if cfg.threads > 0:
@@ -455,7 +464,23 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
     if best_state is not None:
         model.load_state_dict(best_state)
 
-    raw_val = predict(model, ds, tensors, val_users, device)
+    metrics = {"best_epoch": best_epoch, "epochs_run": len(history), "stopped_by_time": out_of_time,
+               "train_chunks": len(chunks)}  # fmt: skip
+    return finish(model, ds, tensors, cfg, device, metrics, history, t0)
+
+
+def finish(
+    model: IntentModel,
+    ds: Dataset,
+    tensors: Tensors,
+    cfg: TrainConfig,
+    device: torch.device,
+    metrics: dict[str, Any],
+    history: list[dict[str, float]],
+    t0: float,
+) -> TrainResult:
+    """Calibration and thresholds on validation, validation and test metrics: the trained model as a result."""
+    raw_val = predict(model, ds, tensors, np.flatnonzero(ds.user_split == VAL), device)
     raw_test = predict(model, ds, tensors, np.flatnonzero(ds.user_split == TEST), device)
     calibration, thresholds, expected = calibrate(ds, raw_val, cfg)
     metrics = {
@@ -463,14 +488,39 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
         "test": evaluate_split(ds, raw_test, TEST, calibration, thresholds),
         "expected": expected,  # at the served thresholds: what the CRM will receive
         "data": ds.summary(),
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "stopped_by_time": out_of_time,
-        "train_chunks": len(chunks),
+        **metrics,
     }
     seconds = time.perf_counter() - t0
     metrics["train_seconds"] = round(seconds, 1)
     return TrainResult(model.cpu().eval(), calibration, thresholds, metrics, history, seconds)
+
+
+def train_ensemble(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """``cfg.ensemble`` GRUs, seeds ``cfg.seed`` on, each trained as ``train_model`` trains one (``max_minutes``
+    is each member's), folded into one block-diagonal GRU that outputs their mean (models/ensemble.py); the merged
+    model is calibrated and judged like any other. Its history lists each member's epochs, with ``member``."""
+    if cfg.arch != "gru" or cfg.rate_state:
+        raise ValueError("--ensemble: plain gru members only")
+    t0 = time.perf_counter()
+    members, history, member_metrics = [], [], []
+    for i in range(cfg.ensemble):
+        one = train_model(ds, dataclasses.replace(cfg, ensemble=1, seed=cfg.seed + i), progress)
+        members.append(one.model)
+        history += [{"member": i, **h} for h in one.history]
+        test = one.metrics["test"]
+        member_metrics.append(
+            {k: one.metrics[k] for k in ("best_epoch", "epochs_run", "stopped_by_time", "train_seconds")}
+            | {f"test_pr_auc_{h}": test[h]["pr_auc"] for h in ("purchase", "churn")}
+        )
+        if progress:
+            tqdm.write(f"member {i + 1}/{cfg.ensemble}: {member_metrics[-1]}")
+    device = resolve_device(cfg.device)
+    model = merge(members).to(device)
+    metrics = {"members": member_metrics, "best_epoch": [m["best_epoch"] for m in member_metrics],
+               "epochs_run": sum(m["epochs_run"] for m in member_metrics),
+               "stopped_by_time": any(m["stopped_by_time"] for m in member_metrics),
+               "train_chunks": len(make_chunks(ds, TRAIN, cfg.chunk_len, cfg.burn_in))}  # fmt: skip
+    return finish(model, ds, Tensors(ds), cfg, device, metrics, history, t0)
 
 
 def publish(result: TrainResult, ds: Dataset, cfg: TrainConfig, out: Path) -> Path:
@@ -539,6 +589,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, default=d.patience, help="epochs without a better val score")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument(
+        "--rate-state",
+        action="store_true",
+        help="gru/hybrid: carry the visit-rate accumulators (days since the first event, sessions) in the hidden "
+        "state and feed rate features to the GRU and the heads (models/model.py)",
+    )
+    parser.add_argument(
+        "--ensemble",
+        type=int,
+        default=d.ensemble,
+        metavar="K",
+        help="gru: train K members (seeds --seed on) and serve their mean as one block-diagonal GRU of K x the hidden "
+        f"size (default {d.ensemble})",
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="model init and data order (same seed, same weights)")
     parser.add_argument("--split-seed", type=int, default=DataConfig().split_seed, help="salt of the user split")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: INTENTSTREAM_DEVICE)")
@@ -586,6 +650,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         patience=args.patience,
         batch_size=args.batch_size,
         lr=args.lr,
+        ensemble=args.ensemble,
+        rate_state=args.rate_state,
         seed=args.seed,
         device=args.device or settings.device,
         max_minutes=args.max_minutes,
