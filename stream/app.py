@@ -18,7 +18,6 @@ import shutil
 import threading
 import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -277,10 +276,6 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
 
     delivery.before_write, delivery.on_written = before_write, on_written
 
-    threads = max(1, settings.torch_threads)
-    # One thread: a batch's forward pass at a time, in batch order (a user's hidden state comes from the last).
-    scorer = ThreadPoolExecutor(1, "scoring", initializer=torch.set_num_threads, initargs=(threads,))
-
     async def score_batches() -> None:
         startup_frozen = False
         while True:
@@ -306,12 +301,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                     for partition in {r.partition for r in records} - engine.sessions.keys():
                         restore_sessions(partition)
                     metrics.EVENTS_IN.inc(len(records))
-                    batch = engine.prepare(records, get_state)
-                    # The forward pass on the scoring thread (it releases the GIL) while this one completes the
-                    # previous batch: its acknowledgements and state writes (stream/delivery.py, steps 1 to 3).
-                    scoring = asyncio.get_running_loop().run_in_executor(scorer, engine.score, batch)
-                    await delivery.complete()
-                    result = engine.finish(batch, await scoring)
+                    result = engine.process(records, get_state)
                     await delivery.start_batch(result, admitted.last_offsets)
                 except DeliveryError as exc:
                     exit_without_commit("delivery_failed", exc.__cause__)
