@@ -127,8 +127,9 @@ class Engine:
         self.items = items
 
     def process(self, records: list[InRecord], get_state: Callable[[str, InRecord], bytes | None]) -> BatchResult:
-        """One batch, start to end: ``prepare``, ``score`` and ``finish`` in a row. The worker runs ``score`` on a
-        thread of its own instead, while it completes the previous batch (stream/app.py)."""
+        """One batch, start to end: ``prepare``, ``score`` and ``finish`` in a row. (The forward pass on a thread of
+        its own, overlapped with the previous batch's completion, was measured slower: the ``scoring-thread``
+        variant of load_tests/variants.py.)"""
         batch = self.prepare(records, get_state)
         return self.finish(batch, self.score(batch))
 
@@ -208,8 +209,7 @@ class Engine:
         return batch
 
     def score(self, batch: PreparedBatch) -> list[UserScores]:
-        """The model's one forward pass over a prepared batch. Touches nothing but the batch's model inputs, so the
-        worker may run it on another thread (PyTorch and ONNX Runtime release the GIL while they compute)."""
+        """The model's one forward pass over a prepared batch; it touches nothing but the batch's model inputs."""
         if not batch.inputs:
             return []
         started = time.perf_counter()
