@@ -104,7 +104,7 @@ def create_app(settings: Settings) -> faust.App:
             if outcome is Accept.INSERTED:
                 batch.rescore_window = st.records
             else:
-                batch.new.append(tuple(st.records[-1].item()))
+                batch.new = st.records[-1:]
             scores = score_batch(model, [batch], device)[0]
             p = scores.probs[-1]
             st.hidden, st.model_tag = scores.hidden, model.state_tag

@@ -163,7 +163,7 @@ def model_handler(settings: Settings) -> Any:
         if outcome is Accept.INSERTED:
             batch.rescore_window = st.records
         else:
-            batch.new.append(tuple(st.records[-1].item()))
+            batch.new = st.records[-1:]  # the window's tail, as the engine passes it
         scores = score_batch(model, [batch], device)[0]
         p = scores.probs[-1].tolist()
         st.hidden, st.model_tag = scores.hidden, tag
