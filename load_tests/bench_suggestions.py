@@ -61,8 +61,8 @@ def measure(events: int, users: int, before: str, batch: int = 256) -> dict[str,
     now = int(time.time() * 1000)
     source = itertools.islice(traffic.records(first_tile=traffic.tiles // 2, track=False), events)
     records = [E.InRecord(k, v, "clickstream", 0, i, now) for i, (k, v) in enumerate(source)]
-    today, lookup = E.suggest, E.Engine._suggestions
-    old = variants.items_module_at(before).suggest
+    today, lookup = E.suggest_json, E.Engine._suggestions
+    old = variants.as_flat(variants.items_module_at(before).suggest)
     variants.suggest_per_user()
     per_user = E.Engine._suggestions
     E.Engine._suggestions = lookup  # type: ignore[method-assign]
@@ -80,14 +80,14 @@ def measure(events: int, users: int, before: str, batch: int = 256) -> dict[str,
         for b, start in enumerate(range(0, len(records), batch)):
             chunk = records[start : start + batch]
             for name in list(cases) if b % 2 == 0 else list(cases)[::-1]:
-                _, E.suggest, E.Engine._suggestions = cases[name]  # type: ignore[method-assign]
+                _, E.suggest_json, E.Engine._suggestions = cases[name]  # type: ignore[method-assign]
                 table = tables[name]
                 c0 = time.thread_time()
                 result = engines[name].process(chunk, partial(_state, table))
                 cpu[name] += time.thread_time() - c0
                 table.update({uid: blob for uid, (blob, _) in result.states.items()})
     finally:
-        E.suggest, E.Engine._suggestions = today, lookup  # type: ignore[method-assign]
+        E.suggest_json, E.Engine._suggestions = today, lookup  # type: ignore[method-assign]
     n = len(records)
     return {
         name: {

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -208,8 +210,21 @@ def items_before() -> None:
     module = items_module_at(ITEMS_BEFORE)
     items = importlib.import_module("models.items")
     items.suggest = module.suggest  # type: ignore[attr-defined]
+    items.suggest_json = as_flat(module.suggest)  # type: ignore[attr-defined]
     if "stream.engine" in sys.modules:
-        sys.modules["stream.engine"].suggest = module.suggest  # type: ignore[attr-defined]
+        sys.modules["stream.engine"].suggest_json = items.suggest_json  # type: ignore[attr-defined]
+
+
+def as_flat(suggest: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``suggest`` that takes one array per window (an older revision's) called as the engine calls
+    ``suggest_json``: the windows laid end to end, cut apart again (a few microseconds a batch, charged to the older
+    lookup). It returns Suggestion lists, which ``contract.intent_record`` encodes as it did then."""
+
+    def suggest_flat(model: Any, codes: Any, types: Any, times: Any, lengths: Any, k: Any = None, config: Any = None):
+        cut = np.cumsum(lengths)[:-1]
+        return suggest(model, np.split(codes, cut), np.split(types, cut), np.split(times, cut), k=k, config=config)
+
+    return suggest_flat
 
 
 ITEMS_BEFORE = "4ae7345"
@@ -220,13 +235,14 @@ def suggest_per_user() -> None:
     the batch, whose suggestions the user's other emitted events of the batch carry too (today each emitted event
     is looked up with its own window). Fewer windows looked up where users emit several events per batch, at the
     price of suggestions that depend on how records are cut into batches (within one batch)."""
+    from models.items import suggest
     from stream import engine
 
     def _suggestions(self: Any, items: Any, windows: list[Any], ends: list[list[int]]) -> list[Any]:
         if items is None:
             return [None] * sum(map(len, ends))
         last = [w[: at[-1]] for w, at in zip(windows, ends, strict=True)]
-        got = engine.suggest(
+        got = suggest(
             items,
             [w["item"] for w in last],
             [w["type"] for w in last],

@@ -328,12 +328,13 @@ def intent_record(
     produced_at_ms: int | None,
     scored_at_ms: int,
     reasons: list[str],
-    suggestions: Sequence[tuple[str, float, str]] | None = None,
+    suggestions: Sequence[tuple[str, float, str]] | orjson.Fragment | None = None,
 ) -> bytes:
     """Purchase-intent event. ``latency_ms``: from the input record's broker timestamp to scoring.
     ``order_value_if_purchase``: the model's predicted value of the purchase, should one come; the event carries it
     and ``expected_order_value``, the expectation: purchase probability x that value. ``suggestions``: (item_id,
-    score, reason) triples (models.items.Suggestion; not imported: that module imports this one), None for null."""
+    score, reason) triples (models.items.Suggestion; not imported: that module imports this one), or their JSON as
+    ``suggestions_fragment`` made it (what the engine passes), None for null."""
     return orjson.dumps(
         {
             "schema": SCHEMA_VERSION,
@@ -353,9 +354,35 @@ def intent_record(
             "reasons": reasons,
             "suggestions": None
             if suggestions is None
+            else suggestions
+            if isinstance(suggestions, orjson.Fragment)
             else [{"item_id": i, "score": sc, "reason": r} for i, sc, r in suggestions],
         }
     )
+
+
+# An intent event's suggestions pasted together from pieces (models.items.suggest_json: the engine's path), byte for
+# byte what intent_record writes for (item_id, score, reason) triples: {"item_id":…,"score":…,"reason":…}.
+
+
+def suggestion_head(item_id: str) -> bytes:
+    """A suggestion's JSON up to its score."""
+    return b'{"item_id":' + orjson.dumps(item_id) + b',"score":'
+
+
+def suggestion_tail(reason: str) -> bytes:
+    """A suggestion's JSON after its score."""
+    return b',"reason":' + orjson.dumps(reason) + b"}"
+
+
+def float_texts(values: list[float]) -> list[bytes]:
+    """Each float as orjson writes it, in one call (a float's text holds no comma)."""
+    return orjson.dumps(values)[1:-1].split(b",") if values else []
+
+
+def suggestions_fragment(parts: Sequence[bytes]) -> orjson.Fragment:
+    """The ``suggestions`` list of one intent event from its suggestions' JSON (head + score + tail)."""
+    return orjson.Fragment(b"[" + b",".join(parts) + b"]")
 
 
 def churn_record(

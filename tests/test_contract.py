@@ -548,22 +548,24 @@ def test_intent_record_fields_rounding_and_latency():
     }
 
 
+INTENT_BASE: dict[str, Any] = {
+    "user_id": "u",
+    "score": 0.1,
+    "band": "low",
+    "order_value_if_purchase": None,
+    "model_name": "cnn",
+    "model_version": "v1",
+    "event_id": "e",
+    "event_ts": OCT_1_2019_MS,
+    "produced_at_ms": None,
+    "scored_at_ms": 5,
+    "reasons": [],
+}
+
+
 def minimal_intent(**fields: Any) -> dict[str, Any]:
     """An intent event without produce time, order value or reasons, ``fields`` added, as a consumer reads it."""
-    base: dict[str, Any] = {
-        "user_id": "u",
-        "score": 0.1,
-        "band": "low",
-        "order_value_if_purchase": None,
-        "model_name": "cnn",
-        "model_version": "v1",
-        "event_id": "e",
-        "event_ts": OCT_1_2019_MS,
-        "produced_at_ms": None,
-        "scored_at_ms": 5,
-        "reasons": [],
-    }
-    out: dict[str, Any] = orjson.loads(intent_record(**(base | fields)))
+    out: dict[str, Any] = orjson.loads(intent_record(**(INTENT_BASE | fields)))
     return out
 
 
@@ -580,6 +582,29 @@ def test_intent_record_suggestions_are_objects_in_order():
         {"item_id": "sku-2", "score": 0.75, "reason": "viewed together with sku-1"},
         {"item_id": "sku-9", "score": 0.0, "reason": "popular"},
     ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.text(max_size=12),  # quotes, backslashes, control characters, any unicode
+            st.floats(min_value=0, max_value=1e6) | st.sampled_from([0.0, 1e-7, 1.5e-5, 0.1 + 0.2, 123456.123456]),
+            st.text(max_size=30),
+        ),
+        max_size=6,
+    )
+)
+def test_pasted_suggestions_are_what_intent_record_writes_for_the_triples(triples: list[tuple[str, float, str]]):
+    """The engine pastes each suggestion's JSON from pieces (models.items.suggest_json): byte for byte the record
+    that intent_record writes from (item_id, score, reason) triples."""
+    scores = contract.float_texts([sc for _, sc, _ in triples])
+    parts = [
+        contract.suggestion_head(i) + text + contract.suggestion_tail(r)
+        for (i, _, r), text in zip(triples, scores, strict=True)
+    ]
+    pasted = intent_record(**(INTENT_BASE | {"suggestions": contract.suggestions_fragment(parts)}))
+    assert pasted == intent_record(**(INTENT_BASE | {"suggestions": triples}))
 
 
 def test_churn_record_fields():

@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import orjson
 import pytest
 
-from models.items import PURCHASE, SEEN, ItemConfig, ItemModel, Suggestion, suggest
+from models.items import PURCHASE, SEEN, ItemConfig, ItemModel, Suggestion, suggest, suggest_json
 from stream.contract import TYPE_CODE
 
 Seq = Sequence[np.ndarray]
@@ -121,6 +122,23 @@ def suggest_reference(model: ItemModel, item_codes: Seq, type_codes: Seq, ts: Se
     return out
 
 
+def json_of(model: ItemModel, item_codes: Seq, type_codes: Seq, ts: Seq, **kw) -> list[bytes | None]:
+    """What the engine serves (``suggest_json``, the windows laid end to end) as JSON text."""
+    lengths = np.array([len(a) for a in item_codes], dtype=np.int64)
+    flat = [
+        np.concatenate([np.asarray(a) for a in x]) if len(x) else np.zeros(0, np.int64)
+        for x in (item_codes, type_codes, ts)
+    ]
+    return [None if f is None else orjson.dumps(f) for f in suggest_json(model, *flat, lengths, **kw)]
+
+
+def as_json(out: Out) -> list[bytes | None]:
+    """Suggestion lists as intent_record writes them."""
+    return [
+        None if o is None else orjson.dumps([{"item_id": i, "score": s, "reason": r} for i, s, r in o]) for o in out
+    ]
+
+
 # ---- the comparison -------------------------------------------------------------------------------------
 
 
@@ -184,6 +202,7 @@ def test_suggest_gives_what_the_reference_gives(seed: int):
         for k in (1, 5, 12):
             got = suggest(model, items, types, times, k=k, config=config)
             assert got == suggest_reference(model, items, types, times, k=k, config=config), (config, k)
+            assert json_of(model, items, types, times, k=k, config=config) == as_json(got), (config, k)
 
 
 def test_suggest_gives_what_the_reference_gives_on_edges():
@@ -206,4 +225,5 @@ def test_suggest_gives_what_the_reference_gives_on_edges():
     for m in (model, empty, zero):
         for windows in (none, lists, random_windows(rng, model, 20)):
             assert suggest(m, *windows) == suggest_reference(m, *windows)
+            assert json_of(m, *windows) == as_json(suggest(m, *windows))
     assert suggest(model, [], [], []) == []

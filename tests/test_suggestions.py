@@ -106,13 +106,13 @@ def test_without_an_item_model_suggestions_are_null(engine: Engine):
 def test_only_emitted_events_are_looked_up_once_per_batch(engine: Engine, monkeypatch: pytest.MonkeyPatch):
     """Under on_change most scored events emit nothing: they must cost no lookup, and a batch costs one call."""
     calls: list[int] = []
-    real = engine_module.suggest
+    real = engine_module.suggest_json
 
-    def counting(model, item_codes, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(len(item_codes))
-        return real(model, item_codes, *args, **kwargs)
+    def counting(model, codes, types, times, lengths, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(lengths))
+        return real(model, codes, types, times, lengths, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "suggest", counting)
+    monkeypatch.setattr(engine_module, "suggest_json", counting)
     engine.settings = Settings.from_env({}, emit_policy="on_change", suggestions_k=3)
     events = make_events(n_users=10, sessions=2, per_session=8, seed=4)
     table: dict[str, bytes] = {}
