@@ -25,8 +25,7 @@ import torch
 
 from load_tests import variants
 from load_tests.traffic import Traffic
-from models.artifact import load_newest, save_artifact, untrained_model
-from models.features import FeaturizerConfig
+from load_tests.untrained import untrained_artifact
 from models.items import ItemConfig
 from stream import engine as E
 from stream.settings import Settings
@@ -43,21 +42,7 @@ def measure(events: int, users: int, before: str, batch: int = 256) -> dict[str,
     c = clicks(traffic.template.events)
     items, _ = fit(c, int(c.ts.max()) + 1, ItemTrainConfig(), progress=False)
     items.manifest = {"version": 1, "serving": ItemConfig().to_dict()}
-    model_dir = Path(tempfile.mkdtemp(prefix="bench-suggestions-"))
-    save_artifact(
-        untrained_model("gru", seed=0),  # untrained weights cost what trained ones cost
-        model_dir,
-        featurizer=FeaturizerConfig(window=64),
-        calibration={},
-        thresholds={"purchase": {"medium": 0.3, "high": 0.6}, "churn": {"alert": 0.5}},
-        horizon_s=3600,
-        churn_days=14,
-        data_hash="bench-suggestions",
-        metrics={},
-        name="untrained-gru",
-    )
-    model = load_newest(model_dir, expect_window=64)[0]
-    assert model is not None
+    model = untrained_artifact(Path(tempfile.mkdtemp(prefix="bench-suggestions-")), "bench-suggestions")
     now = int(time.time() * 1000)
     source = itertools.islice(traffic.records(first_tile=traffic.tiles // 2, track=False), events)
     records = [E.InRecord(k, v, "clickstream", 0, i, now) for i, (k, v) in enumerate(source)]

@@ -97,28 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from load_tests.traffic import Traffic
-    from models.artifact import load_newest, save_artifact, untrained_model
-    from models.features import FeaturizerConfig
+    from load_tests.untrained import untrained_artifact
     from stream import engine as current
     from stream.settings import Settings
 
     old = engine_at(args.rev)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        save_artifact(
-            untrained_model("gru", seed=0),
-            Path(tmp),
-            featurizer=FeaturizerConfig(window=64),
-            calibration={},
-            thresholds={"purchase": {"medium": 0.3, "high": 0.6}, "churn": {"alert": 0.5}},
-            horizon_s=3600,
-            churn_days=14,
-            data_hash="engine-ab",
-            metrics={},
-            name="untrained-gru",
-        )
-        model, _ = load_newest(Path(tmp), expect_window=64)
-    assert model is not None
+        model = untrained_artifact(Path(tmp), data_hash="engine-ab")
     settings = Settings.from_env(emit_policy="every_event")
     records = list(itertools.islice(Traffic(users=args.users).records(), args.events))
     now = int(time.time() * 1000)

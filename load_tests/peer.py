@@ -361,28 +361,14 @@ class Peer:
         )
 
     def ensure_model(self) -> dict[str, Any]:
-        from models.artifact import load_newest, save_artifact, untrained_model
-        from models.features import FeaturizerConfig
+        from load_tests.untrained import untrained_artifact
+        from models.artifact import load_newest
 
         model, refused = load_newest(self.model_dir, expect_window=self.base.window_size)
         if model is None:
             if self.cfg.model_dir is not None:
                 raise RuntimeError(f"no usable model in {self.cfg.model_dir}: {'; '.join(refused) or 'none there'}")
-            # Untrained weights cost exactly what trained ones cost: the figures are the same.
-            save_artifact(
-                untrained_model("gru", seed=0),
-                self.model_dir,
-                featurizer=FeaturizerConfig(window=self.base.window_size),
-                calibration={},
-                thresholds={"purchase": {"medium": 0.3, "high": 0.6}, "churn": {"alert": 0.5}},
-                horizon_s=3600,
-                churn_days=14,
-                data_hash="untrained-load-test",
-                metrics={},
-                name="untrained-gru",
-            )
-            model, _ = load_newest(self.model_dir, expect_window=self.base.window_size)
-            assert model is not None
+            model = untrained_artifact(self.model_dir, "untrained-load-test", window=self.base.window_size)
         if self.cfg.runtime != "torch" and self.cfg.runtime not in model.manifest.get("exports", {}):
             from models.export import export_onnx
 

@@ -251,28 +251,14 @@ class Run:
         return True
 
     def ensure_model(self) -> dict[str, Any]:
-        from models.artifact import load_newest, save_artifact, untrained_model
-        from models.features import FeaturizerConfig
+        from load_tests.untrained import untrained_artifact
+        from models.artifact import load_newest
 
         model, _ = load_newest(self.model_dir, expect_window=self.base.window_size)
         if model is None:
             if self.cfg.model_dir is not None:
                 raise RuntimeError(f"no usable model in {self.cfg.model_dir}")
-            # Untrained weights cost exactly what trained ones cost: throughput figures are the same.
-            save_artifact(
-                untrained_model(self.cfg.arch, seed=0),
-                self.model_dir,
-                featurizer=FeaturizerConfig(window=self.base.window_size),
-                calibration={},
-                thresholds={"purchase": {"medium": 0.3, "high": 0.6}, "churn": {"alert": 0.5}},
-                horizon_s=3600,
-                churn_days=14,
-                data_hash="untrained-load-test",
-                metrics={},
-                name=f"untrained-{self.cfg.arch}",
-            )
-            model, _ = load_newest(self.model_dir, expect_window=self.base.window_size)
-            assert model is not None
+            model = untrained_artifact(self.model_dir, "untrained-load-test", self.cfg.arch, self.base.window_size)
         exports = model.manifest.get("exports", {})
         missing = [r for r in (self.runtime, *self.other_runtimes) if r != "torch" and r not in exports]
         if missing:
