@@ -105,7 +105,7 @@ def user_batches(model: LoadedModel, mode: str, rec: np.ndarray, hidden: np.ndar
     out = []
     for i in range(len(rec)):
         prior = rec[i, :WINDOW]
-        out.append(UserBatch(prior=prior, hidden=hidden[i] if has_state else None, new=[tuple(rec[i, WINDOW].item())]))
+        out.append(UserBatch(prior=prior, hidden=hidden[i] if has_state else None, new=rec[i, WINDOW : WINDOW + 1]))
     return out
 
 

@@ -20,7 +20,7 @@ import orjson
 import torch
 
 from models.artifact import LoadedModel
-from models.features import session_deadline
+from models.features import RECORD_DTYPE, session_deadline
 from models.items import ItemModel, suggest_json
 from stream import contract, emit
 from stream.churn import PartitionSessions
@@ -205,8 +205,8 @@ class Engine:
                 ub = UserBatch(prior=t.prior, hidden=t.hidden, rescore_window=window)
             elif len(appended) <= len(window):  # the window's tail: the appended records, packed already
                 ub = UserBatch(prior=t.prior, hidden=t.hidden, new=window[len(window) - len(appended) :])
-            else:  # more new events than the window holds: the first have left it
-                ub = UserBatch(prior=t.prior, hidden=t.hidden, new=appended)
+            else:  # more new events than the window holds: the first have left it (rare: packed here)
+                ub = UserBatch(prior=t.prior, hidden=t.hidden, new=np.array(appended, dtype=RECORD_DTYPE))
             batch.inputs.append(ub)
         return batch
 

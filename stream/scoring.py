@@ -26,7 +26,7 @@ class UserBatch:
 
     prior: np.ndarray  # window records before this batch (oldest first)
     hidden: np.ndarray | None  # hidden state after the prior records, if valid for the serving model
-    new: np.ndarray | list[tuple] = field(default_factory=list)  # records appended in this batch, in order
+    new: np.ndarray = field(default_factory=lambda: np.zeros(0, RECORD_DTYPE))  # records appended in this batch
     rescore_window: np.ndarray | None = None  # set when a late event was inserted: score the final window
 
 
@@ -36,14 +36,12 @@ class UserScores:
     hidden: np.ndarray | None  # hidden state after the user's last event
 
 
-def _rows(
-    model: LoadedModel, user: UserBatch
-) -> tuple[np.ndarray, np.ndarray | list[tuple], int, np.ndarray | None, int]:
+def _rows(model: LoadedModel, user: UserBatch) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None, int]:
     """(records of the row before the new ones, the new ones, context_len, h0, number of outputs to read at the end
     of the row)."""
     cfg = model.config
     if user.rescore_window is not None:
-        return user.rescore_window, [], 0, None, 1
+        return user.rescore_window, user.rescore_window[:0], 0, None, 1
     new, k, prior = user.new, len(user.new), user.prior
     ctx = cfg.context_len
     if cfg.arch == "gru" and (user.hidden is not None or len(prior) == 0):
@@ -69,7 +67,7 @@ def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device
         width = int(lengths.max())
         padded = np.zeros((len(idx), width), dtype=RECORD_DTYPE)  # right padding: causal models ignore it
         if n_new.any():
-            flat = _records([rows[i][1] for i in idx if len(rows[i][1])])
+            flat = concat_records([rows[i][1] for i in idx if len(rows[i][1])])
             row = np.repeat(np.arange(len(idx)), n_new)
             padded[row, np.repeat(n_prior, n_new) + _ranks(n_new)] = flat
         if n_prior.any():
@@ -89,13 +87,6 @@ def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device
         for j, (i, end) in enumerate(zip(idx, ends.tolist(), strict=True)):
             results[i] = UserScores(probs=probs[j, end - rows[i][4] : end], hidden=hidden[j])
     return results  # type: ignore[return-value]
-
-
-def _records(parts: list[np.ndarray | list[tuple]]) -> np.ndarray:
-    """Record arrays and lists of record tuples, end to end, as one record array (the engine passes arrays: the
-    window's own tail, already packed; converting tuples costs about a microsecond a record)."""
-    arrays = [p if isinstance(p, np.ndarray) else np.array(p, dtype=RECORD_DTYPE) for p in parts]
-    return concat_records(arrays)
 
 
 def _ranks(counts: np.ndarray) -> np.ndarray:
