@@ -200,6 +200,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="seconds of profiling (default 30)")
     parser.add_argument("--rate-hz", type=int, default=200, help="py-spy samples per second (default 200)")
     parser.add_argument("--variant", help="profile a proposed engine change (load_tests/variants.py)")
+    parser.add_argument(
+        "--suggestions",
+        choices=("on", "off"),
+        default="off",
+        help="item suggestions in the intent events (on: an item model trained on the traffic's template, as the "
+        "load test's; default off)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -212,9 +219,10 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if shutil.which("py-spy") is None:
         raise SystemExit("load_tests profile: py-spy not found (pip install py-spy)")
-    run = Run(Config(out=out))
+    run = Run(Config(out=out, suggestions=[args.suggestions]))
     started_broker = run.ensure_broker()
     run.ensure_model()
+    run.ensure_items(Traffic(users=args.users))
     s = run.settings("profile", f"{run.tag}-profile-in")
     worker = None
     try:
@@ -250,6 +258,7 @@ def main(args: argparse.Namespace) -> int:
             "backlog_ran_out": after >= sent,
             "load_avg": [round(x, 2) for x in os.getloadavg()],
             "variant": args.variant,
+            "suggestions": args.suggestions,
         }
         (out / "profile_summary.json").write_bytes(orjson.dumps({**meta, **summary}, option=orjson.OPT_INDENT_2))
         (out / "profile_summary.md").write_text(markdown(summary, meta))
