@@ -333,8 +333,9 @@ def intent_record(
     """Purchase-intent event. ``latency_ms``: from the input record's broker timestamp to scoring.
     ``order_value_if_purchase``: the model's predicted value of the purchase, should one come; the event carries it
     and ``expected_order_value``, the expectation: purchase probability x that value. ``suggestions``: (item_id,
-    score, reason) triples (models.items.Suggestion; not imported: that module imports this one), or their JSON as
-    ``suggestions_fragment`` made it (what the engine passes), None for null."""
+    score, reason) triples (models.items.Suggestion; not imported: that module imports this one), or their JSON
+    list pasted from ``suggestion_head``, ``float_texts`` and ``suggestion_tail`` (what the engine passes), None for
+    null."""
     return orjson.dumps(
         {
             "schema": SCHEMA_VERSION,
@@ -365,24 +366,19 @@ def intent_record(
 # byte what intent_record writes for (item_id, score, reason) triples: {"item_id":…,"score":…,"reason":…}.
 
 
-def suggestion_head(item_id: str) -> bytes:
-    """A suggestion's JSON up to its score."""
-    return b'{"item_id":' + orjson.dumps(item_id) + b',"score":'
+def suggestion_head(item_id: str, first: bool) -> bytes:
+    """A suggestion's JSON up to its score; the first of a list opens the list."""
+    return (b'[{"item_id":' if first else b'{"item_id":') + orjson.dumps(item_id) + b',"score":'
 
 
-def suggestion_tail(reason: str) -> bytes:
-    """A suggestion's JSON after its score."""
-    return b',"reason":' + orjson.dumps(reason) + b"}"
+def suggestion_tail(reason: str, last: bool) -> bytes:
+    """A suggestion's JSON after its score; the last of a list closes the list, the others are followed by a comma."""
+    return b',"reason":' + orjson.dumps(reason) + (b"}]" if last else b"},")
 
 
 def float_texts(values: list[float]) -> list[bytes]:
     """Each float as orjson writes it, in one call (a float's text holds no comma)."""
     return orjson.dumps(values)[1:-1].split(b",") if values else []
-
-
-def suggestions_fragment(parts: Sequence[bytes]) -> orjson.Fragment:
-    """The ``suggestions`` list of one intent event from its suggestions' JSON (head + score + tail)."""
-    return orjson.Fragment(b"[" + b",".join(parts) + b"]")
 
 
 def churn_record(

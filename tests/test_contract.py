@@ -599,11 +599,11 @@ def test_pasted_suggestions_are_what_intent_record_writes_for_the_triples(triple
     """The engine pastes each suggestion's JSON from pieces (models.items.suggest_json): byte for byte the record
     that intent_record writes from (item_id, score, reason) triples."""
     scores = contract.float_texts([sc for _, sc, _ in triples])
-    parts = [
-        contract.suggestion_head(i) + text + contract.suggestion_tail(r)
-        for (i, _, r), text in zip(triples, scores, strict=True)
-    ]
-    pasted = intent_record(**(INTENT_BASE | {"suggestions": contract.suggestions_fragment(parts)}))
+    text = b"".join(
+        contract.suggestion_head(i, at == 0) + score + contract.suggestion_tail(r, at == len(triples) - 1)
+        for at, ((i, _, r), score) in enumerate(zip(triples, scores, strict=True))
+    )
+    pasted = intent_record(**(INTENT_BASE | {"suggestions": orjson.Fragment(text or b"[]")}))
     assert pasted == intent_record(**(INTENT_BASE | {"suggestions": triples}))
 
 
