@@ -168,6 +168,46 @@ def gc_log() -> None:
     gc.callbacks.append(callback)
 
 
+def step_times() -> None:
+    """Log, every 200 batches, the worker thread's CPU time per event in ``Engine.process`` and in its steps
+    (prepare, score, finish and the suggestions' lookup within finish), and per event outside the engine
+    (``event=step_times``): where a setting's cost lands in the worker, which a benchmark outside it may not show."""
+    import logging
+    import time
+
+    from stream import engine
+
+    log = logging.getLogger("intentstream.steps")
+    spent = dict.fromkeys(("prepare", "score", "finish", "suggestions", "process"), 0.0)
+    seen = {"batches": 0, "events": 0, "since": time.thread_time()}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.thread_time() - started
+
+        return wrapper
+
+    for name in ("prepare", "score", "finish", "_suggestions"):
+        setattr(engine.Engine, name, timed(name.strip("_"), getattr(engine.Engine, name)))
+    process = timed("process", engine.Engine.process)
+
+    def counted(self: Any, records: Any, *args: Any, **kwargs: Any) -> Any:
+        out = process(self, records, *args, **kwargs)
+        seen["batches"] += 1
+        seen["events"] += len(records)
+        if seen["batches"] % 200 == 0:
+            n, thread = seen["events"], time.thread_time() - seen["since"]
+            per = " ".join(f"{k}_us={v / n * 1e6:.1f}" for k, v in spent.items())
+            log.warning("event=step_times events=%d %s thread_us=%.1f", n, per, thread / n * 1e6)
+        return out
+
+    engine.Engine.process = counted  # type: ignore[method-assign]
+
+
 def gc_freeze() -> None:
     """``gc.freeze()`` once the first batch is processed (imports, the app and the restored tables are in place):
     what existed then leaves the cyclic collector's generations, so a full collection no longer walks it. Logs
@@ -265,6 +305,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "fetch-wait-1500": fetch_wait(1500),
     "reasons-lists": reasons_lists,
     "gc-log": gc_log,
+    "step-times": step_times,
     "gc-freeze": gc_freeze,
     "items-before": items_before,
     "suggest-per-user": suggest_per_user,
