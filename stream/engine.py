@@ -326,7 +326,7 @@ class Engine:
         self, items: ItemModel | None, windows: list[np.ndarray], ends: list[list[int]]
     ) -> list[orjson.Fragment | None]:
         """The suggestions of every emitted intent event as their JSON, in one lookup for the batch. Only emitted
-        events are looked up (under on_change a share of the scored ones): about 5-7 us of CPU an event under
+        events are looked up (under on_change a share of the scored ones): about 6-11 us of CPU an event under
         every_event, against 40-60 us for all else an event costs the engine (docs/training.md). Each event's
         window ends at that event, like its reasons, so what it suggests does not depend on how records were cut
         into batches."""
