@@ -260,7 +260,11 @@ def as_flat(suggest: Callable[..., Any]) -> Callable[..., Any]:
     ``suggest_json``: the windows laid end to end, cut apart again (a few microseconds a batch, charged to the older
     lookup). It returns Suggestion lists, which ``contract.intent_record`` encodes as it did then."""
 
-    def suggest_flat(model: Any, codes: Any, types: Any, times: Any, lengths: Any, k: Any = None, config: Any = None):
+    def suggest_flat(
+        model: Any, codes: Any, types: Any, times: Any, lengths: Any, k: Any = None, config: Any = None, at: Any = None
+    ):
+        if at is not None:  # the windows as positions into the batch's windows: gathered, as the engine did then
+            codes, types, times = codes[at], types[at], times[at]
         cut = np.cumsum(lengths)[:-1]
         return suggest(model, np.split(codes, cut), np.split(types, cut), np.split(times, cut), k=k, config=config)
 

@@ -178,7 +178,9 @@ class LookupTables:
     - ``index_of``: the crc32 codes' item indices through a direct-mapped table of 2^b slots (at least 8 per item)
       keyed by the codes' low bits, since crc32 spreads them evenly: a slot of one item answers with a compare,
       the few codes whose slot holds several items go to the binary search (``ItemModel.index_of``).
-    - ``neighbours``/``weights``: each item's best ``neighbours`` as rows of a dense block, padded with similarity 0.
+    - ``start``/``count``/``neighbours``/``weights``: each item's best ``count`` neighbours (at most ``neighbours``)
+      from ``start`` on, as the artifact keeps them (a dense block padded to ``neighbours`` was slower: most items
+      have fewer, and the padding went through every step before it was dropped).
     - ``ids``/``together``: the item ids and the reasons, as object arrays (one gather, then ``tolist``).
     - ``popular``: the fallback items, most popular first, each once.
     - ``decay``: factor ** count from a table of powers (the same values as ``factor ** count``)."""
@@ -195,13 +197,10 @@ class LookupTables:
         self.slots = np.full(size, n, dtype=np.int64)  # n: no item there, n + 1: several (binary search)
         self.slots[slot] = np.where(per_slot[slot] == 1, reachable, n + 1)
         self.codes = np.r_[model.codes.astype(np.int64), -1, -1]  # [n], [n + 1]: equal to no code
-        count = np.minimum(np.diff(model.indptr), neighbours) if n else np.zeros(0, np.int64)
-        width = int(count.max()) if n else 0
-        at = np.arange(width)
-        has = at < count[:, None]
-        pos = np.where(has, model.indptr[:-1, None] + at, 0)
-        self.neighbours = np.where(has, model.neighbours[pos] if len(model.neighbours) else 0, 0).astype(np.int64)
-        self.weights = np.where(has, model.weights[pos] if len(model.weights) else 0, 0).astype(np.float32)
+        self.count = np.minimum(np.diff(model.indptr), neighbours).astype(np.int64)
+        self.start = model.indptr[:-1].astype(np.int64)
+        self.neighbours = model.neighbours.astype(np.int64)
+        self.weights = model.weights.astype(np.float32)
         self.ids = np.array(model.item_ids, dtype=object)
         self.together = np.array(model.together, dtype=object)
         _, first = np.unique(model.popular, return_index=True)
@@ -264,7 +263,7 @@ def suggest(
     popular ones after them (``fallback``); None where there is nothing to suggest at all.
 
     How it is kept cheap (docs/training.md, "Lookup speed"): the crc32 codes are looked up in a hash table built
-    once per model, the neighbour table is read as a dense [items, neighbours] block, both groupings (the window's
+    once per model, each window item's neighbours are gathered from the artifact's rows in one pass, both groupings (the window's
     items per user, the candidates per user) are one sort of an int64 that carries the position in its low bits
     (a stable order without a stable sort), and the top k per user are sorted only among the candidates at or above
     each user's k-th best score. tests/test_items_reference.py holds it to the straightforward implementation."""
@@ -308,13 +307,18 @@ def suggest_json(
     lengths: np.ndarray,
     k: int | None = None,
     config: ItemConfig | None = None,
+    at: np.ndarray | None = None,
 ) -> list[orjson.Fragment | None]:
     """``suggest_flat``'s suggestions as the intent event's ``suggestions`` JSON, ready to embed: what the engine
     serves. Each suggestion is pasted from its item's JSON head, its score as orjson writes floats and its reason's
     JSON tail (stream.contract; the first head opens the list, the last tail closes it), byte for byte what
     ``intent_record`` writes for the same Suggestion tuples. The whole batch's text is one join, cut per event:
-    about a fifth of the instructions of building the tuples, their dicts and encoding them."""
-    found = _lookup(model, codes, types, times, lengths, k, config)
+    about a fifth of the instructions of building the tuples, their dicts and encoding them.
+
+    ``at``: the windows' records as positions into ``codes``, ``types`` and ``times``, laid end to end (None: those
+    arrays are the windows end to end). The windows of one user's events in a batch share most of their records:
+    given once, each record's item is looked up once, not once for every window it is in."""
+    found = _lookup(model, codes, types, times, lengths, k, config, at)
     t, counts = found.tables, found.counts
     m = len(found.item)
     if m == 0:
@@ -358,6 +362,7 @@ def _lookup(
     lengths: np.ndarray,
     k: int | None,
     config: ItemConfig | None,
+    at: np.ndarray | None = None,
 ) -> _Found:
     config = config or model.config
     k = config.k if k is None else k
@@ -370,6 +375,9 @@ def _lookup(
     lengths = np.asarray(lengths, dtype=np.int64)
     codes = np.asarray(codes, dtype=np.uint32)
     times = np.asarray(times, dtype=np.int64)
+    idx = tables.index_of(codes)
+    if at is not None:
+        idx, codes, types, times = idx[at], codes[at], np.asarray(types)[at], times[at]
     user = np.repeat(np.arange(b, dtype=np.int64), lengths)
     ends = np.cumsum(lengths)
     filled = lengths > 0
@@ -384,7 +392,6 @@ def _lookup(
     base = config.type_weights()[types] * np.exp2(-age_s / config.half_life_s)
     w = base * tables.decay(config.position_decay, after)
     w_self = base * config.self_weight * tables.decay(config.self_decay, after)
-    idx = tables.index_of(codes)
     known = idx >= 0
     bought_at = known & (types == PURCHASE)
     bought = np.sort(user[bought_at] * n + idx[bought_at])
@@ -402,14 +409,19 @@ def _lookup(
     head = order[first]
     src_user, src = user[keep[head]], idx[keep[head]]
     # expand through the neighbour table: far back in a long window, an item is still a candidate itself, not a
-    # source (rows shorter than ``neighbours`` are padded with similarity 0, which the contrib > 0 below drops)
+    # source
     rows = np.flatnonzero(src_w >= config.min_weight)
-    nb = tables.neighbours.shape[1]
-    cand = np.concatenate([tables.neighbours[src[rows]].ravel(), src])
-    contrib = np.concatenate([(src_w[rows, None] * tables.weights[src[rows]]).ravel(), src_self])
-    from_row = np.concatenate([np.repeat(rows, nb), np.arange(n_src)])
-    ok = np.flatnonzero(contrib > 0)
-    cand, contrib, from_row = cand[ok], contrib[ok], from_row[ok]
+    via_item = src[rows]
+    count = tables.count[via_item]
+    offsets = np.cumsum(count) - count
+    pos = np.repeat(tables.start[via_item] - offsets, count) + np.arange(int(count.sum()))
+    cand = np.concatenate([tables.neighbours[pos], src])
+    contrib = np.concatenate([np.repeat(src_w[rows], count) * tables.weights[pos], src_self])
+    from_row = np.concatenate([np.repeat(rows, count), np.arange(n_src)])
+    positive = contrib > 0
+    if not positive.all():  # a similarity of 0 stored, or self_weight 0
+        ok = np.flatnonzero(positive)
+        cand, contrib, from_row = cand[ok], contrib[ok], from_row[ok]
     cand_user = src_user[from_row]
     # per (user, item): the sum, in key order (the row that contributed most is found below, for the top k only)
     order, key = _stable_order(cand_user * n + cand, b * n)
@@ -463,10 +475,10 @@ def _lookup(
         fill_user, fill = _popular_fill(tables, counts, k, bought, items, made_user, n)
         if len(fill_user):
             # each user's own suggestions, then its popular ones: one stable order of user x 2 (+ 1 for the fill)
-            at = np.argsort(np.r_[made_user * 2, fill_user * 2 + 1], kind="stable")
-            items = np.r_[items, tables.popular[fill]][at]
-            scores = np.r_[scores, np.zeros(len(fill))][at]
-            reason = np.r_[reason, np.full(len(fill), tables.n + 1)][at]
+            at = np.argsort(np.concatenate([made_user * 2, fill_user * 2 + 1]), kind="stable")
+            items = np.concatenate([items, tables.popular[fill]])[at]
+            scores = np.concatenate([scores, np.zeros(len(fill))])[at]
+            reason = np.concatenate([reason, np.full(len(fill), tables.n + 1)])[at]
             counts = counts + np.bincount(fill_user, minlength=b)
     return _Found(tables, items, scores, reason, counts)
 
@@ -485,11 +497,15 @@ def _popular_fill(
     short = np.flatnonzero(counts < k)
     if not len(short):
         return short, short
+    is_short = np.zeros(len(counts), dtype=bool)
+    is_short[short] = True  # only the short users' items are in the way (most users are not short)
     bought_user = bought // n
-    most = int(np.bincount(bought_user).max()) if len(bought) else 0
+    bought = bought[is_short[bought_user]]
+    most = int(np.bincount(bought_user[is_short[bought_user]]).max()) if len(bought) else 0
     popular = tables.popular[: 2 * k + most]  # a user skips at most k - 1 taken and the items it bought
     keys = short[:, None] * n + popular
-    have = np.sort(np.r_[bought, item_user * n + items])
+    mine = is_short[item_user]
+    have = np.sort(np.concatenate([bought, item_user[mine] * n + items[mine]]))
     at = np.minimum(np.searchsorted(have, keys), max(len(have) - 1, 0))
     free = have[at] != keys if len(have) else np.ones(keys.shape, dtype=bool)
     free &= np.cumsum(free, axis=1) <= (k - counts[short])[:, None]

@@ -334,14 +334,15 @@ class Engine:
             return [None] * sum(map(len, ends))
         if not windows:
             return []
-        # every event's window, laid end to end: one gather from the batch's windows, not a slice per event
+        # the batch's windows end to end, and every event's window as positions into them (a user's events share
+        # their window's records: each is looked up once)
         stacked = np.frombuffer(b"".join([w.tobytes() for w in windows]), windows[0].dtype)  # 70x np.concatenate's
         window_start = np.cumsum([0, *map(len, windows[:-1])])
         lengths = np.fromiter(chain.from_iterable(ends), np.int64)
         first = np.repeat(window_start, list(map(len, ends)))
         at = np.repeat(first - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
-        item, kind, ts = stacked["item"][at], stacked["type"][at], stacked["ts"][at]
-        return suggest_json(items, item, kind, ts, lengths, self.settings.suggestions_k)
+        item, kind, ts = stacked["item"], stacked["type"], stacked["ts"]
+        return suggest_json(items, item, kind, ts, lengths, self.settings.suggestions_k, at=at)
 
     def _maybe_alert(
         self, result: BatchResult, model: LoadedModel, uid: str, st: UserState, last_ts: int, risk: float, rec: InRecord

@@ -129,7 +129,16 @@ def json_of(model: ItemModel, item_codes: Seq, type_codes: Seq, ts: Seq, **kw) -
         np.concatenate([np.asarray(a) for a in x]) if len(x) else np.zeros(0, np.int64)
         for x in (item_codes, type_codes, ts)
     ]
-    return [None if f is None else orjson.dumps(f) for f in suggest_json(model, *flat, lengths, **kw)]
+    served = [None if f is None else orjson.dumps(f) for f in suggest_json(model, *flat, lengths, **kw)]
+    # the same windows given as positions into other arrays (the engine's batch windows, shared by a user's events):
+    # the records reversed, behind records no window uses
+    m = len(flat[0])
+    spare = [np.zeros(3, a.dtype) for a in flat]
+    stacked = [np.concatenate([pad, a[::-1]]) for pad, a in zip(spare, flat, strict=True)]
+    at = 3 + (m - 1 - np.arange(m))
+    shared = suggest_json(model, *stacked, lengths, at=at, **kw)
+    assert [None if f is None else orjson.dumps(f) for f in shared] == served
+    return served
 
 
 def as_json(out: Out) -> list[bytes | None]:
