@@ -200,7 +200,7 @@ class LookupTables:
         self.count = np.minimum(np.diff(model.indptr), neighbours).astype(np.int64)
         self.start = model.indptr[:-1].astype(np.int64)
         self.neighbours = model.neighbours.astype(np.int64)
-        self.weights = model.weights.astype(np.float32)
+        self.weights = np.asarray(model.weights, dtype=np.float32)
         self.ids = np.array(model.item_ids, dtype=object)
         self.together = np.array(model.together, dtype=object)
         _, first = np.unique(model.popular, return_index=True)
@@ -263,10 +263,11 @@ def suggest(
     popular ones after them (``fallback``); None where there is nothing to suggest at all.
 
     How it is kept cheap (docs/training.md, "Lookup speed"): the crc32 codes are looked up in a hash table built
-    once per model, each window item's neighbours are gathered from the artifact's rows in one pass, both groupings (the window's
-    items per user, the candidates per user) are one sort of an int64 that carries the position in its low bits
-    (a stable order without a stable sort), and the top k per user are sorted only among the candidates at or above
-    each user's k-th best score. tests/test_items_reference.py holds it to the straightforward implementation."""
+    once per model, each window item's neighbours are gathered from the artifact's rows in one pass, both groupings
+    (the window's items per user, the candidates per user) are one sort of an int64 that carries the position in its
+    low bits (a stable order without a stable sort), and the top k per user are sorted only among the candidates at
+    or above each user's k-th best score. tests/test_items_reference.py holds it to the straightforward
+    implementation."""
     b = len(item_codes)
     if b == 0:
         return []
@@ -413,8 +414,7 @@ def _lookup(
     rows = np.flatnonzero(src_w >= config.min_weight)
     via_item = src[rows]
     count = tables.count[via_item]
-    offsets = np.cumsum(count) - count
-    pos = np.repeat(tables.start[via_item] - offsets, count) + np.arange(int(count.sum()))
+    pos = ranges(tables.start[via_item], count)
     cand = np.concatenate([tables.neighbours[pos], src])
     contrib = np.concatenate([np.repeat(src_w[rows], count) * tables.weights[pos], src_self])
     from_row = np.concatenate([np.repeat(rows, count), np.arange(n_src)])
@@ -462,7 +462,7 @@ def _lookup(
     # the row that contributed most to each suggestion: the first of the largest in its group's rows
     size = np.append(starts_g[1:], len(key))[group] - first
     offsets = np.cumsum(size) - size
-    rows = np.repeat(first - offsets, size) + np.arange(int(size.sum()))
+    rows = ranges(first, size)
     values = contrib[rows]
     is_best = np.flatnonzero(values == np.repeat(np.maximum.reduceat(values, offsets), size)) if len(rows) else rows
     in_group = np.repeat(np.arange(len(group)), size)[is_best]
@@ -499,9 +499,8 @@ def _popular_fill(
         return short, short
     is_short = np.zeros(len(counts), dtype=bool)
     is_short[short] = True  # only the short users' items are in the way (most users are not short)
-    bought_user = bought // n
-    bought = bought[is_short[bought_user]]
-    most = int(np.bincount(bought_user[is_short[bought_user]]).max()) if len(bought) else 0
+    bought = bought[is_short[bought // n]]
+    most = int(np.bincount(bought // n).max()) if len(bought) else 0
     popular = tables.popular[: 2 * k + most]  # a user skips at most k - 1 taken and the items it bought
     keys = short[:, None] * n + popular
     mine = is_short[item_user]
@@ -511,6 +510,11 @@ def _popular_fill(
     free &= np.cumsum(free, axis=1) <= (k - counts[short])[:, None]
     row, col = np.nonzero(free)
     return short[row], col
+
+
+def ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """The ranges [start[i], start[i] + count[i]) one after another, as one int64 array (one gather for all)."""
+    return np.repeat(start - (np.cumsum(count) - count), count) + np.arange(int(count.sum()))
 
 
 def _starts(a: np.ndarray) -> np.ndarray:

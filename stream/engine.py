@@ -21,7 +21,7 @@ import torch
 
 from models.artifact import LoadedModel
 from models.features import RECORD_DTYPE, session_deadline
-from models.items import ItemModel, suggest_json
+from models.items import ItemModel, ranges, suggest_json
 from stream import contract, emit
 from stream.churn import PartitionSessions
 from stream.contract import Event
@@ -340,7 +340,7 @@ class Engine:
         window_start = np.cumsum([0, *map(len, windows[:-1])])
         lengths = np.fromiter(chain.from_iterable(ends), np.int64)
         first = np.repeat(window_start, list(map(len, ends)))
-        at = np.repeat(first - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+        at = ranges(first, lengths)
         item, kind, ts = stacked["item"], stacked["type"], stacked["ts"]
         return suggest_json(items, item, kind, ts, lengths, self.settings.suggestions_k, at=at)
 
