@@ -18,6 +18,7 @@ import shutil
 import threading
 import time
 import urllib.parse
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,7 +28,7 @@ from aiokafka import TopicPartition
 
 from models.artifact import resolve_device
 from stream import compat, hot_swap, metrics
-from stream.delivery import Delivery, DeliveryError
+from stream.delivery import Delivery, DeliveryError, commit_at_least_once
 from stream.engine import Engine, InRecord
 from stream.hot_swap import NoModelError, load_model
 from stream.ingest import InputQueue, admit
@@ -202,8 +203,18 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
             return blob
         return compat.partition_db(users, rec.partition).get(user_id.encode())
 
+    commit_lock = asyncio.Lock()  # one commit at a time (at-least-once waits for its acknowledgements unlocked)
+
     def wrap_commit(commit: Any) -> Any:
         async def guarded_commit(*args: Any, **kwargs: Any) -> bool:
+            if not exactly_once:
+                async with commit_lock:
+                    try:
+                        return await commit_at_least_once(
+                            delivery, offsets, batch_lock, partial(commit, *args, **kwargs)
+                        )
+                    except DeliveryError as exc:  # a state in RocksDB but not in its changelog: not committable
+                        exit_without_commit("changelog_failed", exc.__cause__)
             async with batch_lock:
                 try:
                     await delivery.flush()
@@ -212,8 +223,6 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                 try:
                     return bool(await commit(*args, **kwargs))
                 except Exception as exc:
-                    if not exactly_once:
-                        raise
                     # The transaction is aborted while RocksDB holds its states, and a clean stop would commit the
                     # offsets in a new one: only a restart (empty store, changelog replayed) is safe.
                     exit_without_commit("commit_failed", exc)

@@ -10,9 +10,13 @@ The checkpoint of a batch, step by step (docs/reliability.md):
 Steps 2 to 4 of a batch run once its outputs are acknowledged, which is after the next batch has been scored
 (``start_batch``): the broker's round trip overlaps the next batch's work. Meanwhile the next batch reads the
 states of the batch in flight from memory (``inflight_states``), never from RocksDB.
-And the commit (every ``broker_commit_interval``, at a revocation, at the stop), under the same lock:
+And the commit (every ``broker_commit_interval``, at a revocation, at the stop):
 5. The queued changelog records are sent and acknowledged.
 6. The offsets are committed: at-least-once by the consumer, exactly-once in the partitions' transactions.
+Exactly-once runs 5 and 6 under the batch lock: a batch's outputs must not enter a transaction that commits
+offsets before them. At-least-once takes the lock only to take 5's records and fix the offsets the commit may cover
+(``commit_at_least_once``); the sends, acknowledgements and 6 are awaited with the lock released, so batches go on
+meanwhile.
 
 At-least-once: a crash before 6 replays the batch against states that may already hold it (its events are then
 duplicates, and their outputs were acknowledged in 1). A state in RocksDB never holds an event whose output is
@@ -24,13 +28,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from stream import compat
 from stream.engine import BatchResult, Output
+from stream.offsets import InputOffsets
 from stream.settings import Settings
 
 # Changelog records held back for the next commit; past this many users they go out at once (memory bound).
@@ -62,6 +67,7 @@ class Delivery:
     unacked: set[asyncio.Future] = field(default_factory=set)  # at-least-once: changelog sent, not acknowledged
     inflight: InFlight | None = None
     inflight_states: dict[str, bytes] = field(default_factory=dict)  # user -> state of the batch in flight
+    changelog_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held while changelog records are sent
     before_write: Callable[[], None] | None = None  # called between the acknowledgements and the state writes
     on_written: Callable[[dict[int, int]], None] | None = None  # a batch's input offsets, once written
 
@@ -153,19 +159,30 @@ class Delivery:
         return batch.offsets
 
     async def send_changelog(self) -> list[Any]:
-        """Step 5, first half: send the queued changelog records; returns their delivery futures. They wait in
-        memory for up to a commit interval: a worker that was frozen meanwhile (and whose partitions another
-        worker may own by now) must not send them, or the changelog would go back in time for those users
-        (``before_write`` ends the worker then; under at-least-once nothing else fences it)."""
+        """Step 5, first half: send the queued changelog records; returns their delivery futures."""
+        async with self.changelog_lock:
+            return await self.send_taken(self.take_changelog())
+
+    def take_changelog(self) -> dict[int, dict[bytes, bytes]]:
+        """The queued changelog records, taken out of the queue to be sent (by ``send_taken``, holding
+        ``changelog_lock`` from before they are taken: a user's states must reach the changelog in the order they
+        were written). They wait in memory for up to a commit interval: a worker that was frozen meanwhile (and whose
+        partitions another worker may own by now) must not send them, or the changelog would go back in time for
+        those users (``before_write`` ends the worker then; under at-least-once nothing else fences it)."""
         if self.before_write is not None and any(self.pending.values()):
             self.before_write()
+        taken = {partition: states for partition, states in self.pending.items() if states}
+        for partition in taken:
+            self.pending[partition] = {}
+        return taken
+
+    async def send_taken(self, taken: dict[int, dict[bytes, bytes]]) -> list[Any]:
+        """Hand taken changelog records to the producer; returns their delivery futures. aiokafka holds one record
+        batch per partition until the one before it is sent, so this awaits network round trips."""
         if not self.changelog_topic:
             self.changelog_topic = self.table.changelog_topic.get_topic_name()
         futures = []
-        for partition, states in list(self.pending.items()):
-            if not states:
-                continue
-            self.pending[partition] = {}
+        for partition, states in taken.items():
             for fut, n in await self.send(self.changelog_topic, partition, states.items()):
                 if not self.exactly_once:  # exactly-once: the store is rebuilt from the changelog at every start
                     fut.add_done_callback(partial(self._persisted, n))
@@ -196,3 +213,32 @@ class Delivery:
         """Revoked partitions: their queued changelog records are not ours to send any more."""
         for partition in partitions:
             self.pending.pop(partition, None)
+
+
+async def commit_at_least_once(
+    delivery: Delivery, offsets: InputOffsets, batch_lock: asyncio.Lock, commit: Callable[[], Awaitable[bool]]
+) -> bool:
+    """Steps 5 and 6 under at-least-once. ``batch_lock`` is held only to take the queued changelog records and fix
+    the offsets the commit covers (those of the batches written so far, whose states are among the records taken or
+    were sent before); sending them, their acknowledgements and the commit are awaited with it released, so batches
+    are scored meanwhile (holding it stalled the scoring loop 30-80 ms every second: docs/performance.md), and a
+    batch written meanwhile is left to the next commit. Callers serialise commits. Raises DeliveryError when a
+    changelog record is not acknowledged (nothing is committed then)."""
+    async with batch_lock:
+        taken = delivery.take_changelog()
+        earlier = list(delivery.unacked)
+        upto = dict(offsets.done)
+        await delivery.changelog_lock.acquire()  # free: changelog records are sent under batch_lock or by commits
+    try:
+        try:
+            sent = await delivery.send_taken(taken)
+        finally:
+            delivery.changelog_lock.release()
+        await asyncio.gather(*earlier, *sent)
+    except Exception as exc:
+        raise DeliveryError(str(exc)) from exc
+    offsets.pinned = upto
+    try:
+        return await commit()
+    finally:
+        offsets.pinned = None

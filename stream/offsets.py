@@ -46,6 +46,8 @@ class InputOffsets:
     read_committed: bool
     next: dict[int, int] = field(default_factory=dict)  # partition -> next offset to admit
     done: dict[int, int] = field(default_factory=dict)  # partition -> offset after the last record written
+    # At-least-once: while a commit is under way, what it may cover (``done`` when its changelog was sent)
+    pinned: dict[int, int] | None = None
     _sought: dict[int, tuple[int, float]] = field(default_factory=dict)  # partition -> (offset, monotonic time)
     _client: Any = None
 
@@ -156,14 +158,16 @@ class InputOffsets:
 
     def committable(self, tps: Any, committed: Any) -> dict[Any, int]:
         """Offsets to commit for the input partitions among ``tps`` (Faust TPs): the offset after the last written
-        record, where it moved past what ``committed`` (Faust's last committed offsets) holds."""
+        record (as of ``pinned``, while a commit is pinned), where it moved past what ``committed`` (Faust's last
+        committed offsets) holds."""
+        done = self.done if self.pinned is None else self.pinned
         out = {}
         for tp in tps:
-            if tp.topic != self.settings.topic_clickstream or tp.partition not in self.done:
+            if tp.topic != self.settings.topic_clickstream or tp.partition not in done:
                 continue
-            nxt = self.done[tp.partition]
-            done = committed.get(tp)
-            if done is None or nxt > done:
+            nxt = done[tp.partition]
+            last = committed.get(tp)
+            if last is None or nxt > last:
                 # aiokafka's commits refuse Faust's TP tuples (equal and of equal hash, but not its class)
                 out[TopicPartition(tp.topic, tp.partition)] = nxt
         return out

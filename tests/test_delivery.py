@@ -1,0 +1,173 @@
+"""The at-least-once commit of stream/delivery.py, with a fake producer whose acknowledgements the test gives: the
+batch lock is free while the commit waits for its changelog, batches written meanwhile are not in the offsets it
+commits, and a changelog record that fails commits nothing. (The whole protocol against the real broker, crashes
+included: tests/test_worker.py and tests/test_chaos.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from faust.types import TP
+
+from stream.delivery import Delivery, DeliveryError, commit_at_least_once
+from stream.engine import BatchResult, InRecord, Output
+from stream.offsets import InputOffsets
+from stream.settings import Settings
+
+
+class FakeBatch:
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes | None, bytes]] = []
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: None) -> int:
+        self.records.append((key, value))
+        return len(self.records)
+
+
+class FakeProducer:
+    """aiokafka's batch API; every sent batch waits for the test to acknowledge it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, list[tuple[bytes | None, bytes]], asyncio.Future]] = []
+
+    def _ensure_producer(self) -> FakeProducer:
+        return self
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> asyncio.Future:
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.sent.append((topic, partition, batch.records, fut))
+        return fut
+
+    def acknowledge(self, topic: str) -> int:
+        n = 0
+        for t, partition, _records, fut in self.sent:
+            if t == topic and not fut.done():
+                fut.set_result(type("Meta", (), {"topic_partition": TP(t, partition), "offset": 0})())
+                n += 1
+        return n
+
+    def fail(self, topic: str) -> None:
+        for t, _, _, fut in self.sent:
+            if t == topic and not fut.done():
+                fut.set_exception(RuntimeError("broker gone"))
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self._key_index: dict[bytes, int] = {}
+        self.written: list[tuple[int, Any]] = []
+        self.persisted: dict[Any, int] = {}
+
+    def _db_for_partition(self, partition: int) -> Any:
+        store = self
+
+        class Db:
+            def write(self, batch: Any) -> None:
+                store.written.append((partition, batch))
+
+        return Db()
+
+    def set_persisted_offset(self, tp: Any, offset: int) -> None:
+        self.persisted[tp] = offset
+
+
+class FakeTable:
+    def __init__(self) -> None:
+        self.data = FakeStore()
+        self.changelog_topic = type("Topic", (), {"get_topic_name": lambda self: "users-changelog"})()
+
+
+def _batch(settings: Settings, offset: int, user: str) -> BatchResult:
+    rec = InRecord(user.encode(), b"{}", settings.topic_clickstream, 0, offset, 0)
+    result = BatchResult()
+    result.outputs.append(Output(settings.topic_intent, rec.key, b'{"intent":1}', rec))
+    result.states[user] = (f"state of {user} at {offset}".encode(), rec)
+    return result
+
+
+def _setup() -> tuple[Settings, FakeProducer, Delivery, InputOffsets]:
+    settings = Settings.from_env({})
+    producer = FakeProducer()
+    app = type("App", (), {"producer": producer})()
+    delivery = Delivery(app, FakeTable(), settings, exactly_once=False)
+    offsets = InputOffsets(settings, read_committed=False)
+    offsets.done[0] = 0
+    delivery.on_written = lambda last: [offsets.written(p, o) for p, o in last.items()]
+    return settings, producer, delivery, offsets
+
+
+def test_commit_waits_for_its_changelog_without_the_batch_lock_and_covers_only_what_it_waited_for():
+    async def scenario() -> None:
+        settings, producer, delivery, offsets = _setup()
+        lock = asyncio.Lock()
+        tp = TP(settings.topic_clickstream, 0)
+        committed: list[dict] = []
+
+        async def commit() -> bool:
+            committed.append(offsets.committable([tp], {}))
+            return True
+
+        async with lock:
+            await delivery.start_batch(_batch(settings, 9, "u1"), {0: 9})  # records up to offset 9
+        producer.acknowledge(settings.topic_intent)
+        async with lock:
+            await delivery.complete()  # written: u1's changelog record queued, offsets up to 9 committable
+            await delivery.start_batch(_batch(settings, 14, "u3"), {0: 14})  # in flight: its outputs not acknowledged
+        task = asyncio.ensure_future(commit_at_least_once(delivery, offsets, lock, commit))
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if any(t == "users-changelog" for t, *_ in producer.sent):
+                break
+        assert [r for t, _, r, _ in producer.sent if t == "users-changelog"] == [[(b"u1", b"state of u1 at 9")]]
+        assert not lock.locked() and not task.done()  # waiting for the changelog, the lock free for batches
+
+        producer.acknowledge(settings.topic_intent)
+        async with lock:  # batches written while the commit waits
+            await delivery.start_batch(_batch(settings, 19, "u2"), {0: 19})
+        producer.acknowledge(settings.topic_intent)
+        async with lock:
+            await delivery.complete()
+        assert offsets.done[0] == 20
+        assert producer.acknowledge("users-changelog") == 1
+        assert await task is True
+        # not 15 or 20: the states of those batches were written after the changelog records it waited for
+        assert committed == [{TopicPartition(settings.topic_clickstream, 0): 10}]
+        assert offsets.pinned is None
+        assert offsets.committable([tp], {}) == {TopicPartition(settings.topic_clickstream, 0): 20}
+        assert delivery.pending[0] == {b"u3": b"state of u3 at 14", b"u2": b"state of u2 at 19"}
+
+    asyncio.run(scenario())
+
+
+def test_a_changelog_record_that_fails_commits_nothing():
+    async def scenario() -> None:
+        settings, producer, delivery, offsets = _setup()
+        lock = asyncio.Lock()
+        commits: list[int] = []
+
+        async def commit() -> bool:
+            commits.append(1)
+            return True
+
+        async with lock:
+            await delivery.start_batch(_batch(settings, 4, "u1"), {0: 4})
+        producer.acknowledge(settings.topic_intent)
+        async with lock:
+            await delivery.complete()
+        task = asyncio.ensure_future(commit_at_least_once(delivery, offsets, lock, commit))
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if any(t == "users-changelog" for t, *_ in producer.sent):
+                break
+        producer.fail("users-changelog")
+        with pytest.raises(DeliveryError, match="broker gone"):
+            await task
+        assert commits == [] and offsets.pinned is None
+
+    asyncio.run(scenario())
