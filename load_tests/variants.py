@@ -103,6 +103,15 @@ def fetch_wait(ms: int) -> Callable[[], None]:
     return patch
 
 
+def commit_interval(seconds: float) -> Callable[[], None]:
+    """The worker with another ``INTENTSTREAM_COMMIT_INTERVAL_S`` (default 1 s; Quix Streams commits every 5 s)."""
+
+    def patch() -> None:
+        os.environ["INTENTSTREAM_COMMIT_INTERVAL_S"] = str(seconds)
+
+    return patch
+
+
 def reasons_lists() -> None:
     """stream.emit.intent_reasons on Python lists (one tolist() per column) instead of ~15 numpy calls on a
     64-record window: the same reasons (checked on random windows in docs/performance.md), 2.5x cheaper."""
@@ -307,6 +316,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "fetch-wait-20": fetch_wait(20),
     "fetch-wait-100": fetch_wait(100),
     "fetch-wait-1500": fetch_wait(1500),
+    "commit-5s": commit_interval(5.0),
     "reasons-lists": reasons_lists,
     "gc-log": gc_log,
     "step-times": step_times,

@@ -146,7 +146,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         # Records are bytes in and bytes out (orjson, the binary state codec); tables use these defaults.
         key_serializer="raw",
         value_serializer="raw",
-        broker_commit_interval=1.0,
+        broker_commit_interval=settings.commit_interval_s,
         producer_linger_ms=5,
         producer_max_batch_size=262_144,
         table_key_index_size=100_000,

@@ -110,6 +110,12 @@ class Settings:
     processing_guarantee: str = _f(
         "at_least_once", "Faust processing guarantee.", choices=("at_least_once", "exactly_once")
     )
+    commit_interval_s: float = _f(
+        1.0,
+        "Input offsets and the users' changelog records are committed this often: a crash replays at most this much "
+        "input, and exactly-once readers see outputs once their transaction commits.",
+        minimum=0.05,
+    )
     emit_policy: str = _f("on_change", "When to emit intent events.", choices=("on_change", "every_event"))
     emit_delta: float = _f(0.15, "on_change: emit when the score moved at least this much ...", minimum=0)
     emit_cooldown_s: float = _f(300.0, "... but at most once per user per this many seconds of event time.", minimum=0)
