@@ -112,6 +112,16 @@ def commit_interval(seconds: float) -> Callable[[], None]:
     return patch
 
 
+def batch_wait(ms: float) -> Callable[[], None]:
+    """The worker with another ``INTENTSTREAM_BATCH_MAX_MS`` (how long a batch waits for more fetches once its first
+    came; default 20): under paced traffic it is part of every event's latency; a backlog fills batches at once."""
+
+    def patch() -> None:
+        os.environ["INTENTSTREAM_BATCH_MAX_MS"] = str(ms)
+
+    return patch
+
+
 def reasons_lists() -> None:
     """stream.emit.intent_reasons on Python lists (one tolist() per column) instead of ~15 numpy calls on a
     64-record window: the same reasons (checked on random windows in docs/performance.md), 2.5x cheaper."""
@@ -317,6 +327,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "fetch-wait-100": fetch_wait(100),
     "fetch-wait-1500": fetch_wait(1500),
     "commit-5s": commit_interval(5.0),
+    "batch-wait-5": batch_wait(5.0),
     "reasons-lists": reasons_lists,
     "gc-log": gc_log,
     "step-times": step_times,
