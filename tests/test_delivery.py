@@ -171,3 +171,32 @@ def test_a_changelog_record_that_fails_commits_nothing():
         assert commits == [] and offsets.pinned is None
 
     asyncio.run(scenario())
+
+
+def test_a_batch_in_flight_whose_outputs_are_acknowledged_is_in_the_commit():
+    async def scenario() -> None:
+        settings, producer, delivery, offsets = _setup()
+        lock = asyncio.Lock()
+        tp = TP(settings.topic_clickstream, 0)
+        committed: list[dict] = []
+
+        async def commit() -> bool:
+            committed.append(offsets.committable([tp], {}))
+            return True
+
+        async with lock:
+            await delivery.start_batch(_batch(settings, 7, "u1"), {0: 7})
+        producer.acknowledge(settings.topic_intent)  # acknowledged, not yet written
+        task = asyncio.ensure_future(commit_at_least_once(delivery, offsets, lock, commit))
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if any(t == "users-changelog" for t, *_ in producer.sent):
+                break
+        assert delivery.inflight is None and [
+            k for t, _, r, _ in producer.sent for k, _ in r if t != settings.topic_intent
+        ] == [b"u1"]
+        producer.acknowledge("users-changelog")
+        assert await task is True
+        assert committed == [{TopicPartition(settings.topic_clickstream, 0): 8}]
+
+    asyncio.run(scenario())
