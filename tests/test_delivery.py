@@ -102,16 +102,30 @@ def _setup() -> tuple[Settings, FakeProducer, Delivery, InputOffsets]:
     return settings, producer, delivery, offsets
 
 
+class Recorder:
+    """A consumer commit that records the offsets it would commit."""
+
+    def __init__(self, settings: Settings, offsets: InputOffsets) -> None:
+        self.tp, self.offsets, self.committed = TP(settings.topic_clickstream, 0), offsets, []
+
+    async def __call__(self) -> bool:
+        self.committed.append(self.offsets.committable([self.tp], {}))
+        return True
+
+
+async def _until_changelog_sent(producer: FakeProducer) -> None:
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if any(t == "users-changelog" for t, *_ in producer.sent):
+            return
+
+
 def test_commit_waits_for_its_changelog_without_the_batch_lock_and_covers_only_what_it_waited_for():
     async def scenario() -> None:
         settings, producer, delivery, offsets = _setup()
         lock = asyncio.Lock()
-        tp = TP(settings.topic_clickstream, 0)
-        committed: list[dict] = []
-
-        async def commit() -> bool:
-            committed.append(offsets.committable([tp], {}))
-            return True
+        commit = Recorder(settings, offsets)
+        committed, tp = commit.committed, commit.tp
 
         async with lock:
             await delivery.start_batch(_batch(settings, 9, "u1"), {0: 9})  # records up to offset 9
@@ -120,10 +134,7 @@ def test_commit_waits_for_its_changelog_without_the_batch_lock_and_covers_only_w
             await delivery.complete()  # written: u1's changelog record queued, offsets up to 9 committable
             await delivery.start_batch(_batch(settings, 14, "u3"), {0: 14})  # in flight: its outputs not acknowledged
         task = asyncio.ensure_future(commit_at_least_once(delivery, offsets, lock, commit))
-        for _ in range(100):
-            await asyncio.sleep(0)
-            if any(t == "users-changelog" for t, *_ in producer.sent):
-                break
+        await _until_changelog_sent(producer)
         assert [r for t, _, r, _ in producer.sent if t == "users-changelog"] == [[(b"u1", b"state of u1 at 9")]]
         assert not lock.locked() and not task.done()  # waiting for the changelog, the lock free for batches
 
@@ -161,10 +172,7 @@ def test_a_changelog_record_that_fails_commits_nothing():
         async with lock:
             await delivery.complete()
         task = asyncio.ensure_future(commit_at_least_once(delivery, offsets, lock, commit))
-        for _ in range(100):
-            await asyncio.sleep(0)
-            if any(t == "users-changelog" for t, *_ in producer.sent):
-                break
+        await _until_changelog_sent(producer)
         producer.fail("users-changelog")
         with pytest.raises(DeliveryError, match="broker gone"):
             await task
@@ -177,21 +185,14 @@ def test_a_batch_in_flight_whose_outputs_are_acknowledged_is_in_the_commit():
     async def scenario() -> None:
         settings, producer, delivery, offsets = _setup()
         lock = asyncio.Lock()
-        tp = TP(settings.topic_clickstream, 0)
-        committed: list[dict] = []
-
-        async def commit() -> bool:
-            committed.append(offsets.committable([tp], {}))
-            return True
+        commit = Recorder(settings, offsets)
+        committed = commit.committed
 
         async with lock:
             await delivery.start_batch(_batch(settings, 7, "u1"), {0: 7})
         producer.acknowledge(settings.topic_intent)  # acknowledged, not yet written
         task = asyncio.ensure_future(commit_at_least_once(delivery, offsets, lock, commit))
-        for _ in range(100):
-            await asyncio.sleep(0)
-            if any(t == "users-changelog" for t, *_ in producer.sent):
-                break
+        await _until_changelog_sent(producer)
         assert delivery.inflight is None and [
             k for t, _, r, _ in producer.sent for k, _ in r if t != settings.topic_intent
         ] == [b"u1"]
