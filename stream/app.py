@@ -207,7 +207,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
 
     def wrap_commit(commit: Any) -> Any:
         async def guarded_commit(*args: Any, **kwargs: Any) -> bool:
-            if not exactly_once:
+            if not exactly_once and not app.consumer.should_stop:
                 async with commit_lock:
                     try:
                         return await commit_at_least_once(
@@ -215,6 +215,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                         )
                     except DeliveryError as exc:  # a state in RocksDB but not in its changelog: not committable
                         exit_without_commit("changelog_failed", exc.__cause__)
+            # Exactly-once, and a stopping worker's last commit: everything written, sent and acknowledged first.
             async with batch_lock:
                 try:
                     await delivery.flush()
@@ -223,6 +224,8 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                 try:
                     return bool(await commit(*args, **kwargs))
                 except Exception as exc:
+                    if not exactly_once:
+                        raise
                     # The transaction is aborted while RocksDB holds its states, and a clean stop would commit the
                     # offsets in a new one: only a restart (empty store, changelog replayed) is safe.
                     exit_without_commit("commit_failed", exc)

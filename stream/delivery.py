@@ -68,6 +68,7 @@ class Delivery:
     inflight: InFlight | None = None
     inflight_states: dict[str, bytes] = field(default_factory=dict)  # user -> state of the batch in flight
     changelog_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held while changelog records are sent
+    changelog_failure: BaseException | None = None  # at-least-once: the first changelog send that failed
     before_write: Callable[[], None] | None = None  # called between the acknowledgements and the state writes
     on_written: Callable[[dict[int, int]], None] | None = None  # a batch's input offsets, once written
 
@@ -185,7 +186,7 @@ class Delivery:
         for partition, states in taken.items():
             for fut, n in await self.send(self.changelog_topic, partition, states.items()):
                 if not self.exactly_once:  # exactly-once: the store is rebuilt from the changelog at every start
-                    fut.add_done_callback(partial(self._persisted, n))
+                    fut.add_done_callback(partial(self._changelog_sent, n))
                 futures.append(fut)
         if not self.exactly_once:
             self.unacked.update(futures)
@@ -193,10 +194,13 @@ class Delivery:
                 fut.add_done_callback(self.unacked.discard)
         return futures
 
-    def _persisted(self, n_records: int, fut: asyncio.Future) -> None:
+    def _changelog_sent(self, n_records: int, fut: asyncio.Future) -> None:
         """At-least-once: the table's partition remembers the changelog offset its RocksDB holds (what Faust's
-        ``Table._on_changelog_sent`` does), so that recovery replays only what came after it."""
+        ``Table._on_changelog_sent`` does), so that recovery replays only what came after it. A send that failed is
+        remembered: no offset may be committed after it (``check_changelog``), whoever was waiting for it."""
         if fut.cancelled() or fut.exception() is not None:
+            if self.changelog_failure is None:
+                self.changelog_failure = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
             return
         meta = fut.result()
         self.table.data.set_persisted_offset(meta.topic_partition, meta.offset + n_records - 1)
@@ -208,6 +212,13 @@ class Delivery:
         await self.send_changelog()
         if self.unacked:
             await asyncio.gather(*list(self.unacked))
+        self.check_changelog()
+
+    def check_changelog(self) -> None:
+        """Raise DeliveryError when a changelog record sent so far was not acknowledged (even one nobody awaited:
+        the sends of ``complete`` past MAX_PENDING_CHANGELOG): the states it carried are not in the changelog."""
+        if self.changelog_failure is not None:
+            raise DeliveryError(f"a changelog record was not acknowledged: {self.changelog_failure!r}")
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Revoked partitions: their queued changelog records are not ours to send any more."""
@@ -241,6 +252,7 @@ async def commit_at_least_once(
         await asyncio.gather(*earlier, *sent)
     except Exception as exc:
         raise DeliveryError(str(exc)) from exc
+    delivery.check_changelog()
     offsets.pinned = upto
     try:
         return await commit()

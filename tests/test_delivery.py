@@ -146,7 +146,7 @@ def test_commit_waits_for_its_changelog_without_the_batch_lock_and_covers_only_w
             await delivery.complete()
         assert offsets.done[0] == 20
         assert producer.acknowledge("users-changelog") == 1
-        assert await task is True
+        assert await asyncio.wait_for(task, 10) is True
         # not 15 or 20: the states of those batches were written after the changelog records it waited for
         assert committed == [{TopicPartition(settings.topic_clickstream, 0): 10}]
         assert offsets.pinned is None
@@ -175,8 +175,8 @@ def test_a_changelog_record_that_fails_commits_nothing():
         await _until_changelog_sent(producer)
         producer.fail("users-changelog")
         with pytest.raises(DeliveryError, match="broker gone"):
-            await task
-        assert commits == [] and offsets.pinned is None
+            await asyncio.wait_for(task, 10)
+        assert commits == []
 
     asyncio.run(scenario())
 
@@ -197,7 +197,33 @@ def test_a_batch_in_flight_whose_outputs_are_acknowledged_is_in_the_commit():
             k for t, _, r, _ in producer.sent for k, _ in r if t != settings.topic_intent
         ] == [b"u1"]
         producer.acknowledge("users-changelog")
-        assert await task is True
+        assert await asyncio.wait_for(task, 10) is True
         assert committed == [{TopicPartition(settings.topic_clickstream, 0): 8}]
+
+    asyncio.run(scenario())
+
+
+def test_a_changelog_send_that_failed_unawaited_blocks_every_later_commit():
+    """A send past MAX_PENDING_CHANGELOG is not awaited by the batch that made it; its failure must still stop the
+    next commit from covering the offsets whose states it carried."""
+
+    async def scenario() -> None:
+        settings, producer, delivery, offsets = _setup()
+        lock = asyncio.Lock()
+        commit = Recorder(settings, offsets)
+        async with lock:
+            await delivery.start_batch(_batch(settings, 3, "u1"), {0: 3})
+        producer.acknowledge(settings.topic_intent)
+        async with lock:
+            await delivery.complete()
+            await delivery.send_changelog()  # as complete() does past the bound
+        producer.fail("users-changelog")
+        await asyncio.sleep(0)
+        assert not delivery.unacked  # the failed future is gone from what a commit would wait for
+        with pytest.raises(DeliveryError, match="not acknowledged"):
+            await asyncio.wait_for(commit_at_least_once(delivery, offsets, lock, commit), 10)
+        with pytest.raises(DeliveryError, match="not acknowledged"):
+            await asyncio.wait_for(delivery.flush(), 10)
+        assert commit.committed == []
 
     asyncio.run(scenario())
