@@ -234,8 +234,8 @@ async def commit_at_least_once(
     were sent before; the batch in flight too when its outputs are acknowledged already); sending them, their
     acknowledgements and the commit are awaited with it released, so batches are scored meanwhile (holding it
     stalled the scoring loop 30-80 ms every second: docs/performance.md), and a batch written meanwhile is left to
-    the next commit. Callers serialise commits. Raises DeliveryError when a
-    changelog record is not acknowledged (nothing is committed then)."""
+    the next commit. Callers serialise commits. Raises DeliveryError when a changelog record is not acknowledged
+    (nothing is committed then)."""
     async with batch_lock:
         batch = delivery.inflight
         if batch is not None and all(f.done() for f in batch.sent):  # acknowledged already: written with no wait
