@@ -93,31 +93,14 @@ def scoring_thread() -> None:
 SCORING_THREAD = "be04d70"
 
 
-def fetch_wait(ms: int) -> Callable[[], None]:
-    """The worker with another ``INTENTSTREAM_FETCH_MAX_WAIT_MS`` (stream/app.py bounds the wait of Faust's worker
-    consumer, hard-coded at 1500 ms in Faust; the default is 100). ``fetch-wait-1500`` is Faust's own."""
+def setting(name: str, value: float) -> Callable[[], None]:
+    """The worker with another value of one setting (``INTENTSTREAM_<NAME>``), e.g. ``fetch-wait-1500``: Faust's own
+    fetch wait (stream/app.py bounds it, default 100 ms); ``commit-5s``: Quix Streams' commit interval (default 1 s);
+    ``batch-wait-5``: a batch waits 5 ms for more fetches (default 20), part of every event's latency under paced
+    traffic, while a backlog fills batches at once."""
 
     def patch() -> None:
-        os.environ["INTENTSTREAM_FETCH_MAX_WAIT_MS"] = str(ms)
-
-    return patch
-
-
-def commit_interval(seconds: float) -> Callable[[], None]:
-    """The worker with another ``INTENTSTREAM_COMMIT_INTERVAL_S`` (default 1 s; Quix Streams commits every 5 s)."""
-
-    def patch() -> None:
-        os.environ["INTENTSTREAM_COMMIT_INTERVAL_S"] = str(seconds)
-
-    return patch
-
-
-def batch_wait(ms: float) -> Callable[[], None]:
-    """The worker with another ``INTENTSTREAM_BATCH_MAX_MS`` (how long a batch waits for more fetches once its first
-    came; default 20): under paced traffic it is part of every event's latency; a backlog fills batches at once."""
-
-    def patch() -> None:
-        os.environ["INTENTSTREAM_BATCH_MAX_MS"] = str(ms)
+        os.environ[f"INTENTSTREAM_{name.upper()}"] = str(value)
 
     return patch
 
@@ -323,11 +306,11 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "before-reasons": before_reasons,
     "before-batch-ingest": before_batch_ingest,
     "scoring-thread": scoring_thread,
-    "fetch-wait-20": fetch_wait(20),
-    "fetch-wait-100": fetch_wait(100),
-    "fetch-wait-1500": fetch_wait(1500),
-    "commit-5s": commit_interval(5.0),
-    "batch-wait-5": batch_wait(5.0),
+    "fetch-wait-20": setting("fetch_max_wait_ms", 20),
+    "fetch-wait-100": setting("fetch_max_wait_ms", 100),
+    "fetch-wait-1500": setting("fetch_max_wait_ms", 1500),
+    "commit-5s": setting("commit_interval_s", 5.0),
+    "batch-wait-5": setting("batch_max_ms", 5.0),
     "reasons-lists": reasons_lists,
     "gc-log": gc_log,
     "step-times": step_times,
