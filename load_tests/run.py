@@ -221,6 +221,7 @@ class Run:
         # "off" names a folder that does not exist, whatever INTENTSTREAM_ITEMS_DIR says: a measurement without
         # suggestions must not pick up an item model from the environment.
         on = (suggestions or self.suggestions) == "on"
+        name = name.replace("+", "-and-")  # a combined variant (a+b): "+" is not allowed in a Kafka topic name
         return Settings.from_env(
             items_dir=str(self.items_dir if on else self.cfg.out / "no-items"),
             runtime=runtime or self.runtime,

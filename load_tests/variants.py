@@ -49,17 +49,16 @@ def _require_uncommitted(variant: str, *paths: str, root: Path = ROOT) -> None:
         )
 
 
-def head_app() -> None:
-    """stream/app.py as last committed, beside the working tree's uncommitted edits of it (A/B before committing)."""
-    _require_uncommitted("head-app", "stream/app.py")
-    _module_from_git("stream.app", "stream/app.py")
+def head(*paths: str) -> Callable[[], None]:
+    """The committed version of ``paths`` (stream modules) beside the working tree's uncommitted edits of them: an
+    A/B before committing, e.g. ``head-app`` (stream/app.py), ``head-engine`` (stream/engine.py and stream/emit.py)."""
 
+    def patch() -> None:
+        _require_uncommitted(f"head-{Path(paths[-1]).stem}", *paths)
+        for path in paths:
+            _module_from_git(path.removesuffix(".py").replace("/", "."), path)
 
-def head_engine() -> None:
-    """stream/engine.py and stream/emit.py as last committed (to A/B uncommitted hot-path edits against them)."""
-    _require_uncommitted("head-engine", "stream/engine.py", "stream/emit.py")
-    _module_from_git("stream.emit", "stream/emit.py")
-    _module_from_git("stream.engine", "stream/engine.py")
+    return patch
 
 
 def before_reasons() -> None:
@@ -210,6 +209,69 @@ def step_times() -> None:
     engine.Engine.process = counted  # type: ignore[method-assign]
 
 
+def wait_times() -> None:
+    """Log, every 200 batches, where the scoring loop's wall time goes per batch (``event=wait_times``): waiting for
+    input (``InputQueue.take``), handing the outputs over and completing the batch before (``Delivery.start_batch``,
+    acknowledgements included), the rest (admission and the engine), and the thread's CPU time: a loop that waits
+    while records are queued leaves capacity unused."""
+    import logging
+    import time
+
+    from stream import delivery, ingest
+
+    log = logging.getLogger("intentstream.waits")
+    spent = {"take": 0.0, "start_batch": 0.0}
+    seen = {"batches": 0, "wall": time.perf_counter(), "cpu": time.thread_time(), "events": 0, "first_age": 0.0}
+    arrived: dict[int, float] = {}  # id of a queued fetch -> when the fetcher queued it
+    put, take = ingest.InputQueue.put, ingest.InputQueue.take
+
+    async def stamped_put(self: Any, batch: Any) -> None:
+        arrived[id(batch)] = time.perf_counter()
+        await put(self, batch)
+
+    async def aged_take(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        fetches = await take(self, *args, **kwargs)
+        first = arrived.pop(id(fetches[0]), started)
+        for f in fetches[1:]:
+            arrived.pop(id(f), None)
+        seen["first_age"] += max(0.0, started - first)  # how long the batch's first fetch was queued before
+        seen["events"] += sum(ingest.size(f) for f in fetches)
+        return fetches
+
+    ingest.InputQueue.put = stamped_put  # type: ignore[method-assign]
+    ingest.InputQueue.take = aged_take  # type: ignore[method-assign]
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - started
+                if name == "start_batch":
+                    seen["batches"] += 1
+                    if seen["batches"] % 200 == 0:
+                        wall, cpu = time.perf_counter() - seen["wall"], time.thread_time() - seen["cpu"]
+                        per = " ".join(f"{k}_ms={v / 200 * 1e3:.2f}" for k, v in spent.items())
+                        log.warning(
+                            "event=wait_times batches=200 events_per_batch=%.0f queued_before_take_ms=%.2f %s "
+                            "rest_ms=%.2f thread_cpu_pct=%.0f",
+                            seen["events"] / 200,
+                            seen["first_age"] / 200 * 1e3,
+                            per,
+                            (wall - sum(spent.values())) / 200 * 1e3,
+                            100 * cpu / wall,
+                        )
+                        spent.update(dict.fromkeys(spent, 0.0))
+                        seen.update(wall=time.perf_counter(), cpu=time.thread_time(), events=0, first_age=0.0)
+
+        return wrapper
+
+    ingest.InputQueue.take = timed("take", ingest.InputQueue.take)  # type: ignore[method-assign]  # the aged one
+    delivery.Delivery.start_batch = timed("start_batch", delivery.Delivery.start_batch)  # type: ignore[method-assign]
+
+
 def gc_freeze() -> None:
     """``gc.freeze()`` once the first batch is processed (imports, the app and the restored tables are in place):
     what existed then leaves the cyclic collector's generations, so a full collection no longer walks it. Logs
@@ -301,8 +363,10 @@ def suggest_per_user() -> None:
 
 
 VARIANTS: dict[str, Callable[[], None]] = {
-    "head-app": head_app,
-    "head-engine": head_engine,
+    "head-app": head("stream/app.py"),
+    "head-engine": head("stream/emit.py", "stream/engine.py"),
+    "head-delivery": head("stream/delivery.py"),
+    "head-ingest": head("stream/ingest.py"),
     "before-reasons": before_reasons,
     "before-batch-ingest": before_batch_ingest,
     "scoring-thread": scoring_thread,
@@ -311,9 +375,11 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "fetch-wait-1500": setting("fetch_max_wait_ms", 1500),
     "commit-5s": setting("commit_interval_s", 5.0),
     "batch-wait-5": setting("batch_max_ms", 5.0),
+    "batch-1024": setting("batch_max_events", 1024),
     "reasons-lists": reasons_lists,
     "gc-log": gc_log,
     "step-times": step_times,
+    "wait-times": wait_times,
     "gc-freeze": gc_freeze,
     "items-before": items_before,
     "suggest-per-user": suggest_per_user,
