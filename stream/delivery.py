@@ -42,6 +42,15 @@ from stream.settings import Settings
 MAX_PENDING_CHANGELOG = 50_000
 
 
+async def _send_closed(producer: Any, batch: Any, topic: str, partition: int) -> asyncio.Future:
+    """A whole record batch to the producer, closed first: aiokafka lingers (``producer_linger_ms``) only on a batch
+    still open to more records, and a partition's next batch waits until the one before it is sent. Left open, a
+    batch's outputs lingered until the scoring loop next yielded, which was after the next batch was scored, so
+    their acknowledgement was awaited with the CPU idle (docs/performance.md, sixth pass)."""
+    batch.close()
+    return await producer.send_batch(batch, topic, partition=partition)
+
+
 class DeliveryError(RuntimeError):
     """A batch's outputs or state records could not be delivered to the broker."""
 
@@ -97,13 +106,13 @@ class Delivery:
         batch, n = producer.create_batch(), 0
         for key, value in records:
             if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start anew
-                futures.append((await producer.send_batch(batch, topic, partition=partition), n))
+                futures.append((await _send_closed(producer, batch, topic, partition), n))
                 batch, n = producer.create_batch(), 0
                 if batch.append(key=key, value=value, timestamp=None) is None:
                     raise RuntimeError(f"a record of {len(value)} bytes does not fit in a record batch")
             n += 1
         if n:
-            futures.append((await producer.send_batch(batch, topic, partition=partition), n))
+            futures.append((await _send_closed(producer, batch, topic, partition), n))
         return futures
 
     async def send_outputs(self, outs: list[Output]) -> list[Any]:

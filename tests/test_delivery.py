@@ -21,6 +21,10 @@ from stream.settings import Settings
 class FakeBatch:
     def __init__(self) -> None:
         self.records: list[tuple[bytes | None, bytes]] = []
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def append(self, *, key: bytes | None, value: bytes, timestamp: None) -> int:
         self.records.append((key, value))
@@ -40,6 +44,7 @@ class FakeProducer:
         return FakeBatch()
 
     async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> asyncio.Future:
+        assert batch.closed, "a batch handed over open lingers in aiokafka's accumulator"
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self.sent.append((topic, partition, batch.records, fut))
         return fut
@@ -227,3 +232,23 @@ def test_a_changelog_send_that_failed_unawaited_blocks_every_later_commit():
         assert commit.committed == []
 
     asyncio.run(scenario())
+
+
+def test_a_closed_record_batch_is_sent_without_lingering_and_an_open_one_lingers():
+    """What ``Delivery.send`` relies on in aiokafka (pinned in pyproject.toml): the sender takes a batch handed over by
+    ``send_batch`` at once when it is closed, and only after ``linger_ms`` when it is open."""
+    from aiokafka.producer.message_accumulator import BatchBuilder, MessageBatch
+
+    async def scenario() -> tuple[float | None, float | None]:
+        def batch(closed: bool) -> MessageBatch:
+            builder = BatchBuilder(16_384, 0)
+            builder.append(timestamp=None, key=b"u1", value=b"{}")
+            if closed:
+                builder.close()
+            return MessageBatch(TopicPartition("t", 0), builder, ttl=30, linger_time=60.0)
+
+        return batch(closed=True).remaining_linger(), batch(closed=False).remaining_linger()
+
+    closed, open_ = asyncio.run(scenario())
+    assert closed is None
+    assert open_ is not None and open_ > 0
