@@ -31,7 +31,9 @@ class InputQueue:
         self.queue = asyncio.Queue(maxsize=max(1, self.max_fetches))
 
     async def put(self, batch: FetchedBatch) -> None:
-        await self.queue.put(batch)
+        # stamped when handed over: a batch's wait counts from when its first records were here, not from when the
+        # scoring loop, busy with the batch before, came to take them
+        await self.queue.put((asyncio.get_running_loop().time(), batch))
 
     def clear(self) -> int:
         """Drop what is queued (a revocation: those records are replayed by their partitions' next owners)."""
@@ -45,21 +47,22 @@ class InputQueue:
 
     async def take(self, max_events: int, within_s: float) -> list[FetchedBatch]:
         """Whole fetches, the first awaited, until they hold ``max_events`` records or ``within_s`` has passed
-        since the first came."""
-        first = await self.queue.get()
+        since the first was handed over (fetches queued while the loop scored the batch before have waited already:
+        they do not wait ``within_s`` more)."""
+        arrived, first = await self.queue.get()
         fetches = [first]
         n = size(first)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + within_s
+        deadline = arrived + within_s
         while n < max_events:
             try:
-                more = self.queue.get_nowait()
+                _, more = self.queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 try:
-                    more = await asyncio.wait_for(self.queue.get(), remaining)
+                    _, more = await asyncio.wait_for(self.queue.get(), remaining)
                 except TimeoutError:
                     break
             fetches.append(more)

@@ -69,6 +69,24 @@ def test_queue_takes_whole_fetches_up_to_the_batch_size_or_the_wait():
     assert first == [10, 10] and second == [10] and cleared == 1
 
 
+def test_a_fetch_queued_longer_than_the_wait_is_taken_without_waiting_for_more():
+    """The wait counts from when the first fetch was handed over: fetches that queued while the scoring loop was busy
+    with the batch before have waited already."""
+
+    async def scenario() -> list[int]:
+        q = InputQueue(max_fetches=8)
+        await q.put(fetch(1, {0: range(0, 10)}))
+        await asyncio.sleep(0.06)  # the scoring loop busy with the batch before
+        later = asyncio.get_running_loop().call_later(
+            0.01, lambda: q.queue.put_nowait((0.0, fetch(1, {0: range(10, 20)})))
+        )
+        taken = await q.take(max_events=100, within_s=0.05)
+        later.cancel()
+        return [len(f.records[0]) for f in taken]
+
+    assert asyncio.run(scenario()) == [10]
+
+
 def test_admission_takes_the_next_records_once_and_drops_stale_fetches():
     offsets = InputOffsets(Settings.from_env({}), read_committed=False)
     offsets.next.update({0: 100, 1: 5})
