@@ -221,7 +221,7 @@ class Run:
         # "off" names a folder that does not exist, whatever INTENTSTREAM_ITEMS_DIR says: a measurement without
         # suggestions must not pick up an item model from the environment.
         on = (suggestions or self.suggestions) == "on"
-        name = name.replace("+", "-and-")  # a combined variant (a+b): "+" is not allowed in a Kafka topic name
+        name = kafka_name(name)
         return Settings.from_env(
             items_dir=str(self.items_dir if on else self.cfg.out / "no-items"),
             runtime=runtime or self.runtime,
@@ -388,7 +388,7 @@ class Run:
         other = variant or runtime
         name = "steps" if other is None else f"steps-{other}"
         prefix = "" if other is None else f"{other}/"  # phase names: the plots of the engine take "step:*"
-        s = self.settings(name, f"{self.tag}-{name}-in", runtime)
+        s = self.settings(name, f"{self.tag}-{kafka_name(name)}-in", runtime)
         await P.create_topics(s, {t: s.partitions for t in (s.topic_clickstream, *s.output_topics)})
         self.say(f"rate steps: starting {cfg.workers} {variant or 'engine'} worker(s)")
         argv = None if variant is None else [sys.executable, "-m", "load_tests.variants", variant]
@@ -672,6 +672,11 @@ class Run:
 
 
 # ---- figures -------------------------------------------------------------------------------------------
+
+
+def kafka_name(name: str) -> str:
+    """A system's name as part of topic and group names: a combined variant (``a+b``) has a "+", which Kafka refuses."""
+    return name.replace("+", "-and-")
 
 
 def _mean(values: list[float]) -> float | None:

@@ -24,3 +24,11 @@ def test_a_head_variant_needs_an_uncommitted_change(tmp_path: Path):
         _require_uncommitted("head-app", "app.py", root=tmp_path)
     (tmp_path / "app.py").write_text("x = 2\n")
     _require_uncommitted("head-app", "app.py", root=tmp_path)  # an edit to compare: runs
+
+
+def test_a_combined_variant_gives_legal_kafka_names():
+    import re
+
+    from load_tests.run import kafka_name
+
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", kafka_name("steps-batch-512+wait-times"))
