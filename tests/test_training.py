@@ -261,6 +261,16 @@ def test_train_and_evaluate_end_to_end_through_the_cli(tmp_path, capsys):
     assert report["served"]["gru"]["expected_on_validation"] == expected  # the manifest's, shown beside the test's
     diff = pairs["gru - gbt"]["pr_auc"]
     assert diff["lo"] <= diff["mean"] <= diff["hi"] and diff["n"] == 30
+    # The report says, per head, whether the best model beats the strong baseline, by the interval, not the mean.
+    for head, verdict in report["verdicts"].items():
+        best = verdict["best_model"]
+        assert best in ("gru", "cnn") and report["models"][best][head]["pr_auc"] == max(
+            report["models"][m][head]["pr_auc"] for m in ("gru", "cnn")
+        )
+        lo = report["bootstrap"][head][f"{best} - gbt"]["pr_auc"]["lo"]
+        assert verdict["beats_baseline"] == (lo > 0)
+        assert ("does not beat" in verdict["text"] or "worse" in verdict["text"]) == (lo <= 0)
+    assert set(report["verdicts"]) == {"purchase", "churn"}
     for name, m in report["models"].items():
         for head in ("purchase", "churn"):
             assert {"roc_auc", "pr_auc", "precision", "recall", "f1", "brier", "ece"} <= set(m[head]), name

@@ -257,10 +257,57 @@ def evaluate(
             "notes": notes,
         }
     )
+    if bootstrap:
+        report["verdicts"] = verdicts(report)
     return report, scorers
 
 
 BASELINES = ("rule", *BASELINE_KINDS, "oracle")
+STRONG_BASELINE = "gbt"  # order and timing features: the bar a sequence model must clear (docs/training.md)
+
+
+def verdicts(report: dict[str, Any]) -> dict[str, Any]:
+    """Per head, whether the best model (by test PR-AUC) beats the strong baseline: yes when the bootstrap 95%
+    interval of its PR-AUC difference lies above zero, no otherwise, said in so many words; and, where the truth is
+    known, how far its ROC-AUC is behind the oracle's. Empty without bootstrap replicates: a difference without its
+    interval decides nothing."""
+    out: dict[str, Any] = {}
+    boot, models = report.get("bootstrap"), report["models"]
+    candidates = [n for n in models if n not in BASELINES]
+    if not boot or not candidates or STRONG_BASELINE not in models:
+        return out
+    for head in report["data"]["heads"]:
+        best = max(candidates, key=lambda n: _or_lowest(models[n][head]["pr_auc"]))
+        diff = boot[head][f"{best} - {STRONG_BASELINE}"]["pr_auc"]
+        beats = bool(diff["lo"] > 0)
+        if beats:
+            text = f"{best} beats {STRONG_BASELINE}"
+        elif diff["hi"] < 0:
+            text = f"{best} is worse than {STRONG_BASELINE}"
+        else:
+            text = f"{best} does not beat {STRONG_BASELINE}: the interval includes zero (a tie)"
+        v: dict[str, Any] = {
+            "best_model": best,
+            "baseline": STRONG_BASELINE,
+            "pr_auc_difference": diff,
+            "beats_baseline": beats,
+            "text": f"{head}: {text} on PR-AUC ({_signed(diff['mean'])}, 95% interval {_signed(diff['lo'])} to "
+            f"{_signed(diff['hi'])})",
+        }
+        gap = boot[head].get(f"oracle - {best}")
+        if gap is not None:
+            v["oracle_roc_auc_gap"] = gap["roc_auc"]
+            v["text"] += (
+                f"; ROC-AUC {_fmt(gap['roc_auc']['mean'])} behind the oracle's (95% interval "
+                f"{_fmt(gap['roc_auc']['lo'])} to {_fmt(gap['roc_auc']['hi'])})"
+            )
+        out[head] = v
+    return out
+
+
+def _or_lowest(v: float | None) -> float:
+    """A metric to rank by: one that could not be computed ranks last."""
+    return v if v is not None and math.isfinite(v) else -math.inf
 
 
 def differences(
@@ -407,6 +454,9 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{_fmt(pr['share_above_zero'])} | {_signed(roc['mean'])} | {_signed(roc['lo'])} to "
                     f"{_signed(roc['hi'])} |"
                 )
+    if report.get("verdicts"):
+        lines += ["", f"## verdicts (the best model against the strong `{STRONG_BASELINE}`)", ""]
+        lines += [f"- {v['text']}." for v in report["verdicts"].values()]
     if report["notes"]:
         lines += ["", "## notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
