@@ -15,6 +15,7 @@ from stream.cli import main as cli_main
 from stream.contract import EVENT_TYPES, Event, validate
 from stream.traffic import simulator
 from training.labels import compute_labels
+from training.metrics import roc_auc
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +246,175 @@ def test_purchase_oracle_is_zero_without_time_and_grows_with_the_horizon():
     assert (short <= long + 1e-12).all()
     assert (np.array(simulator.purchase_oracle(0)) == 0).all()
     assert long.max() < 1.0
+
+
+# ---- the persona posterior: the best a model that sees only events can do ------------------------------
+
+
+@pytest.fixture(scope="module")
+def medium() -> simulator.Simulation:
+    return simulator.simulate(1200, 30, seed=3)
+
+
+def test_replay_every_persona_is_replay_states_for_each_persona(small: simulator.Simulation):
+    r = simulator.replay_every_persona(small.events)
+    np.testing.assert_array_equal(r.after[:, simulator.LOYAL], simulator.replay_states(small.events))
+    # The true persona's column is the exact replay: the oracle at its states is the truth file's p_purchase.
+    true_k = np.array([simulator.PERSONAS.index(t["persona"]) for t in small.truth])
+    oracle = np.array(simulator.purchase_oracle(small.horizon_ms // 1000))
+    own = oracle[r.after[np.arange(len(true_k)), true_k]]
+    np.testing.assert_allclose(own, _truth_column(small, "p_purchase"), atol=1e-6)
+    # A move is drawn from the state the previous event left (a START state at a session's first event).
+    inside = ~r.first
+    np.testing.assert_array_equal(r.before[inside], r.after[r.prev[inside]])
+    _, stage, _, _ = simulator.state_parts(r.before[r.first])
+    assert (stage == simulator.START).all() and (r.gap_s[r.first] == 0).all()
+
+
+@pytest.mark.parametrize("between_sessions", [False, True])
+def test_persona_posterior_finds_the_persona_and_ranks_between_blind_replay_and_oracle(
+    medium: simulator.Simulation, between_sessions: bool
+):
+    sim = medium
+    period = {"between_sessions": between_sessions, "start_ms": sim.start_ms, "end_ms": sim.end_ms}
+    states, post = simulator.persona_posterior(sim.events, **period)
+    np.testing.assert_allclose(post.sum(axis=1), 1.0)
+    true_k = np.array([simulator.PERSONAS.index(t["persona"]) for t in sim.truth])
+    last: dict[str, int] = {}
+    for i, e in enumerate(sim.events):
+        last[e.user_id] = i
+    count = defaultdict(int)
+    for e in sim.events:
+        count[e.user_id] += 1
+    long = np.array([i for u, i in last.items() if count[u] >= 30])
+    assert len(long) >= 100
+    # After 30 or more events the posterior mostly sits on the true persona.
+    assert (post[long].argmax(axis=1) == true_k[long]).mean() >= 0.85
+    assert post[long, true_k[long]].mean() >= 0.8
+    # Its purchase probability ranks between the persona-blind replay (everyone a loyal regular) and the oracle.
+    horizon = sim.horizon_ms // 1000
+    oracle_table = np.array(simulator.purchase_oracle(horizon))
+    bayes = simulator.persona_posterior_purchase(sim.events, horizon, **period)
+    np.testing.assert_allclose(bayes, (post * oracle_table[states]).sum(axis=1))
+    blind = oracle_table[simulator.replay_states(sim.events)]
+    oracle = _truth_column(sim, "p_purchase")
+    y = _truth_column(sim, "label_purchase")
+    known = ~np.isnan(y) & (np.array([e.ts for e in sim.events]) + sim.horizon_ms <= sim.end_ms)
+    auc = {name: roc_auc(y[known], p[known]) for name, p in (("blind", blind), ("bayes", bayes), ("oracle", oracle))}
+    assert auc["blind"] < auc["bayes"] < auc["oracle"], auc
+    if between_sessions:
+        # With the visits as well, the likelihood is the whole generative process of what it uses: averaged over
+        # all events, each persona's posterior is its frequency, and the prediction's mean is the oracle's.
+        hit = (np.arange(len(simulator.PERSONAS)) == true_k[:, None]).astype(float)
+        assert np.abs(post.mean(axis=0) - hit.mean(axis=0)).max() < 0.025
+        assert abs(bayes.mean() - oracle.mean()) < 0.002
+
+
+def test_persona_posterior_is_the_chain_likelihood_by_hand():
+    # One user: page view, product view 30 s later (a short gap), another 200 s later (a hesitation); two days
+    # later a second session (a page view), three days after that a third: they show that the earlier ended.
+    start, end = simulator.DEFAULT_START_MS, simulator.DEFAULT_START_MS + 30 * simulator.DAY_MS
+    sessions = [[("page_view", 0), ("product_view", 30), ("product_view", 200)], [("page_view", 0)], [("page_view", 0)]]
+    opens = [start + 3_600_000, start + 2 * simulator.DAY_MS, start + 5 * simulator.DAY_MS]
+    events = []
+    for j, (steps, t) in enumerate(zip(sessions, opens, strict=True)):
+        for kind, gap_s in steps:
+            t += gap_s * 1000
+            events.append(Event(f"ev-0000000-{len(events):05d}", "u0000000", kind, t, f"ss-0000000-{j:04d}"))
+    moves = {"page_view": simulator.PAGE, "product_view": simulator.VIEW}
+    chain = simulator.build_chain()
+    oracle = np.array(simulator.purchase_oracle(3600))
+
+    def gap(s: int, k: int, move: int, d: int) -> float:
+        h, q, ql = chain.hesitation[s], simulator._gap_q(k, move), simulator.LONG_Q
+        return h * (1 - ql) * ql ** (d - 1) + (1 - h) * (1 - q) * q ** (d - 1)
+
+    # The visits: a customer's first session is the first point after the start of a Poisson process of rate
+    # r0 x the daily rhythm; a newcomer's comes at rate 4/day after a uniform arrival (integrated minute by
+    # minute here); each later one needs the user not to have stopped, then comes at r0 x the drift x the
+    # session-end factors, from an hour after the last event before it. r0 is log-normal around the persona's
+    # median.
+    lam = simulator.cumulative_intensity
+
+    def slope(ts: int) -> float:
+        return simulator.HOURLY[(ts % simulator.DAY_MS) // simulator.HOUR_MS] / 24 / simulator.HOUR_MS
+
+    t0 = events[0].ts
+    minutes = range(start, t0, 60_000)
+    newcomer = sum(4 * slope(t0) * np.exp(-4 * (lam(t0) - lam(a + 30_000))) * 60_000 for a in minutes) / (end - start)
+    nodes, w = np.polynomial.hermite_e.hermegauss(24)
+    w = w / w.sum()
+
+    weights: dict[bool, list[float]] = {False: [], True: []}
+    last_states = []
+    for k, pp in enumerate(simulator.PERSONA_PARAMS):
+        r0 = pp.visits_per_day * np.exp(0.45 * nodes)
+        like = 1.0
+        visits = 0.7 * r0 * slope(t0) * np.exp(-r0 * (lam(t0) - lam(start))) + 0.3 * newcomer
+        s, long_gap, prev_ts = -1, False, 0  # (set by the session before the one that reads them)
+        for j, steps in enumerate(sessions):
+            if j:
+                like *= chain.prob[s, simulator.END]
+                _, stage, intent, cart = simulator.state_parts(s)
+                stop_f, rate_f = simulator._end_factors(int(stage), int(intent), int(cart))
+                leave_stop, leave_rate = simulator._leave_factors(0, 0, long_gap)
+                p_stop = min(0.98, min(0.95, pp.stop + pp.stop_growth * (j - 1)) * stop_f * leave_stop)
+                rate = r0 * pp.rate_decay ** (j - 1) * rate_f * leave_rate
+                t = opens[j]
+                visits = visits * (1 - p_stop) * rate * slope(t) * np.exp(-rate * (lam(t) - lam(prev_ts + 3_600_000)))
+            s = simulator.state_index(k, simulator.START, pp.base_intent - int(pp.intent_drift * j), 0)
+            for n, (kind, gap_s) in enumerate(steps):
+                move, long_gap = moves[kind], gap_s > simulator.HESITATION_GAP_S
+                like *= chain.prob[s, move] * (gap(s, k, move, gap_s) if n else 1.0)
+                s = (chain.next_long if long_gap else chain.next_short)[s, move]
+            prev_ts = opens[j] + sum(g for _, g in steps) * 1000
+        weights[False].append(pp.share * like)
+        weights[True].append(pp.share * like * (w * visits).sum())
+        last_states.append(s)
+    for between in (False, True):
+        expected = np.array(weights[between]) / sum(weights[between])
+        states, post = simulator.persona_posterior(events, between_sessions=between, start_ms=start, end_ms=end)
+        np.testing.assert_allclose(post[-1], expected, rtol=1e-6)
+        np.testing.assert_array_equal(states[-1], last_states)
+        bayes = simulator.persona_posterior_purchase(events, between_sessions=between, start_ms=start, end_ms=end)
+        np.testing.assert_allclose(bayes[-1], expected @ oracle[last_states], rtol=1e-6)
+    # The visits say something: the two posteriors differ.
+    assert (
+        np.abs(np.array(weights[False]) / sum(weights[False]) - np.array(weights[True]) / sum(weights[True])).max()
+        > 0.01
+    )
+
+
+def test_persona_posterior_uses_the_visits_and_only_the_past(small: simulator.Simulation):
+    sim = small
+    period = {"start_ms": sim.start_ms, "end_ms": sim.end_ms}
+    true_k = np.array([simulator.PERSONAS.index(t["persona"]) for t in sim.truth])
+    _, alone = simulator.persona_posterior(sim.events)
+    _, with_visits = simulator.persona_posterior(sim.events, between_sessions=True, **period)
+    rows = np.arange(len(true_k))
+    assert with_visits[rows, true_k].mean() > alone[rows, true_k].mean()
+    # Causal: the events before a cut get the same predictions whether or not the later ones exist.
+    cut = sim.events[len(sim.events) // 2].ts
+    head = [e for e in sim.events if e.ts < cut]
+    for between in (False, True):
+        full = simulator.persona_posterior_purchase(sim.events, between_sessions=between, **period)
+        part = simulator.persona_posterior_purchase(head, between_sessions=between, **period)
+        np.testing.assert_allclose(part, full[: len(head)], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="period"):
+        simulator.persona_posterior(sim.events, between_sessions=True)
+
+
+def test_an_impossible_move_rules_its_persona_out_for_good():
+    # Running log-likelihoods per user: a -inf (a move the persona cannot make) stays -inf for that user and
+    # persona only, so its posterior weight is 0 from then on.
+    terms = np.array([[0.0, -1.0], [-np.inf, -1.0], [-1.0, -2.0], [-1.0, -np.inf], [-3.0, -1.0]])
+    user = np.array([0, 0, 1, 1, 0])
+    expected = np.array([[0.0, -1.0], [-np.inf, -2.0], [-1.0, -2.0], [-2.0, -np.inf], [-np.inf, -3.0]])
+    np.testing.assert_array_equal(simulator._user_cumsum(terms, user), expected)
+    # No persona opens a session with an addition to the cart (the cart allows it, the chain does not).
+    add_first = [Event("ev-0000000-00000", "u0000000", "add_to_cart", simulator.DEFAULT_START_MS, "ss-0000000-0000")]
+    with pytest.raises(ValueError, match="impossible under every persona"):
+        simulator.persona_posterior(add_first)
 
 
 # ---- command line ------------------------------------------------------------------------------------

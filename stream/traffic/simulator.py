@@ -1115,6 +1115,271 @@ def state_parts(states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     )
 
 
+# ---- the best any model can do without the persona ----------------------------------------------------
+
+_REST_OF_PERIOD_DAYS = 7.0  # a newcomer's first visit comes within hours of arriving (rate 4/day): 7 days is plenty
+_RATE_SIGMA = 0.45  # spread (log-normal sigma) of a user's base session rate around the persona's median
+_RATE_NODES = 24  # Gauss-Hermite nodes over that spread
+
+
+@dataclass(frozen=True)
+class PersonaReplay:
+    """Every user's events replayed once per persona (``replay_every_persona``); arrays in event order.
+
+    ``before[i, k]``/``after[i, k]``: the chain state under persona k from which event i's move was drawn (a
+    START state at a session's first event) and the state after it. The rest does not depend on the persona:
+    the user (first-seen order), the session's number, whether the event opens its session, the index of the
+    user's previous event (-1), the gap before it in whole seconds (0 at a session's first event: it has none),
+    whether that gap was a hesitation, and after the event the cart lines and the time since the last addition.
+    """
+
+    before: np.ndarray  # int64 [N, P]
+    after: np.ndarray  # int64 [N, P]
+    move: np.ndarray  # int64 [N]
+    user: np.ndarray  # int64 [N]
+    session: np.ndarray  # int64 [N]
+    first: np.ndarray  # bool [N]
+    prev: np.ndarray  # int64 [N]
+    gap_s: np.ndarray  # int64 [N]
+    long_gap: np.ndarray  # bool [N]
+    cart: np.ndarray  # int64 [N]
+    since_add_ms: np.ndarray  # int64 [N]
+    ts: np.ndarray  # int64 [N]
+    opening: np.ndarray  # int64 [N]: the index of the first event of the event's session
+
+
+def replay_every_persona(events: Sequence[Event]) -> PersonaReplay:
+    """``replay_states`` for all personas at once, keeping what a likelihood of the events needs."""
+    chain = build_chain()
+    nxt_s, nxt_l = chain.next_short_l, chain.next_long_l
+    n_p = len(PERSONAS)
+    base = [pp.base_intent for pp in PERSONA_PARAMS]
+    drift = [pp.intent_drift for pp in PERSONA_PARAMS]
+    users: dict[str, list[Any]] = {}  # user -> [index, session_id, sessions, cart, last_add_ms, prev_ms, prev_i,
+    # states, the session's first event]
+    before: list[int] = []
+    after: list[int] = []
+    cols: list[tuple[int, int, int, bool, int, int, bool, int, int, int]] = []
+    for i, e in enumerate(events):
+        u = users.get(e.user_id)
+        if u is None:
+            u = users[e.user_id] = [len(users), None, -1, 0, e.ts, e.ts, -1, [0] * n_p, i]
+        index, session_id, sessions, cart, last_add_ms, prev_ms, prev_i, states, opening = u
+        move = TYPE_CODE[e.type]
+        first = e.session_id != session_id
+        if first:
+            sessions, opening = sessions + 1, i
+            bonus = _carry_bonus(cart, e.ts - last_add_ms)
+            pre = [
+                state_index(k, START, min(N_INTENT - 1, max(0, base[k] - int(drift[k] * sessions) + bonus)), cart)
+                for k in range(n_p)
+            ]
+            gap, long_gap = 0, False
+        else:
+            pre = states
+            gap = (e.ts - prev_ms) // 1000
+            long_gap = gap > HESITATION_GAP_S
+        table = nxt_l if long_gap else nxt_s
+        post = [table[s][move] for s in pre]
+        if post[0] < 0:  # the cart decides this, whatever the persona
+            raise ValueError(f"event {e.event_id}: a {e.type} is impossible here (not a simulator trace?)")
+        if move == ADD:
+            cart, last_add_ms = cart + 1, e.ts
+        elif move == REMOVE:
+            cart -= 1
+        elif move == PURCHASE:
+            cart = 0
+        before.extend(pre)
+        after.extend(post)
+        cols.append((move, index, sessions, first, prev_i, gap, long_gap, cart, e.ts - last_add_ms, opening))
+        users[e.user_id] = [index, e.session_id, sessions, cart, last_add_ms, e.ts, i, post, opening]
+    n = len(events)
+    c = np.array(cols, dtype=np.int64).reshape(n, 10)
+    return PersonaReplay(
+        before=np.array(before, dtype=np.int64).reshape(n, n_p),
+        after=np.array(after, dtype=np.int64).reshape(n, n_p),
+        move=c[:, 0],
+        user=c[:, 1],
+        session=c[:, 2],
+        first=c[:, 3].astype(bool),
+        prev=c[:, 4],
+        gap_s=c[:, 5],
+        long_gap=c[:, 6].astype(bool),
+        cart=c[:, 7],
+        since_add_ms=c[:, 8],
+        ts=np.array([e.ts for e in events], dtype=np.int64),
+        opening=c[:, 9],
+    )
+
+
+def _user_cumsum(terms: np.ndarray, user: np.ndarray) -> np.ndarray:
+    """Running sum of ``terms`` (rows in event order) over each user's own rows; -inf stays -inf."""
+    order = np.argsort(user, kind="stable")
+    t = terms[order]
+    impossible = np.isneginf(t).astype(np.int64)
+    t = np.where(impossible > 0, 0.0, t)
+    u = user[order]
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+    lengths = np.diff(np.r_[starts, len(u)])
+    total = np.cumsum(t, axis=0)
+    offset = np.repeat(total[starts] - t[starts], lengths, axis=0)
+    count = np.cumsum(impossible, axis=0)
+    count_offset: np.ndarray = np.repeat(count[starts] - impossible[starts], lengths, axis=0)
+    out = np.empty_like(terms)
+    out[order] = np.where(count > count_offset, -np.inf, total - offset)
+    return out
+
+
+def _in_session_terms(r: PersonaReplay) -> np.ndarray:
+    """log P(event i's move, and its gap | persona k, the user's earlier events) [N, P], plus at a session's first
+    event log P(END) of the previous session's last state: a later session shows that that one ended."""
+    chain = build_chain()
+    n_p = len(PERSONAS)
+    with np.errstate(divide="ignore"):
+        log_prob = np.log(chain.prob)
+    terms = log_prob[r.before, r.move[:, None]]
+    inside = ~r.first
+    # gap ~ h Geo(q_long) + (1 - h) Geo(q_short(persona, move)), P(d) = (1 - q) q^(d - 1), d >= 1 s
+    d = r.gap_s[inside][:, None].astype(np.float64)
+    h = chain.hesitation[r.before[inside]]
+    q = np.array([[_gap_q(k, m) for m in range(8)] for k in range(n_p)])  # [P, 8]
+    q_m = q[:, r.move[inside]].T  # [n, P]
+    long_part = np.log(h) + math.log(1.0 - LONG_Q) + (d - 1.0) * math.log(LONG_Q)
+    short_part = np.log1p(-h) + np.log1p(-q_m) + (d - 1.0) * np.log(q_m)
+    terms[inside] += np.logaddexp(long_part, short_part)
+    ended = r.first & (r.prev >= 0)
+    terms[ended] += log_prob[r.after[r.prev[ended]], END]
+    return terms
+
+
+def _intensity(ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``cumulative_intensity`` (days) and its slope (per ms) at epoch-ms times, vectorised."""
+    ts = np.asarray(ts, dtype=np.int64)
+    day, rem = np.divmod(ts, DAY_MS)
+    hour, rest = np.divmod(rem, HOUR_MS)
+    share = np.array(_HOUR_SHARE)[hour]
+    return day + np.array(_HOUR_CUM)[hour] + rest / HOUR_MS * share, share / HOUR_MS
+
+
+def _newcomer_density(t0: np.ndarray, start_ms: int, end_ms: int) -> np.ndarray:
+    """Density (per ms) of a newcomer's first session at ``t0``: arrival uniform over the period, then the first
+    point of a Poisson process of rate 4/day x the daily rhythm (as ``_simulate_user`` draws it)."""
+    rate = 4.0
+    level0, slope0 = _intensity(t0)
+    total = np.zeros(len(t0))
+    a1 = t0.astype(np.int64)
+    a0 = np.maximum(a1 - a1 % HOUR_MS, start_ms)
+    for _ in range(int(_REST_OF_PERIOD_DAYS * 24) + 1):
+        width = np.maximum(a1 - a0, 0)
+        level1, slope = _intensity(np.maximum(a1 - 1, start_ms))  # the hour of the segment [a0, a1)
+        level_a1 = level1 + slope  # Λ(a1) (a1 - 1 is 1 ms before it, in the same hour)
+        total += np.exp(-rate * (level0 - level_a1)) * -np.expm1(-rate * slope * width) / (rate * slope)
+        a1 = a0
+        a0 = np.maximum(a1 - HOUR_MS, start_ms)
+    return total * rate * slope0 / (end_ms - start_ms)
+
+
+def _between_session_terms(r: PersonaReplay, start_ms: int, end_ms: int) -> np.ndarray:
+    """log P(the user's visits so far | persona k) [N, P], the base rate integrated out: the first session's time
+    (a customer's first visit after the period starts, or a newcomer's), then per later session that the user
+    did not stop after the previous one and came back at this time, at the persona's rate x the session-end
+    factors (``_end_factors``, ``_leave_factors``) x the drift, from an hour after the previous session's end."""
+    n_p = len(PERSONAS)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(_RATE_NODES)
+    log_w = np.log(weights / weights.sum())
+    median = np.array([pp.visits_per_day for pp in PERSONA_PARAMS])
+    rate0 = median[:, None] * np.exp(_RATE_SIGMA * nodes)[None, :]  # [P, G]
+    rows = np.flatnonzero(r.first)
+    level, slope = _intensity(r.ts[rows])
+    terms = np.zeros((len(rows), n_p, _RATE_NODES))
+    opening = r.session[rows] == 0
+    o = rows[opening]
+    # first session: P(customer) 0.7 x a customer's first visit, or 0.3 x a newcomer's
+    level_start, _ = _intensity(np.array([start_ms]))
+    wait = (level[opening] - level_start[0])[:, None, None]
+    customer = rate0[None] * slope[opening][:, None, None] * np.exp(-rate0[None] * wait)
+    newcomer = _newcomer_density(r.ts[o], start_ms, end_ms)[:, None, None]
+    terms[opening] = np.log(0.7 * customer + 0.3 * newcomer)
+    later = ~opening
+    lr = rows[later]
+    p = r.prev[lr]  # the previous session's last event
+    j = r.session[p][:, None]  # its number
+    end_stop = np.array([f[0] for f in _END_FACTORS])[r.after[p]]  # [n, P]
+    end_rate = np.array([f[1] for f in _END_FACTORS])[r.after[p]]
+    leave = [
+        _leave_factors(int(c), int(s), bool(g))
+        for c, s, g in zip(r.cart[p], r.since_add_ms[p], r.long_gap[p], strict=True)
+    ]
+    leave_stop = np.array([f[0] for f in leave])[:, None]
+    leave_rate = np.array([f[1] for f in leave])[:, None]
+    stop = np.array([pp.stop for pp in PERSONA_PARAMS])
+    growth = np.array([pp.stop_growth for pp in PERSONA_PARAMS])
+    decay = np.array([pp.rate_decay for pp in PERSONA_PARAMS])
+    p_stop = np.minimum(0.98, np.minimum(0.95, stop + growth * j) * end_stop * leave_stop)  # [n, P]
+    rate = rate0[None] * (decay[None] ** j * end_rate * leave_rate)[:, :, None]  # [n, P, G]
+    level_back, _ = _intensity(r.ts[p] + MIN_SESSION_GAP_S * 1000)
+    wait = (level[later] - level_back)[:, None, None]
+    terms[later] = np.log1p(-p_stop)[:, :, None] + np.log(rate * slope[later][:, None, None]) - rate * wait
+    # running sum over each user's sessions, then the base rate integrated out; every event gets its session's
+    cum = _user_cumsum(terms.reshape(len(rows), -1), r.user[rows]).reshape(terms.shape)
+    top = cum.max(axis=2, keepdims=True)
+    per_session = top[:, :, 0] + np.log(np.exp(cum - top + log_w).sum(axis=2))  # [sessions, P]
+    return per_session[np.searchsorted(rows, r.opening)]
+
+
+def persona_posterior(
+    events: Sequence[Event], *, between_sessions: bool = False, start_ms: int = DEFAULT_START_MS, end_ms: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(chain state [N, P] after each event under each persona, posterior P(persona | the user's events up to and
+    including this one) [N, P]), events in any order that keeps each user's own order.
+
+    The likelihood is the simulator's own chain: each move's probability from the state it was drawn in, each
+    gap's under the mixture of the move's short geometric and the long hesitation geometric (a session's first
+    event has none), and the END of every session that a later one of the same user shows to have ended. It is
+    causal: an event's posterior uses that event and the user's earlier ones only, so a session cut by the end of
+    the period never counts as ended. With ``between_sessions`` it also uses the visits themselves (when each
+    session started, and that the user came back at all: ``_between_session_terms``), which needs the period
+    (``start_ms``, ``end_ms``). It ignores the items and prices, which carry a little of the persona too.
+    """
+    r = replay_every_persona(events)
+    loglik = _user_cumsum(_in_session_terms(r), r.user)
+    if between_sessions:
+        if end_ms <= start_ms:
+            raise ValueError("between_sessions: give the simulated period (start_ms < end_ms)")
+        loglik = loglik + _between_session_terms(r, start_ms, end_ms)
+    nowhere = np.flatnonzero(np.isneginf(loglik).all(axis=1))
+    if len(nowhere):  # a persona that cannot make a move gets weight 0; here none could
+        e = events[int(nowhere[0])]
+        raise ValueError(f"event {e.event_id}: impossible under every persona (not a simulator trace?)")
+    logw = loglik + np.log([pp.share for pp in PERSONA_PARAMS])
+    logw -= logw.max(axis=1, keepdims=True)
+    w = np.exp(logw)
+    return r.after, w / w.sum(axis=1, keepdims=True)
+
+
+def persona_posterior_purchase(
+    events: Sequence[Event],
+    horizon_s: int = int(DEFAULT_HORIZON_S),
+    *,
+    between_sessions: bool = False,
+    start_ms: int = DEFAULT_START_MS,
+    end_ms: int = 0,
+) -> np.ndarray:
+    """P(a purchase within ``horizon_s`` | the user's events so far) for a predictor that knows the simulator's
+    chain but not the persona: sum over personas of the posterior (``persona_posterior``) x the oracle at the
+    state the events replay to under that persona.
+
+    Why: the oracle (the truth file's p_purchase) knows each user's hidden persona; a model sees only events. This
+    Bayes predictor is what a model that had learnt the chain perfectly could reach from the same events, so its
+    gap to the oracle is an achievable figure for any event-only model (not a floor: it leaves out the items and
+    prices, and without ``between_sessions`` the visit times). With a persona's posterior at 1 it is that
+    persona's replay, which for the true persona is exactly the oracle (``replay_states``).
+    """
+    states, posterior = persona_posterior(events, between_sessions=between_sessions, start_ms=start_ms, end_ms=end_ms)
+    oracle = np.array(purchase_oracle(int(horizon_s)))
+    return (posterior * oracle[states]).sum(axis=1)
+
+
 def truth_path(path: str | Path) -> Path:
     """Where the truth file of an events file goes: x.jsonl -> x.truth.jsonl, x.jsonl.gz -> x.truth.jsonl.gz."""
     path = Path(path)
