@@ -1093,15 +1093,21 @@ def replay_states(events: Sequence[Event], personas: Mapping[str, str] | None = 
         s = int((chain.next_long if long_gap else chain.next_short)[s, move])
         if s < 0:
             raise ValueError(f"event {e.event_id}: a {e.type} is impossible here (not a simulator trace?)")
-        if move == ADD:
-            cart, last_add_ms = cart + 1, e.ts
-        elif move == REMOVE:
-            cart -= 1
-        elif move == PURCHASE:
-            cart = 0
+        cart, last_add_ms = _cart_after(move, cart, last_add_ms, e.ts)
         users[e.user_id] = [persona, e.session_id, sessions, cart, last_add_ms, e.ts, s]
         out[i] = s
     return out
+
+
+def _cart_after(move: int, cart: int, last_add_ms: int, ts: int) -> tuple[int, int]:
+    """(cart lines, time of the last addition) after a visible move: what a replay knows of the cart."""
+    if move == ADD:
+        return cart + 1, ts
+    if move == REMOVE:
+        return cart - 1, last_add_ms
+    if move == PURCHASE:
+        return 0, last_add_ms
+    return cart, last_add_ms
 
 
 def state_parts(states: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -1183,12 +1189,7 @@ def replay_every_persona(events: Sequence[Event]) -> PersonaReplay:
         post = [table[s][move] for s in pre]
         if post[0] < 0:  # the cart decides this, whatever the persona
             raise ValueError(f"event {e.event_id}: a {e.type} is impossible here (not a simulator trace?)")
-        if move == ADD:
-            cart, last_add_ms = cart + 1, e.ts
-        elif move == REMOVE:
-            cart -= 1
-        elif move == PURCHASE:
-            cart = 0
+        cart, last_add_ms = _cart_after(move, cart, last_add_ms, e.ts)
         before.extend(pre)
         after.extend(post)
         cols.append((move, index, sessions, first, prev_i, gap, long_gap, cart, e.ts - last_add_ms, opening))
