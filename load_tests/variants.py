@@ -104,6 +104,34 @@ def setting(name: str, value: float) -> Callable[[], None]:
     return patch
 
 
+def fetch_min_bytes(min_bytes: int) -> Callable[[], None]:
+    """The broker holds a fetch until it has ``min_bytes`` for us (or the fetch wait has passed) instead of
+    answering with whatever single records arrived: under paced traffic each fetch, and each hand-over to the
+    scoring loop, then carries tens of records rather than a few."""
+
+    def patch() -> None:
+        from stream import compat
+
+        bound = compat.bound_fetch_wait
+
+        def bound_fetch_wait(ms: int) -> None:
+            bound(ms)
+            from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+            create = AIOKafkaConsumerThread._create_worker_consumer
+
+            def create_worker_consumer(self: Any, transport: Any) -> Any:
+                consumer = create(self, transport)
+                consumer._fetch_min_bytes = min_bytes
+                return consumer
+
+            AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+
+        compat.bound_fetch_wait = bound_fetch_wait
+
+    return patch
+
+
 def reasons_lists() -> None:
     """stream.emit.intent_reasons on Python lists (one tolist() per column) instead of ~15 numpy calls on a
     64-record window: the same reasons (checked on random windows in docs/performance.md), 2.5x cheaper."""
@@ -295,6 +323,19 @@ def gc_freeze() -> None:
     engine.Engine.process = first_then_process  # type: ignore[method-assign]
 
 
+def gc_young(threshold: int) -> Callable[[], None]:
+    """The cyclic collector's youngest generation collected after ``threshold`` net container allocations instead of
+    Python's 700: a batch allocates tens of thousands of containers and frees them by reference counting, so at 700
+    the collector walks the batch's live objects dozens of times per batch for garbage that is not there."""
+
+    def patch() -> None:
+        import gc
+
+        gc.set_threshold(threshold, *gc.get_threshold()[1:])
+
+    return patch
+
+
 def items_module_at(rev: str) -> types.ModuleType:
     """models/items.py as of ``rev``, as a module of its own (``models.items`` is left alone)."""
     source = subprocess.run(
@@ -372,6 +413,9 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "fetch-wait-20": setting("fetch_max_wait_ms", 20),
     "fetch-wait-100": setting("fetch_max_wait_ms", 100),
     "fetch-wait-1500": setting("fetch_max_wait_ms", 1500),
+    "fetch-wait-10": setting("fetch_max_wait_ms", 10),
+    "fetch-min-16k": fetch_min_bytes(16_384),
+    "fetch-min-64k": fetch_min_bytes(65_536),
     "commit-5s": setting("commit_interval_s", 5.0),
     "batch-wait-5": setting("batch_max_ms", 5.0),
     "batch-512": setting("batch_max_events", 512),
@@ -381,6 +425,8 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "step-times": step_times,
     "wait-times": wait_times,
     "gc-freeze": gc_freeze,
+    "gc-young-10k": gc_young(10_000),
+    "gc-young-50k": gc_young(50_000),
     "items-before": items_before,
     "suggest-per-user": suggest_per_user,
 }

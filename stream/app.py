@@ -93,15 +93,23 @@ class StallWatch:
             self.alive_at = time.monotonic()
 
 
+GC_YOUNG_THRESHOLD = 50_000  # net container allocations between two collections of the youngest generation
+
+
 def freeze_startup_objects() -> None:
     """Take what exists once the worker runs (imports, torch, the Faust app, the restored tables) out of the
     cyclic garbage collector's reach. A full collection walked all of it every 4-5 s at 6,000 events/s, 140-180
     ms each time for nothing (batches free their objects by reference counting): those pauses made the p99
     of the seconds they fell in. Measured side by side (the ``gc-freeze`` variant of load_tests/variants.py):
-    p99 248 -> 87 ms at 6,000 events/s (docs/performance.md)."""
+    p99 248 -> 87 ms at 6,000 events/s (docs/performance.md).
+
+    And collect the youngest generation less often: a batch allocates tens of thousands of containers and frees
+    them by reference counting, so at Python's default (700) the collector walked the batch's live objects dozens
+    of times per batch, for garbage that is not there (the ``gc-young-50k`` variant; docs/performance.md)."""
     gc.collect()
     gc.freeze()
-    log.info("event=gc_frozen objects=%d", gc.get_freeze_count())
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    log.info("event=gc_frozen objects=%d young_threshold=%d", gc.get_freeze_count(), GC_YOUNG_THRESHOLD)
 
 
 def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:

@@ -15,6 +15,7 @@ import pytest
 
 from models.features import FeaturizerConfig
 from models.items import save_items
+from stream.app import GC_YOUNG_THRESHOLD
 from stream.contract import validate
 from stream.settings import Settings
 from stream.state.user import UserState
@@ -95,6 +96,8 @@ def test_intents_dlq_and_state_that_survives_restart_and_sigkill(fresh: Settings
         assert "key: does not match user_id" in reasons and "key: not valid UTF-8" in reasons
         assert "record: 70000 bytes exceeds the 65536-byte limit" in reasons
         assert all(d["source"]["topic"] == fresh.topic_clickstream for d in dlq)
+        # once running, the startup objects are frozen and the youngest generation collected less often
+        assert f"young_threshold={GC_YOUNG_THRESHOLD}" in worker.log_path.read_text(errors="replace")
 
         users = sorted({e["user_id"] for e in events})
         expected = expected_windows(events, fresh)
