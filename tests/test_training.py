@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 from pathlib import Path
 
@@ -352,6 +353,41 @@ def test_oracle_gap_scores_evaluates_positions_with_every_scorer_aligned(tmp_pat
     # The simulator's functions work in file order and the positions in the dataset's: scores put on the wrong
     # records would rank no better than chance. (Which of them ranks best is measured on 60,000 users, not here.)
     assert min(roc.values()) > 0.7, roc
-    gap = report["oracle_minus"]["bayes_with_visits"]["roc_auc"]
+    gap = report["differences"]["oracle - bayes_with_visits"]["roc_auc"]
     assert gap["lo"] <= gap["mean"] <= gap["hi"] and gap["n"] == 20
     assert sum(row["positions"] for row in report["roc_auc_by_history"].values()) == report["positions"]
+
+
+def _interval(lo: float, hi: float, n: int = 200) -> dict:
+    return {"mean": (lo + hi) / 2, "lo": lo, "hi": hi, "share_above_zero": 0.5, "n": n}
+
+
+def test_verdicts_say_beats_ties_worse_and_undecided_by_the_interval():
+    from training.evaluate import verdicts
+
+    def report(purchase: dict, churn: dict) -> dict:
+        models = {"gru": {"purchase": {"pr_auc": 0.5}, "churn": {"pr_auc": 0.6}},
+                  "cnn": {"purchase": {"pr_auc": 0.4}, "churn": {"pr_auc": 0.7}},
+                  "gbt": {"purchase": {"pr_auc": 0.45}, "churn": {"pr_auc": 0.65}}}  # fmt: skip
+        return {
+            "models": models,
+            "data": {"heads": ["purchase", "churn"]},
+            "bootstrap": {
+                "purchase": {
+                    "gru - gbt": {"pr_auc": purchase},
+                    "cnn - gbt": {"pr_auc": _interval(-1, 1)},
+                    "oracle - gru": {"roc_auc": _interval(0.01, 0.03)},
+                },
+                "churn": {"cnn - gbt": {"pr_auc": churn}, "gru - gbt": {"pr_auc": _interval(-1, 1)}},
+            },
+        }
+
+    v = verdicts(report(_interval(0.01, 0.05), _interval(-0.01, 0.02)))
+    assert v["purchase"]["best_model"] == "gru" and v["purchase"]["beats_baseline"] is True
+    assert "gru beats gbt" in v["purchase"]["text"] and v["purchase"]["oracle_roc_auc_gap"]["lo"] == 0.01
+    assert v["churn"]["best_model"] == "cnn" and v["churn"]["beats_baseline"] is False  # best per head
+    assert "does not beat gbt" in v["churn"]["text"] and "oracle" not in v["churn"]["text"]
+    v = verdicts(report(_interval(-0.05, -0.01), _interval(math.nan, math.nan, n=0)))
+    assert v["purchase"]["beats_baseline"] is False and "worse than gbt" in v["purchase"]["text"]
+    assert v["churn"]["beats_baseline"] is None and "undecided" in v["churn"]["text"]
+    assert verdicts({"models": {}, "data": {"heads": ["purchase"]}}) == {}  # no bootstrap, no verdict

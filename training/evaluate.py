@@ -279,13 +279,17 @@ def verdicts(report: dict[str, Any]) -> dict[str, Any]:
     for head in report["data"]["heads"]:
         best = max(candidates, key=lambda n: _or_lowest(models[n][head]["pr_auc"]))
         diff = boot[head][f"{best} - {STRONG_BASELINE}"]["pr_auc"]
-        beats = bool(diff["lo"] > 0)
-        if beats:
+        beats: bool | None = bool(diff["lo"] > 0)
+        if not diff.get("n") or not (math.isfinite(diff["lo"]) and math.isfinite(diff["hi"])):
+            beats, text = None, f"undecided against {STRONG_BASELINE}: no interval (too few positives to resample)"
+        elif beats:
             text = f"{best} beats {STRONG_BASELINE}"
         elif diff["hi"] < 0:
             text = f"{best} is worse than {STRONG_BASELINE}"
         else:
             text = f"{best} does not beat {STRONG_BASELINE}: the interval includes zero (a tie)"
+        if len(candidates) > 1:  # chosen on the test set it is judged on: the bootstrap table has every model's
+            text += f" (the best of {len(candidates)} models by test PR-AUC)"
         v: dict[str, Any] = {
             "best_model": best,
             "baseline": STRONG_BASELINE,
@@ -298,8 +302,8 @@ def verdicts(report: dict[str, Any]) -> dict[str, Any]:
         if gap is not None:
             v["oracle_roc_auc_gap"] = gap["roc_auc"]
             v["text"] += (
-                f"; ROC-AUC {_fmt(gap['roc_auc']['mean'])} behind the oracle's (95% interval "
-                f"{_fmt(gap['roc_auc']['lo'])} to {_fmt(gap['roc_auc']['hi'])})"
+                f"; its ROC-AUC is the oracle's minus {_signed(gap['roc_auc']['mean'])} (95% interval "
+                f"{_signed(gap['roc_auc']['lo'])} to {_signed(gap['roc_auc']['hi'])})"
             )
         out[head] = v
     return out
