@@ -187,9 +187,18 @@ class IntentModel(nn.Module):
         outputs[..., 0] purchase logit, [..., 1] churn logit, [..., 2] log expected order value.
         The hidden state after position t is states[:, t]: the engine keeps the one at each user's last event.
         With ``lengths`` (rows right-padded beyond them), the GRU steps over each row's real positions only when
-        the padding would be most of its work; outputs and states at padded positions are then meaningless.
+        the padding would be most of its work (a plain GRU runs its input layer and heads on them alone too);
+        outputs and states at padded positions are then meaningless.
         """
         x = torch.cat([self.type_emb(type_idx), self.category_emb(category_idx), numeric], dim=-1)
+        if (
+            self.gru is not None
+            and not self.convs
+            and not self.config.rate_state
+            and lengths is not None
+            and _mostly_padding(lengths, x.shape[1])
+        ):
+            return self._forward_packed(x, h0, lengths)
         x = F.gelu(self.input(x))
         if self.convs:
             x = x.transpose(1, 2)
@@ -221,6 +230,24 @@ class IntentModel(nn.Module):
             states = torch.cat([states, rate_acc], dim=-1)
             x = torch.cat([x, rate], dim=-1)
         return self.head(x), states
+
+    def _forward_packed(
+        self, x: torch.Tensor, h0: torch.Tensor | None, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` of a plain GRU over right-padded rows, computed at each row's real positions only: the input
+        layer and the heads too, not just the recurrence (a worker's batch of users bringing 1 to 20 new events each
+        is mostly padding). Outputs and states at padded positions are zeros."""
+        assert self.gru is not None
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        packed = packed._replace(data=F.gelu(self.input(packed.data)))
+        hx = None if h0 is None else h0.unsqueeze(0).contiguous()
+        states = self.gru(packed, hx)[0]
+        outputs = states._replace(data=self.head(states.data))
+        width = x.shape[1]
+        return (
+            pad_packed_sequence(outputs, batch_first=True, total_length=width)[0],
+            pad_packed_sequence(states, batch_first=True, total_length=width)[0],
+        )
 
 
 def rate_accumulators(numeric: torch.Tensor, acc0: torch.Tensor | None) -> torch.Tensor:

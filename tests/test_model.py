@@ -148,3 +148,25 @@ def test_merged_grus_output_their_mean_from_the_start_and_from_a_carried_state()
         assert states is not None and torch.allclose(states[:, 29], h, atol=1e-6)
         later, _ = merged(t[:, 30:], c[:, 30:], x[:, 30:], h0=h)
         assert torch.allclose(later, mean[:, 30:], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gru", "gru+rate", "hybrid"])
+def test_rows_of_different_lengths_score_as_each_row_alone(variant):
+    """A worker's batch: right-padded rows of 1 to 20 real positions with hidden states from before. With ``lengths``
+    the GRU models step over real positions only (for a plain GRU the input layer and heads run on them alone too);
+    every row's outputs and states at its real positions are those of the row scored alone."""
+    model = untrained_model(variant)
+    t, c, x = _inputs(n=20 * 6, seed=5)
+    n_rows, width = 6, 20
+    t, c, x = t.view(n_rows, width), c.view(n_rows, width), x.view(n_rows, width, -1)
+    lengths = torch.tensor([1, 20, 3, 1, 7, 2])
+    h0 = torch.randn(n_rows, model.config.gru_hidden) * 0.5
+    if model.config.rate_state:
+        h0[:, -2:] = h0[:, -2:].abs() * 10  # accumulators: days and sessions, never negative
+    with torch.no_grad():
+        out, states = model(t, c, x, h0=h0, lengths=lengths)
+        for r, n in enumerate(lengths.tolist()):
+            alone, alone_states = model(t[r : r + 1, :n], c[r : r + 1, :n], x[r : r + 1, :n], h0=h0[r : r + 1])
+            assert torch.allclose(out[r, :n], alone[0], atol=1e-5), (out[r, :n] - alone[0]).abs().max()
+            assert states is not None and alone_states is not None
+            assert torch.allclose(states[r, :n], alone_states[0], atol=1e-5)
