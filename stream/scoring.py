@@ -64,16 +64,15 @@ def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device
         n_prior = np.array([len(rows[i][0]) for i in idx], dtype=np.int64)
         n_new = np.array([len(rows[i][1]) for i in idx], dtype=np.int64)
         lengths = n_prior + n_new
-        width = int(lengths.max())
-        padded = np.zeros((len(idx), width), dtype=RECORD_DTYPE)  # right padding: causal models ignore it
-        if n_new.any():
-            flat = concat_records([rows[i][1] for i in idx if len(rows[i][1])])
-            row = np.repeat(np.arange(len(idx)), n_new)
-            padded[row, np.repeat(n_prior, n_new) + _ranks(n_new)] = flat
-        if n_prior.any():
-            flat = concat_records([rows[i][0] for i in idx if len(rows[i][0])])
-            padded[np.repeat(np.arange(len(idx)), n_prior), _ranks(n_prior)] = flat
-        x = model_inputs(padded, model.featurizer)
+        # Each row's records end to end (its prior ones, then its new ones), featurized once, then placed in rows
+        # right-padded with zeros: causal models never read the padding for a real position, and featurizing the
+        # records alone skips the padding, most of a batch whose users bring 1 to 20 events each.
+        flat = concat_records([part for i in idx for part in rows[i][:2] if len(part)])
+        at = (np.repeat(np.arange(len(idx)), lengths), _ranks(lengths))
+        x = {
+            k: torch.from_numpy(_padded(v.numpy(), at, (len(idx), int(lengths.max()))))
+            for k, v in model_inputs(flat, model.featurizer).items()
+        }
         h0: np.ndarray | None = None
         if model.config.has_state:
             h0 = np.zeros((len(idx), model.config.gru_hidden), dtype=np.float32)
@@ -87,6 +86,13 @@ def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device
         for j, (i, end) in enumerate(zip(idx, ends.tolist(), strict=True)):
             results[i] = UserScores(probs=probs[j, end - rows[i][4] : end], hidden=hidden[j])
     return results  # type: ignore[return-value]
+
+
+def _padded(values: np.ndarray, at: tuple[np.ndarray, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """``values`` [N, ...] placed at rows and positions ``at`` of a zeroed [rows, width, ...] array."""
+    out = np.zeros((*shape, *values.shape[1:]), dtype=values.dtype)
+    out[at] = values
+    return out
 
 
 def _ranks(counts: np.ndarray) -> np.ndarray:
