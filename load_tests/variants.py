@@ -114,19 +114,8 @@ def fetch_min_bytes(min_bytes: int) -> Callable[[], None]:
 
         bound = compat.bound_fetch_wait
 
-        def bound_fetch_wait(ms: int) -> None:
-            bound(ms)
-            from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-
-            create = AIOKafkaConsumerThread._create_worker_consumer
-
-            def create_worker_consumer(self: Any, transport: Any) -> Any:
-                consumer = create(self, transport)
-                compat.require(consumer, "_fetch_min_bytes")  # read by AIOKafkaConsumer.start(), like the fetch wait
-                consumer._fetch_min_bytes = min_bytes
-                return consumer
-
-            AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+        def bound_fetch_wait(ms: int, min_bytes: int | None = min_bytes) -> None:
+            bound(ms, min_bytes)  # the worker's one call (stream/app.py) sets both: compat section 2
 
         compat.bound_fetch_wait = bound_fetch_wait
 

@@ -8,7 +8,7 @@ repeated records, not an error. Instance attributes are checked where they are f
 What is patched, and why (docs/reliability.md, docs/performance.md):
 1. Ingest by record batch: Faust's ``Consumer.getmany`` hands records of the input topic over as whole fetched
    batches (``IngestHook``), raw aiokafka records, not one ``Message``, ``Event``, queue hop and sensor call each.
-2. The worker consumer's fetch wait (Faust hard-codes 1500 ms).
+2. The worker consumer's fetch wait (Faust hard-codes 1500 ms), and for load-test variants its fetch min bytes.
 3. Exactly-once table recovery reads the changelogs' end offsets from the broker.
 4. The consumer's commit asks ``stream.offsets`` which offsets to commit (records are never acked to Faust).
 5. Outputs go out with aiokafka's producers: the transactional producer of the source partition under
@@ -148,14 +148,18 @@ def divert_input_topic(app: Any, topic: str, hand_over: HandOver) -> None:
     Consumer.getmany = getmany  # type: ignore[method-assign]
 
 
-# ---- 2. fetch wait ---------------------------------------------------------------------------------------------
+# ---- 2. fetch wait and min bytes -------------------------------------------------------------------------------
 
 
-def bound_fetch_wait(ms: int) -> None:
+def bound_fetch_wait(ms: int, min_bytes: int | None = None) -> None:
     """Faust builds its worker consumer with ``fetch_max_wait_ms=1500``, hard-coded. aiokafka keeps one fetch in
     flight per broker, and a fetch that holds only partitions without new data (the assignor's topic, an idle
     changelog) waits those 1.5 s at the broker while the input partitions cannot be fetched: under paced
-    traffic that wait was the latency (p99 981 -> 177 ms at 500 ev/s with 100 ms, docs/performance.md)."""
+    traffic that wait was the latency (p99 981 -> 177 ms at 500 ev/s with 100 ms, docs/performance.md).
+
+    ``min_bytes`` (the ``fetch-min-*`` load-test variants; None keeps aiokafka's 1 byte) makes the broker hold a
+    fetch until it has that much for us or the wait has passed. Calling this again replaces the earlier values:
+    the wrapper always wraps Faust's own method, once."""
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
     create = getattr(AIOKafkaConsumerThread, "_faust_create_worker_consumer", None)
@@ -165,8 +169,12 @@ def bound_fetch_wait(ms: int) -> None:
 
     def create_worker_consumer(self: Any, transport: Any) -> Any:
         consumer = create(self, transport)
+        # Both are read by AIOKafkaConsumer.start() when it builds its fetcher.
         require(consumer, "_fetch_max_wait_ms")
-        consumer._fetch_max_wait_ms = ms  # read by AIOKafkaConsumer.start() when it builds its fetcher
+        consumer._fetch_max_wait_ms = ms
+        if min_bytes is not None:
+            require(consumer, "_fetch_min_bytes")
+            consumer._fetch_min_bytes = min_bytes
         return consumer
 
     AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]

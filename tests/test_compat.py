@@ -47,6 +47,43 @@ def test_require_names_an_instance_attribute():
         compat.require(SimpleNamespace(), "_key_index")
 
 
+def test_the_worker_consumer_gets_the_fetch_wait_and_min_bytes(monkeypatch: pytest.MonkeyPatch):
+    """bound_fetch_wait wraps Faust's own _create_worker_consumer (1500 ms, 1 byte) once, however often it is called:
+    the last call's values apply, and min_bytes None keeps aiokafka's."""
+    import faust
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    # monkeypatch undoes the class patches (and the stash of Faust's method) after the test
+    monkeypatch.setattr(AIOKafkaConsumerThread, "_faust_create_worker_consumer", None, raising=False)
+    monkeypatch.setattr(
+        AIOKafkaConsumerThread, "_create_worker_consumer", AIOKafkaConsumerThread._create_worker_consumer
+    )
+
+    async def built() -> list[tuple[int, int]]:
+        app = faust.App("compat-test", broker="kafka://localhost:9")
+        thread = app.consumer._thread
+        assert isinstance(thread, AIOKafkaConsumerThread)
+        seen = []
+        for args in [(100, 16_384), (20, None), (10, 65_536)]:
+            compat.bound_fetch_wait(*args)
+            consumer = thread._create_worker_consumer(app.transport)  # no broker needed: start() is not called
+            seen.append((consumer._fetch_max_wait_ms, consumer._fetch_min_bytes))
+            await consumer.stop()
+        return seen
+
+    assert asyncio.run(built()) == [(100, 16_384), (20, 1), (10, 65_536)]
+
+
+def test_the_fetch_min_variant_sets_min_bytes_through_the_worker_call(monkeypatch: pytest.MonkeyPatch):
+    from load_tests.variants import fetch_min_bytes
+
+    calls: list[tuple[int, int | None]] = []
+    monkeypatch.setattr(compat, "bound_fetch_wait", lambda ms, min_bytes=None: calls.append((ms, min_bytes)))
+    fetch_min_bytes(16_384)()
+    compat.bound_fetch_wait(100)  # as stream/app.py calls it
+    assert calls == [(100, 16_384)]
+
+
 def record(partition: int, offset: int) -> SimpleNamespace:
     return SimpleNamespace(key=b"u", value=b"{}", topic="clickstream", partition=partition, offset=offset, timestamp=7)
 
