@@ -631,6 +631,15 @@ def _carry_bonus(cart: int, since_add_ms: int) -> int:
     return 1 if since_add_ms < 3 * DAY_MS else 0
 
 
+def session_start_intent(persona: int, sessions: int, cart: int, since_add_ms: int) -> int:
+    """Intent at the start of a user's session number ``sessions`` (0 for the first) with ``cart`` lines kept in the
+    cart, the last of them added ``since_add_ms`` ago: the persona's base intent, less its drift per past session,
+    plus the kept cart's bonus, clipped to 0..N_INTENT - 1. The simulator and both replays start sessions here."""
+    pp = PERSONA_PARAMS[persona]
+    intent = pp.base_intent - int(pp.intent_drift * sessions) + _carry_bonus(cart, since_add_ms)
+    return min(N_INTENT - 1, max(0, intent))
+
+
 @dataclass
 class _UserItems:
     """What the item oracle needs of one user: per event (session's focus, chain state, `viewed` flag, viewed
@@ -723,8 +732,7 @@ def _simulate_user(
     last_add_ms = t
     session = 0
     while t < end_ms:
-        intent = pp.base_intent - int(pp.intent_drift * session) + _carry_bonus(len(cart), t - last_add_ms)
-        s = state_index(persona, START, min(N_INTENT - 1, max(0, intent)), len(cart))
+        s = state_index(persona, START, session_start_intent(persona, session, len(cart), t - last_add_ms), len(cart))
         viewed: tuple[int, int, float] | None = None
         x = item_rand()
         focus = int(item_rand() * N_CLUSTERS) if x < EXPLORE else favourites[bis(_FAVOURITE_CUM, item_rand())]
@@ -799,10 +807,8 @@ def _simulate_user(
                 )
             else:
                 main_item = last_item = -1
-            next_intent = (
-                pp.base_intent
-                - int(pp.intent_drift * (session + 1))
-                + _carry_bonus(len(cart), t + MIN_SESSION_GAP_S * 1000 - last_add_ms)
+            next_intent = session_start_intent(
+                persona, session + 1, len(cart), t + MIN_SESSION_GAP_S * 1000 - last_add_ms
             )
             item_state.append(
                 (
@@ -813,7 +819,7 @@ def _simulate_user(
                     main_item,
                     last_item,
                     1.0 - p_stop,
-                    state_index(persona, START, min(N_INTENT - 1, max(0, next_intent)), len(cart)),
+                    state_index(persona, START, next_intent, len(cart)),
                 )
             )
         if t >= end_ms:
@@ -1084,9 +1090,7 @@ def replay_states(events: Sequence[Event], personas: Mapping[str, str] | None = 
         move = TYPE_CODE[e.type]
         if e.session_id != session_id:
             sessions += 1
-            pp = PERSONA_PARAMS[persona]
-            intent = pp.base_intent - int(pp.intent_drift * sessions) + _carry_bonus(cart, e.ts - last_add_ms)
-            s = state_index(persona, START, min(N_INTENT - 1, max(0, intent)), cart)
+            s = state_index(persona, START, session_start_intent(persona, sessions, cart, e.ts - last_add_ms), cart)
             long_gap = False
         else:
             long_gap = (e.ts - prev_ms) // 1000 > HESITATION_GAP_S
@@ -1159,8 +1163,6 @@ def replay_every_persona(events: Sequence[Event]) -> PersonaReplay:
     chain = build_chain()
     nxt_s, nxt_l = chain.next_short_l, chain.next_long_l
     n_p = len(PERSONAS)
-    base = [pp.base_intent for pp in PERSONA_PARAMS]
-    drift = [pp.intent_drift for pp in PERSONA_PARAMS]
     users: dict[str, list[Any]] = {}  # user -> [index, session_id, sessions, cart, last_add_ms, prev_ms, prev_i,
     # states, the session's first event]
     before: list[int] = []
@@ -1175,10 +1177,9 @@ def replay_every_persona(events: Sequence[Event]) -> PersonaReplay:
         first = e.session_id != session_id
         if first:
             sessions, opening = sessions + 1, i
-            bonus = _carry_bonus(cart, e.ts - last_add_ms)
+            since_add_ms = e.ts - last_add_ms
             pre = [
-                state_index(k, START, min(N_INTENT - 1, max(0, base[k] - int(drift[k] * sessions) + bonus)), cart)
-                for k in range(n_p)
+                state_index(k, START, session_start_intent(k, sessions, cart, since_add_ms), cart) for k in range(n_p)
             ]
             gap, long_gap = 0, False
         else:
