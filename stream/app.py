@@ -159,6 +159,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         value_serializer="raw",
         broker_commit_interval=settings.commit_interval_s,
         producer_linger_ms=5,
+        producer_compression_type=None if settings.producer_compression == "none" else settings.producer_compression,
         producer_max_batch_size=262_144,
         table_key_index_size=100_000,
     )

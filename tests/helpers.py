@@ -166,9 +166,16 @@ def wait_assigned(workers: list[Worker], partitions: int, timeout: float = 90) -
     wait_for(covered, timeout, f"{len(workers)} worker(s) to own all {partitions} partitions")
 
 
-def produce(settings: Settings, records: list[tuple[bytes | None, bytes]], rate: float | None = None) -> None:
+def produce(
+    settings: Settings,
+    records: list[tuple[bytes | None, bytes]],
+    rate: float | None = None,
+    compression: str | None = None,
+) -> None:
     async def run() -> None:
-        producer = AIOKafkaProducer(**kafka_client_kwargs(settings), acks="all", enable_idempotence=True)
+        producer = AIOKafkaProducer(
+            **kafka_client_kwargs(settings), acks="all", enable_idempotence=True, compression_type=compression
+        )
         await producer.start()
         try:
             started = time.monotonic()

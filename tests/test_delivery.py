@@ -252,3 +252,32 @@ def test_a_closed_record_batch_is_sent_without_lingering_and_an_open_one_lingers
     closed, open_ = asyncio.run(scenario())
     assert closed is None
     assert open_ is not None and open_ > 0
+
+
+@pytest.mark.parametrize(("setting", "codec"), [("zstd", "zstd"), ("lz4", "lz4"), ("none", None)])
+def test_the_worker_produces_compressed_record_batches(setting, codec, tmp_path, monkeypatch):
+    """INTENTSTREAM_PRODUCER_COMPRESSION reaches the producer the delivery builds its record batches with (the
+    transactional ones are built from the same settings), and its codec is installed (aiokafka refuses a producer
+    whose codec library is missing). Every real-broker test consumes what the worker produced this way."""
+    from aiokafka import AIOKafkaProducer
+
+    import stream.topics
+    from stream.app import create_app
+    from tests.helpers import write_model
+
+    async def nothing(*args: object, **kwargs: object) -> None:
+        return None
+
+    monkeypatch.setattr(stream.topics, "ensure_topics_async", nothing)
+    monkeypatch.setattr(stream.topics, "init_group_offsets", nothing)
+    write_model(tmp_path / "models")
+    s = Settings.from_env(
+        {}, producer_compression=setting, state_dir=str(tmp_path / "state"), model_dir=str(tmp_path / "models")
+    )
+    app = create_app(s)
+    assert app.producer.compression_type == codec
+
+    async def build() -> None:  # raises "Compression library for ... not found" without the codec's library
+        AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", compression_type=codec)  # never started
+
+    asyncio.run(build())

@@ -380,3 +380,25 @@ def test_every_documented_metric_has_a_value_that_moves_with_traffic(fresh: Sett
         assert "intentstream_duplicates_total" in after and "intentstream_churn_alerts_total" in after
     finally:
         worker.stop()
+
+
+def test_compressed_clickstream_in_and_compressed_outputs_out(fresh: Settings, tmp_path: Path):
+    """Producers of clickstream often compress (a Java producer's lz4 or zstd): the worker reads every codec Kafka
+    has, and with INTENTSTREAM_PRODUCER_COMPRESSION=zstd writes its outputs compressed, read back here."""
+    write_model(fresh.model_dir)
+    codecs = ["gzip", "snappy", "lz4", "zstd"]
+    events = make_events(n_users=16, sessions=1, seed=7)
+    worker = Worker(fresh, tmp_path, emit_policy="every_event", producer_compression="zstd").start()
+    try:
+        wait_assigned([worker], fresh.partitions)
+        users = sorted({e["user_id"] for e in events})
+        for i, codec in enumerate(codecs):  # a quarter of the users each, every user's events in order
+            mine = set(users[i::4])
+            produce(fresh, encode([e for e in events if e["user_id"] in mine]), compression=codec)
+        got = consume(fresh, [fresh.topic_intent], until=lambda g: len(g[fresh.topic_intent]) >= len(events))
+        assert worker.alive(), worker.tail()
+        assert sorted(orjson.loads(m.value)["event_id"] for m in got[fresh.topic_intent]) == sorted(
+            e["event_id"] for e in events
+        )
+    finally:
+        worker.stop()
