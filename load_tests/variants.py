@@ -112,10 +112,10 @@ def fetch_min_bytes(min_bytes: int) -> Callable[[], None]:
     def patch() -> None:
         from stream import compat
 
-        bound = compat.bound_fetch_wait
+        bound, wanted = compat.bound_fetch_wait, min_bytes
 
-        def bound_fetch_wait(ms: int, min_bytes: int | None = min_bytes) -> None:
-            bound(ms, min_bytes)  # the worker's one call (stream/app.py) sets both: compat section 2
+        def bound_fetch_wait(ms: int, min_bytes: int | None = None) -> None:
+            bound(ms, wanted)  # the worker's one call (stream/app.py) sets both, the variant's min bytes winning
 
         compat.bound_fetch_wait = bound_fetch_wait
 

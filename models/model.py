@@ -195,6 +195,7 @@ class IntentModel(nn.Module):
             self.gru is not None
             and not self.convs
             and not self.config.rate_state
+            and context_len == 0
             and lengths is not None
             and _mostly_padding(lengths, x.shape[1])
         ):

@@ -56,7 +56,7 @@ def _rows(model: LoadedModel, user: UserBatch) -> tuple[np.ndarray, np.ndarray, 
 
 def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device) -> list[UserScores]:
     """Score every user's new events; one forward pass per distinct context length (at most two). The rows are
-    assembled with one array per batch and one scatter, not an assignment per user."""
+    assembled per batch (the records featurized together, then one scatter per input), not per user."""
     rows = [_rows(model, u) for u in users]
     results: list[UserScores | None] = [None] * len(users)
     for ctx in sorted({r[2] for r in rows}):

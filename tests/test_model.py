@@ -156,6 +156,9 @@ def test_rows_of_different_lengths_score_as_each_row_alone(variant):
     the GRU models step over real positions only (for a plain GRU the input layer and heads run on them alone too);
     every row's outputs and states at its real positions are those of the row scored alone."""
     model = untrained_model(variant)
+    packed_calls = []
+    packed = model._forward_packed
+    model._forward_packed = lambda *a: packed_calls.append(1) or packed(*a)  # type: ignore[method-assign]
     t, c, x = _inputs(n=20 * 6, seed=5)
     n_rows, width = 6, 20
     t, c, x = t.view(n_rows, width), c.view(n_rows, width), x.view(n_rows, width, -1)
@@ -163,10 +166,15 @@ def test_rows_of_different_lengths_score_as_each_row_alone(variant):
     h0 = torch.randn(n_rows, model.config.gru_hidden) * 0.5
     if model.config.rate_state:
         h0[:, -2:] = h0[:, -2:].abs() * 10  # accumulators: days and sessions, never negative
-    with torch.no_grad():
-        out, states = model(t, c, x, h0=h0, lengths=lengths)
-        for r, n in enumerate(lengths.tolist()):
-            alone, alone_states = model(t[r : r + 1, :n], c[r : r + 1, :n], x[r : r + 1, :n], h0=h0[r : r + 1])
-            assert torch.allclose(out[r, :n], alone[0], atol=1e-5), (out[r, :n] - alone[0]).abs().max()
-            assert states is not None and alone_states is not None
-            assert torch.allclose(states[r, :n], alone_states[0], atol=1e-5)
+    for start in (h0, None):  # users with a state, and new users
+        with torch.no_grad():
+            out, states = model(t, c, x, h0=start, lengths=lengths)
+            for r, n in enumerate(lengths.tolist()):
+                row_h0 = None if start is None else start[r : r + 1]
+                alone, alone_states = model(t[r : r + 1, :n], c[r : r + 1, :n], x[r : r + 1, :n], h0=row_h0)
+                assert torch.allclose(out[r, :n], alone[0], atol=1e-5), (out[r, :n] - alone[0]).abs().max()
+                assert states is not None and alone_states is not None
+                assert torch.allclose(states[r, :n], alone_states[0], atol=1e-5)
+                if packed_calls:  # the plain GRU's packed pass leaves zeros beyond each row's real positions
+                    assert not out[r, n:].any() and not states[r, n:].any()
+    assert bool(packed_calls) == (variant == "gru")  # only a plain GRU takes the packed pass

@@ -384,7 +384,8 @@ def test_every_documented_metric_has_a_value_that_moves_with_traffic(fresh: Sett
 
 def test_compressed_clickstream_in_and_compressed_outputs_out(fresh: Settings, tmp_path: Path):
     """Producers of clickstream often compress (a Java producer's lz4 or zstd): the worker reads every codec Kafka
-    has, and with INTENTSTREAM_PRODUCER_COMPRESSION=zstd writes its outputs compressed, read back here."""
+    has, and what it writes with INTENTSTREAM_PRODUCER_COMPRESSION=zstd is read back whole (that the setting reaches
+    its producers: tests/test_delivery.py)."""
     write_model(fresh.model_dir)
     codecs = ["gzip", "snappy", "lz4", "zstd"]
     events = make_events(n_users=16, sessions=1, seed=7)
