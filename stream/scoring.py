@@ -61,17 +61,14 @@ def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device
     results: list[UserScores | None] = [None] * len(users)
     for ctx in sorted({r[2] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r[2] == ctx]
-        n_prior = np.array([len(rows[i][0]) for i in idx], dtype=np.int64)
-        n_new = np.array([len(rows[i][1]) for i in idx], dtype=np.int64)
-        lengths = n_prior + n_new
+        lengths = np.array([len(rows[i][0]) + len(rows[i][1]) for i in idx], dtype=np.int64)
         # Each row's records end to end (its prior ones, then its new ones), featurized once, then placed in rows
         # right-padded with zeros: causal models never read the padding for a real position, and featurizing the
         # records alone skips the padding, most of a batch whose users bring 1 to 20 events each.
         flat = concat_records([part for i in idx for part in rows[i][:2] if len(part)])
-        at = (np.repeat(np.arange(len(idx)), lengths), _ranks(lengths))
+        at, shape = (np.repeat(np.arange(len(idx)), lengths), _ranks(lengths)), (len(idx), int(lengths.max()))
         x = {
-            k: torch.from_numpy(_padded(v.numpy(), at, (len(idx), int(lengths.max()))))
-            for k, v in model_inputs(flat, model.featurizer).items()
+            k: torch.from_numpy(_padded(v.numpy(), at, shape)) for k, v in model_inputs(flat, model.featurizer).items()
         }
         h0: np.ndarray | None = None
         if model.config.has_state:
