@@ -289,6 +289,68 @@ def wait_times() -> None:
     delivery.Delivery.start_batch = timed("start_batch", delivery.Delivery.start_batch)  # type: ignore[method-assign]
 
 
+def fetch_sizes() -> None:
+    """Log, every 5 s, how the input topic reaches the scoring loop (``event=fetch_sizes``): the consumer's calls for
+    records (``getmany``), the fetches of the input topic handed over, the records they held, and the CPU time of
+    the worker's threads per record: under paced traffic each hand-over costs thread hops and Faust's bookkeeping
+    whatever it holds, so the records per hand-over say how much of that a record pays."""
+    import logging
+    import time
+
+    from faust.transport.consumer import Consumer
+
+    from stream import ingest
+
+    log = logging.getLogger("intentstream.fetches")
+    seen: dict[str, Any] = {"calls": 0, "fetches": 0, "records": 0, "since": time.monotonic(), "cpu": _threads_cpu()}
+    put, wait_next = ingest.InputQueue.put, Consumer._wait_next_records
+
+    async def counted_put(self: Any, batch: Any) -> None:
+        seen["fetches"] += 1
+        seen["records"] += ingest.size(batch)
+        now = time.monotonic()
+        if now - seen["since"] >= 5.0:
+            cpu = _threads_cpu()
+            n = max(1, seen["records"])
+            per_thread = " ".join(
+                f"{name}_us={(cpu[name] - seen['cpu'].get(name, 0.0)) / n * 1e6:.1f}" for name in sorted(cpu)
+            )
+            log.warning(
+                "event=fetch_sizes seconds=%.1f getmany=%d fetches=%d records=%d records_per_fetch=%.1f %s",
+                now - seen["since"], seen["calls"], seen["fetches"], seen["records"],
+                seen["records"] / max(1, seen["fetches"]), per_thread,
+            )  # fmt: skip
+            seen.update(calls=0, fetches=0, records=0, since=now, cpu=cpu)
+        await put(self, batch)
+
+    async def counted_wait(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen["calls"] += 1
+        return await wait_next(self, *args, **kwargs)
+
+    ingest.InputQueue.put = counted_put  # type: ignore[method-assign]
+    Consumer._wait_next_records = counted_wait  # type: ignore[method-assign]
+
+
+def _threads_cpu() -> dict[str, float]:
+    """CPU seconds of each thread of this process by name (main, or the first word of a thread's name)."""
+    import os
+
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        name = "main" if int(tid) == os.getpid() else name.split("-")[0].lower() or "thread"
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def gc_freeze() -> None:
     """``gc.freeze()`` once the first batch is processed (imports, the app and the restored tables are in place):
     what existed then leaves the cyclic collector's generations, so a full collection no longer walks it. Logs
@@ -410,10 +472,12 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "batch-wait-5": setting("batch_max_ms", 5.0),
     "batch-512": setting("batch_max_events", 512),
     "batch-1024": setting("batch_max_events", 1024),
+    "backlog-256": setting("batch_backlog_events", 256),  # no bigger batches for a backlog: the worker before them
     "reasons-lists": reasons_lists,
     "gc-log": gc_log,
     "step-times": step_times,
     "wait-times": wait_times,
+    "fetch-sizes": fetch_sizes,
     "gc-freeze": gc_freeze,
     "gc-young-700": gc_young(700),
     "gc-young-10k": gc_young(10_000),

@@ -131,6 +131,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
 
     asyncio.run(prepare())
     compat.bound_fetch_wait(settings.fetch_max_wait_ms)
+    max_fetch = max(settings.batch_max_events, settings.batch_backlog_events)
     datadir = datadir or settings.state_dir / f"worker-{settings.web_port}"
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -152,8 +153,9 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         web_enabled=True,
         web_in_thread=False,
         consumer_auto_offset_reset="earliest",
-        # One fetch is at most one batch; the input queue holds at most queue_max_events records.
-        broker_max_poll_records=settings.batch_max_events,
+        # A fetch handed over holds at most what a batch of a backlog takes (under paced traffic fetches are small
+        # anyway); the input queue holds at most queue_max_events records.
+        broker_max_poll_records=max_fetch,
         # Records are bytes in and bytes out (orjson, the binary state codec); tables use these defaults.
         key_serializer="raw",
         value_serializer="raw",
@@ -187,7 +189,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
 
     delivery = Delivery(app, users, settings, exactly_once)
     offsets = InputOffsets(settings, read_committed=exactly_once)  # ours, not Faust's (stream/offsets.py)
-    inputs = InputQueue(max_fetches=settings.queue_max_events // settings.batch_max_events)
+    inputs = InputQueue(max_fetches=settings.queue_max_events // max_fetch)
     compat.divert_input_topic(app, settings.topic_clickstream, inputs.put)
     # A batch holds this from its admission to its last state write, and so does every offset commit: a commit
     # sees a batch whole or not at all. Under exactly-once a transaction never commits part of a batch.
@@ -309,7 +311,9 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                         await delivery.complete()
                     except Exception as exc:
                         exit_without_commit("delivery_failed", exc)
-            fetches = await inputs.take(settings.batch_max_events, settings.batch_max_ms / 1000)
+            fetches = await inputs.take(
+                settings.batch_max_events, settings.batch_max_ms / 1000, settings.batch_backlog_events
+            )
             async with batch_lock:
                 if stall.check():
                     exit_without_commit("stalled", None)

@@ -2,7 +2,9 @@
 
 The consumer hands over every fetch of the input topic whole (``stream.compat.divert_input_topic``) into
 a bounded queue; the scoring loop takes whole fetches until a batch holds ``batch_max_events`` records or its
-first fetch has waited ``batch_max_ms``. A full queue holds the fetcher back (back-pressure, bounded memory).
+first fetch has waited ``batch_max_ms``, then, without waiting, whatever more is queued already, up to
+``batch_backlog_events`` records: a worker that is behind scores bigger batches, which cost less per event, while
+one that keeps up never waits for them. A full queue holds the fetcher back (back-pressure, bounded memory).
 Admission (``admit``) keeps, per partition, the next records in offset order, once (``stream.offsets``); the
 records stay aiokafka ConsumerRecords, bytes, until the engine decodes them.
 """
@@ -45,10 +47,11 @@ class InputQueue:
                 return n
             n += 1
 
-    async def take(self, max_events: int, within_s: float) -> list[FetchedBatch]:
+    async def take(self, max_events: int, within_s: float, backlog_events: int = 0) -> list[FetchedBatch]:
         """Whole fetches, the first awaited, until they hold ``max_events`` records or ``within_s`` has passed
         since the first was handed over (fetches queued while the loop scored the batch before have waited already:
-        they do not wait ``within_s`` more)."""
+        they do not wait ``within_s`` more); then the fetches queued already, with no wait, until they hold
+        ``backlog_events`` records."""
         arrived, first = await self.queue.get()
         fetches = [first]
         n = size(first)
@@ -65,6 +68,13 @@ class InputQueue:
                     _, more = await asyncio.wait_for(self.queue.get(), remaining)
                 except TimeoutError:
                     break
+            fetches.append(more)
+            n += size(more)
+        while n < backlog_events:
+            try:
+                _, more = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
             fetches.append(more)
             n += size(more)
         return fetches

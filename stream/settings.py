@@ -94,10 +94,16 @@ class Settings:
     window_size: int = _f(64, "Events kept per user in the rolling window.", minimum=1)
     batch_max_events: int = _f(
         256,
-        "Score a batch once its whole fetches hold this many events (a fetch brings at most this many) ...",
+        "Score a batch once its whole fetches hold this many events ...",
         minimum=1,
     )
     batch_max_ms: float = _f(20.0, "... or once its first fetch has waited this long (ms).", minimum=0)
+    batch_backlog_events: int = _f(
+        1024,
+        "... then also the fetches queued already, with no wait, up to this many events (a fetch brings at most this "
+        "many, or batch_max_events when higher): a worker that is behind scores bigger batches, which cost less per event.",
+        minimum=1,
+    )
     queue_max_events: int = _f(
         4096, "Bound of the input queue, in events; a full queue holds the consumer's fetches back.", minimum=1
     )

@@ -124,6 +124,35 @@ def test_a_fetch_queued_longer_than_the_wait_is_taken_without_waiting_for_more()
     assert asyncio.run(scenario()) == [10]
 
 
+def test_a_backlog_fills_a_batch_up_to_the_backlog_size_without_waiting():
+    """Past ``max_events`` a batch takes only what is queued already: a backlog makes bigger batches, while a worker
+    that keeps up never waits for them."""
+
+    async def scenario() -> tuple[list[int], list[int], list[int], bool]:
+        q = InputQueue(max_fetches=8)
+        for i in range(6):
+            await q.put(fetch(1, {0: range(i * 10, i * 10 + 10)}))
+        behind = await q.take(max_events=15, within_s=0.05, backlog_events=35)  # 20 >= 15, then 40 >= 35
+        rest = await q.take(max_events=15, within_s=0.05, backlog_events=35)  # the two left: 20, none queued more
+        await q.put(fetch(1, {0: range(60, 80)}))
+        kept_up = asyncio.ensure_future(q.take(max_events=15, within_s=5.0, backlog_events=1000))
+        for _ in range(3):
+            await asyncio.sleep(0)  # a take that waited for more would still be pending here
+        done = kept_up.done()
+        q.queue.put_nowait((0.0, fetch(1, {0: range(80, 90)})))
+        taken = await kept_up
+        return (
+            [len(f.records[0]) for f in behind],
+            [len(f.records[0]) for f in rest],
+            [len(f.records[0]) for f in taken],
+            done,
+        )
+
+    behind, rest, kept_up, done = asyncio.run(scenario())
+    assert behind == [10, 10, 10, 10] and rest == [10, 10]
+    assert done and kept_up == [20]
+
+
 def test_admission_takes_the_next_records_once_and_drops_stale_fetches():
     offsets = InputOffsets(Settings.from_env({}), read_committed=False)
     offsets.next.update({0: 100, 1: 5})
