@@ -315,6 +315,9 @@ def dlq_record(
     return orjson.dumps(record)
 
 
+SCORE_DIGITS, VALUE_DIGITS = 5, 2  # decimals of the scores and the order values of output records
+
+
 def intent_record(
     *,
     user_id: str,
@@ -329,23 +332,30 @@ def intent_record(
     scored_at_ms: int,
     reasons: list[str],
     suggestions: Sequence[tuple[str, float, str]] | orjson.Fragment | None = None,
+    rounded: tuple[float, float | None, float | None] | None = None,
 ) -> bytes:
     """Purchase-intent event. ``latency_ms``: from the input record's broker timestamp to scoring.
     ``order_value_if_purchase``: the model's predicted value of the purchase, should one come; the event carries it
     and ``expected_order_value``, the expectation: purchase probability x that value. ``suggestions``: (item_id,
     score, reason) triples (models.items.Suggestion; not imported: that module imports this one), or their JSON
     list pasted from ``suggestion_head``, ``float_texts`` and ``suggestion_tail`` (what the engine passes), None for
-    null."""
+    null. ``rounded``: the score, the expectation and the value rounded already, the same floats as ``round`` gives
+    here (the engine rounds a batch's at once: ``stream.emit.intent_numbers``)."""
+    if rounded is None:
+        value = order_value_if_purchase
+        rounded = (
+            round(score, SCORE_DIGITS),
+            None if value is None else round(score * value, VALUE_DIGITS),
+            None if value is None else round(value, VALUE_DIGITS),
+        )
     return orjson.dumps(
         {
             "schema": SCHEMA_VERSION,
             "user_id": user_id,
-            "score": round(score, 5),
+            "score": rounded[0],
             "band": band,
-            "expected_order_value": None
-            if order_value_if_purchase is None
-            else round(score * order_value_if_purchase, 2),
-            "order_value_if_purchase": None if order_value_if_purchase is None else round(order_value_if_purchase, 2),
+            "expected_order_value": rounded[1],
+            "order_value_if_purchase": rounded[2],
             "model": {"name": model_name, "version": model_version},
             "event_id": event_id,
             "event_ts": event_ts,

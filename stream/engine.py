@@ -304,12 +304,14 @@ class Engine:
     ) -> None:
         model_name, model_version, topic = model.name, model.version, self.settings.topic_intent
         outputs = result.outputs
-        for (uid, rec, ev, p, band), why, offer in zip(emitted, reasons, suggestions, strict=True):
+        numbers = emit.intent_numbers(np.array([e[3] for e in emitted], dtype=np.float64))
+        for (uid, rec, ev, p, band), why, offer, rounded in zip(emitted, reasons, suggestions, numbers, strict=True):
             value = contract.intent_record(
                 user_id=uid,
                 score=p[0],
                 band=BANDS[band],
                 order_value_if_purchase=p[2],
+                rounded=rounded,
                 model_name=model_name,
                 model_version=model_version,
                 event_id=ev.event_id,

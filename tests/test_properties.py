@@ -36,10 +36,13 @@ from stream.contract import (
     MAX_PRICE,
     MAX_QUANTITY,
     MAX_TS_MS,
+    SCORE_DIGITS,
+    VALUE_DIGITS,
     Event,
     dlq_record,
     reason_field,
 )
+from stream.emit import intent_numbers, rounded
 from stream.engine import Engine, InRecord
 from stream.settings import Settings
 from stream.state.user import HEADER, Accept, PendingWindow, UserState
@@ -362,3 +365,32 @@ def test_a_dead_letter_record_always_fits_the_producers_request_size(key, size, 
         assert len(kept) == DLQ_MAX_ORIGINAL_BYTES
     else:
         assert kept == value and "truncated" not in d
+
+
+def _same_floats(got: list[float], want: list[float]) -> bool:
+    """Bit for bit (NaN equals NaN, -0.0 is not 0.0): what orjson would write for each."""
+    return [orjson.dumps(g) for g in got] == [orjson.dumps(w) for w in want]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=50),
+    st.sampled_from([SCORE_DIGITS, VALUE_DIGITS]),
+)
+def test_batch_rounding_gives_the_floats_round_gives(values, ndigits):
+    assert _same_floats(rounded(np.array(values, dtype=np.float64), ndigits), [round(v, ndigits) for v in values])
+
+
+def test_batch_rounding_agrees_with_round_on_halves_and_their_neighbours():
+    """Values whose scaled double sits on or next to a half, where rint(v * 10**n) alone would differ from round (2.675
+    is 2.67499999... exactly: round gives 2.67), and the scores and order values the engine emits."""
+    rng = np.random.default_rng(7)
+    for ndigits in (SCORE_DIGITS, VALUE_DIGITS):
+        halves = (rng.integers(0, 10**ndigits * 1000, 20_000) + 0.5) / 10**ndigits
+        near = np.concatenate([halves, np.nextafter(halves, 0), np.nextafter(halves, 10**9), [2.675, 1.005, 0.125]])
+        assert _same_floats(rounded(near, ndigits), [round(float(v), ndigits) for v in near])
+    probs = np.column_stack([rng.random(20_000), rng.random(20_000), rng.random(20_000) * 500]).astype(np.float32)
+    want = [
+        (round(p[0], SCORE_DIGITS), round(p[0] * p[2], VALUE_DIGITS), round(p[2], VALUE_DIGITS)) for p in probs.tolist()
+    ]
+    assert intent_numbers(probs) == want
