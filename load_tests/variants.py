@@ -351,6 +351,17 @@ def _threads_cpu() -> dict[str, float]:
     return out
 
 
+def switch_interval(seconds: float) -> Callable[[], None]:
+    """Python's GIL switch interval (default 5 ms): how long the scoring loop may hold the GIL while Faust's consumer
+    thread, which needs it for every step of a fetch, waits. Measured 1 ms on 4 December: capacity unchanged in two
+    side-by-side runs of three turns, p99 worse at 12,000 events/s (docs/performance.md, ninth pass)."""
+
+    def patch() -> None:
+        sys.setswitchinterval(seconds)
+
+    return patch
+
+
 def gc_freeze() -> None:
     """``gc.freeze()`` once the first batch is processed (imports, the app and the restored tables are in place):
     what existed then leaves the cyclic collector's generations, so a full collection no longer walks it. Logs
@@ -479,6 +490,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "wait-times": wait_times,
     "fetch-sizes": fetch_sizes,
     "gc-freeze": gc_freeze,
+    "switch-1ms": switch_interval(0.001),
     "gc-young-700": gc_young(700),
     "gc-young-10k": gc_young(10_000),
     "items-before": items_before,
