@@ -154,7 +154,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         web_in_thread=False,
         consumer_auto_offset_reset="earliest",
         # A fetch handed over holds at most what a batch of a backlog takes (under paced traffic fetches are small
-        # anyway); the input queue holds at most queue_max_events records.
+        # anyway); the input queue holds queue_max_events records and at most one fetch more.
         broker_max_poll_records=max_fetch,
         # Records are bytes in and bytes out (orjson, the binary state codec); tables use these defaults.
         key_serializer="raw",
@@ -189,7 +189,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
 
     delivery = Delivery(app, users, settings, exactly_once)
     offsets = InputOffsets(settings, read_committed=exactly_once)  # ours, not Faust's (stream/offsets.py)
-    inputs = InputQueue(max_fetches=settings.queue_max_events // max_fetch)
+    inputs = InputQueue(max_events=settings.queue_max_events)
     compat.divert_input_topic(app, settings.topic_clickstream, inputs.put)
     # A batch holds this from its admission to its last state write, and so does every offset commit: a commit
     # sees a batch whole or not at all. Under exactly-once a transaction never commits part of a batch.

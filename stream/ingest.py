@@ -4,7 +4,8 @@ The consumer hands over every fetch of the input topic whole (``stream.compat.di
 a bounded queue; the scoring loop takes whole fetches until a batch holds ``batch_max_events`` records or its
 first fetch has waited ``batch_max_ms``, then, without waiting, whatever more is queued already, up to
 ``batch_backlog_events`` records: a worker that is behind scores bigger batches, which cost less per event, while
-one that keeps up never waits for them. A full queue holds the fetcher back (back-pressure, bounded memory).
+one that keeps up never waits for them. A queue holding ``queue_max_events`` records holds the fetcher back
+(back-pressure, bounded memory).
 Admission (``admit``) keeps, per partition, the next records in offset order, once (``stream.offsets``); the
 records stay aiokafka ConsumerRecords, bytes, until the engine decodes them.
 """
@@ -24,25 +25,40 @@ log = logging.getLogger("intentstream.worker")
 
 @dataclass
 class InputQueue:
-    """Fetched batches between the fetcher and the scoring loop; at most ``max_fetches`` of them."""
+    """Fetched batches between the fetcher and the scoring loop. The fetcher waits while ``max_events`` records or more
+    are queued; a fetch is never split, so the queue holds at most ``max_events`` records plus one fetch."""
 
-    max_fetches: int
+    max_events: int
     queue: asyncio.Queue = field(init=False)
+    queued_events: int = field(init=False, default=0)
+    _room: asyncio.Event = field(init=False)
 
     def __post_init__(self) -> None:
-        self.queue = asyncio.Queue(maxsize=max(1, self.max_fetches))
+        self.queue = asyncio.Queue()  # bounded in records, by ``put``
+        self._room = asyncio.Event()
+        self._room.set()
 
     async def put(self, batch: FetchedBatch) -> None:
+        while self.queued_events >= self.max_events:
+            self._room.clear()
+            await self._room.wait()
+        self.queued_events += size(batch)
         # stamped when handed over: a batch's wait counts from when its first records were here, not from when the
         # scoring loop, busy with the batch before, came to take them
-        await self.queue.put((asyncio.get_running_loop().time(), batch))
+        self.queue.put_nowait((asyncio.get_running_loop().time(), batch))
+
+    def _taken(self, item: tuple[float, FetchedBatch]) -> tuple[float, FetchedBatch]:
+        self.queued_events -= size(item[1])
+        if self.queued_events < self.max_events:
+            self._room.set()
+        return item
 
     def clear(self) -> int:
         """Drop what is queued (a revocation: those records are replayed by their partitions' next owners)."""
         n = 0
         while True:
             try:
-                self.queue.get_nowait()
+                self._taken(self.queue.get_nowait())
             except asyncio.QueueEmpty:
                 return n
             n += 1
@@ -51,28 +67,28 @@ class InputQueue:
         """Whole fetches, the first awaited, until they hold ``max_events`` records or ``within_s`` has passed
         since the first was handed over (fetches queued while the loop scored the batch before have waited already:
         they do not wait ``within_s`` more); then the fetches queued already, with no wait, until they hold
-        ``backlog_events`` records."""
-        arrived, first = await self.queue.get()
+        ``backlog_events`` records. Fetches are whole: a batch passes either size by less than one fetch."""
+        arrived, first = self._taken(await self.queue.get())
         fetches = [first]
         n = size(first)
         loop = asyncio.get_running_loop()
         deadline = arrived + within_s
         while n < max_events:
             try:
-                _, more = self.queue.get_nowait()
+                _, more = self._taken(self.queue.get_nowait())
             except asyncio.QueueEmpty:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 try:
-                    _, more = await asyncio.wait_for(self.queue.get(), remaining)
+                    _, more = self._taken(await asyncio.wait_for(self.queue.get(), remaining))
                 except TimeoutError:
                     break
             fetches.append(more)
             n += size(more)
         while n < backlog_events:
             try:
-                _, more = self.queue.get_nowait()
+                _, more = self._taken(self.queue.get_nowait())
             except asyncio.QueueEmpty:
                 break
             fetches.append(more)

@@ -94,7 +94,7 @@ def fetch(generation: int, runs: dict[int, range]) -> FetchedBatch:
 
 def test_queue_takes_whole_fetches_up_to_the_batch_size_or_the_wait():
     async def scenario() -> tuple[list[int], list[int], int]:
-        q = InputQueue(max_fetches=8)
+        q = InputQueue(max_events=1000)
         for i in range(3):
             await q.put(fetch(1, {0: range(i * 10, i * 10 + 10)}))
         first = await q.take(max_events=15, within_s=0.0)  # 10 < 15: a second fetch joins, then 20 >= 15
@@ -111,11 +111,11 @@ def test_a_fetch_queued_longer_than_the_wait_is_taken_without_waiting_for_more()
     with the batch before have waited already."""
 
     async def scenario() -> list[int]:
-        q = InputQueue(max_fetches=8)
+        q = InputQueue(max_events=1000)
         await q.put(fetch(1, {0: range(0, 10)}))
         await asyncio.sleep(0.06)  # the scoring loop busy with the batch before
         later = asyncio.get_running_loop().call_later(
-            0.01, lambda: q.queue.put_nowait((0.0, fetch(1, {0: range(10, 20)})))
+            0.01, lambda: asyncio.ensure_future(q.put(fetch(1, {0: range(10, 20)})))
         )
         taken = await q.take(max_events=100, within_s=0.05)
         later.cancel()
@@ -129,7 +129,7 @@ def test_a_backlog_fills_a_batch_up_to_the_backlog_size_without_waiting():
     that keeps up never waits for them."""
 
     async def scenario() -> tuple[list[int], list[int], list[int], bool]:
-        q = InputQueue(max_fetches=8)
+        q = InputQueue(max_events=1000)
         for i in range(6):
             await q.put(fetch(1, {0: range(i * 10, i * 10 + 10)}))
         behind = await q.take(max_events=15, within_s=0.05, backlog_events=35)  # 20 >= 15, then 40 >= 35
@@ -139,7 +139,7 @@ def test_a_backlog_fills_a_batch_up_to_the_backlog_size_without_waiting():
         for _ in range(3):
             await asyncio.sleep(0)  # a take that waited for more would still be pending here
         done = kept_up.done()
-        q.queue.put_nowait((0.0, fetch(1, {0: range(80, 90)})))
+        await q.put(fetch(1, {0: range(80, 90)}))
         taken = await kept_up
         return (
             [len(f.records[0]) for f in behind],
@@ -151,6 +151,30 @@ def test_a_backlog_fills_a_batch_up_to_the_backlog_size_without_waiting():
     behind, rest, kept_up, done = asyncio.run(scenario())
     assert behind == [10, 10, 10, 10] and rest == [10, 10]
     assert done and kept_up == [20]
+
+
+def test_the_queue_holds_the_fetcher_back_past_its_records_and_never_splits_a_fetch():
+    async def scenario() -> tuple[list[bool], list[int], int]:
+        q = InputQueue(max_events=25)
+        await q.put(fetch(1, {0: range(0, 40)}))  # bigger than the bound: an empty queue takes any fetch whole
+        held = asyncio.ensure_future(q.put(fetch(1, {0: range(40, 50)})))
+        await asyncio.sleep(0)
+        states = [held.done()]  # 40 >= 25 queued: the fetcher waits
+        first = await q.take(max_events=1, within_s=0.0)
+        await asyncio.sleep(0)
+        states.append(held.done())  # room again
+        await q.put(fetch(1, {0: range(50, 60)}))  # 10 + 10 < 25
+        await q.put(fetch(1, {0: range(60, 70)}))  # 20 < 25 before it: 30 queued now
+        third = asyncio.ensure_future(q.put(fetch(1, {0: range(70, 80)})))
+        await asyncio.sleep(0)
+        states.append(third.done())
+        cleared = q.clear()
+        await asyncio.sleep(0)
+        states.append(third.done())
+        return states, [len(f.records[0]) for f in first], cleared + q.clear()
+
+    states, first, cleared = asyncio.run(scenario())
+    assert states == [False, True, False, True] and first == [40] and cleared == 4
 
 
 def test_admission_takes_the_next_records_once_and_drops_stale_fetches():
