@@ -340,7 +340,8 @@ def intent_record(
     score, reason) triples (models.items.Suggestion; not imported: that module imports this one), or their JSON
     list pasted from ``suggestion_head``, ``float_texts`` and ``suggestion_tail`` (what the engine passes), None for
     null. ``rounded``: the score, the expectation and the value rounded already, the same floats as ``round`` gives
-    here (the engine rounds a batch's at once: ``stream.emit.intent_numbers``)."""
+    here (the engine rounds a batch's at once: ``stream.emit.intent_numbers``); when given, the record carries these
+    and reads nothing else of ``score`` and ``order_value_if_purchase``."""
     if rounded is None:
         value = order_value_if_purchase
         rounded = (

@@ -39,13 +39,19 @@ def should_emit(
     return band != state.last_band or abs(score - state.last_score) >= delta
 
 
-def rounded(values: np.ndarray, ndigits: int) -> list[float]:
-    """``[round(v, ndigits) for v in values]``: the same floats, in a few array passes (``round`` with digits costs about
-    a microsecond a call, three calls an intent event). rint(v * 10**n) / 10**n is what ``round`` gives (the integer
-    rounded, then the double nearest to it over 10**n, which IEEE division is), except where v * 10**n, itself rounded
-    to a double, lies within a hair of a half and may have crossed it: ``round`` rounds v's exact decimal value, so
-    those few (and non-finite or huge values) take ``round`` itself."""
+def round_floats(values: np.ndarray, ndigits: int) -> list[float]:
+    """``[round(v, ndigits) for v in values]``: the same floats, in a few array passes (``round`` with digits costs
+    about a microsecond a call, three calls an intent event).
+
+    Why it is the same: ``round`` rounds v's exact decimal value to an integer k of 10**-n, then returns the double
+    nearest to k / 10**n. Here k = rint(s) with s = v * 10**n rounded to a double, which is off from the exact product
+    by at most half an ulp: below 1e9 that is under 1.2e-7, so k can differ only when s lies within that of a half,
+    and values within 1e-6 of one take ``round`` itself. k / 10**n is then one IEEE division of two exact doubles
+    (k < 2**53, and 10**n for n <= 22), the nearest double to the quotient, as ``round`` returns. Non-finite, huge
+    and other-digit values take ``round`` too."""
     values = np.asarray(values, dtype=np.float64)
+    if not 0 <= ndigits <= 22:
+        return [round(float(v), ndigits) for v in values]
     scale = 10.0**ndigits
     with np.errstate(over="ignore", invalid="ignore"):
         scaled = values * scale
@@ -62,7 +68,11 @@ def intent_numbers(probs: np.ndarray) -> list[tuple[float, float, float]]:
     rows, rounded as ``contract.intent_record`` rounds them (its ``rounded``), for a whole batch at once."""
     probs = np.asarray(probs, dtype=np.float64).reshape(-1, 3)
     score, value = probs[:, 0], probs[:, 2]
-    columns = rounded(score, SCORE_DIGITS), rounded(score * value, VALUE_DIGITS), rounded(value, VALUE_DIGITS)
+    columns = (
+        round_floats(score, SCORE_DIGITS),
+        round_floats(score * value, VALUE_DIGITS),
+        round_floats(value, VALUE_DIGITS),
+    )
     return list(zip(*columns, strict=True))
 
 
@@ -212,6 +222,6 @@ __all__ = [
     "intent_numbers",
     "intent_reasons",
     "intent_reasons_at",
-    "rounded",
+    "round_floats",
     "should_emit",
 ]
