@@ -517,6 +517,7 @@ class Peer:
                     "emit_policy": "every_event",
                     "batch_max_events": self.base.batch_max_events,
                     "batch_max_ms": self.base.batch_max_ms,
+                    "batch_backlog_events": self.base.batch_backlog_events,
                     "processing_guarantee": self.base.processing_guarantee,
                 },
                 "quix": {

@@ -41,7 +41,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"torch {m.get('torch')}, CUDA: {m.get('cuda') or 'none'}.",
         f"Model: {r.get('model', {}).get('name')} {r.get('model', {}).get('version')} "
         f"({r.get('model', {}).get('arch')}). Workers per system: {cfg.get('workers')}; partitions "
-        f"{cfg.get('partitions')}; batch {cfg.get('batch_max_events')} events / {cfg.get('batch_max_ms')} ms; "
+        f"{cfg.get('partitions')}; batch {cfg.get('batch_max_events')} events / {cfg.get('batch_max_ms')} ms, "
+        f"up to {cfg.get('batch_backlog_events', cfg.get('batch_max_events'))} from a backlog; "
         f"emit policy every_event.",
         f"Traffic: simulator users, population {_fmt(cfg.get('users'))}; distinct users sent to the engine in the "
         f"steps: {_fmt(r.get('distinct_users'))}.",

@@ -527,6 +527,7 @@ class Run:
                 "partitions": self.base.partitions,
                 "batch_max_events": self.base.batch_max_events,
                 "batch_max_ms": self.base.batch_max_ms,
+                "batch_backlog_events": self.base.batch_backlog_events,
                 "torch_threads": self.base.torch_threads,
                 "emit_policy": "every_event",
                 "device": self.base.device,
