@@ -131,7 +131,6 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
 
     asyncio.run(prepare())
     compat.bound_fetch_wait(settings.fetch_max_wait_ms)
-    max_fetch = max(settings.batch_max_events, settings.batch_backlog_events)
     datadir = datadir or settings.state_dir / f"worker-{settings.web_port}"
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -155,7 +154,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         consumer_auto_offset_reset="earliest",
         # A fetch handed over holds at most what a batch of a backlog takes (under paced traffic fetches are small
         # anyway); the input queue holds queue_max_events records and at most one fetch more.
-        broker_max_poll_records=max_fetch,
+        broker_max_poll_records=max(settings.batch_max_events, settings.batch_backlog_events),
         # Records are bytes in and bytes out (orjson, the binary state codec); tables use these defaults.
         key_serializer="raw",
         value_serializer="raw",

@@ -73,24 +73,17 @@ class InputQueue:
         n = size(first)
         loop = asyncio.get_running_loop()
         deadline = arrived + within_s
-        while n < max_events:
+        while n < max(max_events, backlog_events):
             try:
                 _, more = self._taken(self.queue.get_nowait())
             except asyncio.QueueEmpty:
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if n >= max_events or remaining <= 0:  # past max_events a batch takes only what is queued
                     break
                 try:
                     _, more = self._taken(await asyncio.wait_for(self.queue.get(), remaining))
                 except TimeoutError:
                     break
-            fetches.append(more)
-            n += size(more)
-        while n < backlog_events:
-            try:
-                _, more = self._taken(self.queue.get_nowait())
-            except asyncio.QueueEmpty:
-                break
             fetches.append(more)
             n += size(more)
         return fetches
