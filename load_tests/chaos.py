@@ -384,8 +384,8 @@ def account(inputs: list[Any], intents: list[Any], dlq: list[Any], alerts: list[
     }
 
 
-def expected_windows(settings: Settings, inputs: list[Any]) -> dict[str, str]:
-    """Each user's window after the input records in partition order, without any fault (the engine's own rules:
+def expected_windows(settings: Settings, inputs: list[Any]) -> dict[str, Any]:
+    """Each user's state after the input records in partition order, without any fault (the engine's own rules:
     the validator, then UserState.accept; rejected records leave the state alone)."""
     from models.features import FeaturizerConfig
     from stream.contract import Event, validate
@@ -398,21 +398,48 @@ def expected_windows(settings: Settings, inputs: list[Any]) -> dict[str, str]:
         event = validate(m.value, m.key, max_bytes=settings.max_record_bytes)
         if type(event) is Event:
             states.setdefault(event.user_id, UserState()).accept(event, config, lateness_ms)
-    return {u: hashlib.sha256(st.records.tobytes()).hexdigest() for u, st in states.items()}
+    return states
 
 
-def compare_states(scenario: Scenario, expected: dict[str, str], sample: int) -> dict[str, Any]:
+def window_difference(got: dict[str, Any], expected: Any) -> dict[str, Any]:
+    """What a mismatched window holds that the replay's does not, and the reverse, as (ts, type) pairs: events
+    missing from the worker's window point at a lost or rewound state, extra ones at a repeated input."""
+    from stream.contract import EVENT_TYPES
+
+    want = list(zip(expected.records["ts"].tolist(), [EVENT_TYPES[t] for t in expected.records["type"]], strict=True))
+    have = list(zip(got.get("ts", []), got.get("type", []), strict=True))
+    missing, extra = Counter(want) - Counter(have), Counter(have) - Counter(want)
+    return {
+        "events": len(have),
+        "expected_events": len(want),
+        "missing": sorted(missing.elements())[:5],
+        "extra": sorted(extra.elements())[:5],
+        "last_ts": max((t for t, _ in have), default=None),
+        "expected_last_ts": max((t for t, _ in want), default=None),
+    }
+
+
+def compare_states(scenario: Scenario, expected: dict[str, Any], sample: int) -> dict[str, Any]:
     worker = next(w for w in scenario.workers if w.wanted and w.alive())
     users = sorted(expected)
     if sample and len(users) > sample:
         step = len(users) / sample
         users = [users[int(i * step)] for i in range(sample)]
     mismatches: list[str] = []
+    details: dict[str, Any] = {}
     for user in users:
         got = worker.get(f"/users/{user}/score?window=1")
-        if got.get("window", {}).get("sha256") != expected[user]:
+        window = got.get("window", {})
+        if window.get("sha256") != hashlib.sha256(expected[user].records.tobytes()).hexdigest():
             mismatches.append(user)
-    return {"users_checked": len(users), "state_mismatches": len(mismatches), "mismatch_examples": mismatches[:10]}
+            if len(details) < 5:
+                details[user] = window_difference(window, expected[user]) if window else got
+    return {
+        "users_checked": len(users),
+        "state_mismatches": len(mismatches),
+        "mismatch_examples": mismatches[:10],
+        "mismatch_details": details,
+    }
 
 
 # ---- the scenario ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def test_chaos_loses_nothing(guarantee: str, tmp_path: Path):
     assert result["lost"] == 0, result["lost_examples"]
     assert result["inputs"] == result["scored"] + result["dlq"]
     assert result["scored"] > 0 and result["dlq"] > 0  # malformed records were in the trace
-    assert result["state_mismatches"] == 0, result["mismatch_examples"]
+    assert result["state_mismatches"] == 0, result["mismatch_details"]
     assert len(result["recovery_s"]) == 4  # kill + restart, rebalance, broker restart, pause
     assert set(result["model_versions"]) == {"v0001", "v0002"}  # the swap happened during traffic
     if guarantee == "exactly_once":
