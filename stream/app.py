@@ -18,6 +18,7 @@ import shutil
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -69,12 +70,17 @@ class StallWatch:
     """A worker frozen (SIGSTOP, a VM pause) for longer than its group session is no longer the owner of its
     partitions when it wakes up, but it does not know yet, and under at-least-once nothing fences it: it would
     write the states of the batch in its hands over the newer ones of the new owner (the changelog goes back in
-    time for those users). After such a stall the worker exits rather than write (the owner replays the batch).
+    time for those users), and the acknowledgement of a changelog send that was still in aiokafka's hands would
+    move its store's persisted changelog offset past the new owner's records, which its next restore would then
+    skip. After such a stall the worker exits rather than write (the owner replays the batch): from the watchdog
+    thread as soon as it wakes, before the event loop gets far, and from any write that comes first (``check``).
     A thread keeps the time: it misses its ticks only when the whole process is frozen, not when the event loop
     is merely busy (restoring tables, say)."""
 
-    def __init__(self, limit_s: float):
+    def __init__(self, limit_s: float, on_stall: Callable[[float], None], period_s: float = 0.25):
         self.limit_s = limit_s
+        self.period_s = period_s
+        self.on_stall = on_stall
         self.alive_at = time.monotonic()
         self.stalled = False
         threading.Thread(target=self._tick, name="stall-watchdog", daemon=True).start()
@@ -86,11 +92,15 @@ class StallWatch:
 
     def _tick(self) -> None:
         while True:
-            time.sleep(0.25)
-            was = self.stalled
-            if self.check() and not was:  # logged once; the next batch exits
-                log.warning("event=stalled seconds=%.1f", time.monotonic() - self.alive_at)
-            self.alive_at = time.monotonic()
+            time.sleep(self.period_s)
+            # One reading of the clock for the test and the new mark: a freeze between two readings would set the
+            # mark after the freeze and hide it.
+            now = time.monotonic()
+            if now - self.alive_at > self.limit_s:
+                self.stalled = True
+                log.warning("event=stalled seconds=%.1f", now - self.alive_at)
+                self.on_stall(now - self.alive_at)
+            self.alive_at = now
 
 
 GC_YOUNG_THRESHOLD = 50_000  # net container allocations between two collections of the youngest generation
@@ -197,7 +207,8 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
     # once it is done Faust seeks every partition back to its committed offset, so their partition's owner replays
     # them. Applying them now would apply them twice.
     stale_upto_generation = -1
-    stall = StallWatch(limit_s=float(app.conf.broker_session_timeout) / 2)  # half: the member may have expired
+    # half the session: the member may have expired
+    stall = StallWatch(float(app.conf.broker_session_timeout) / 2, lambda _s: exit_without_commit("stalled", None))
 
     def restore_sessions(partition: int) -> None:
         """After an assignment: rebuild the open-session index and watermark of a partition from the table."""

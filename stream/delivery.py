@@ -77,7 +77,9 @@ class Delivery:
     inflight_states: dict[str, bytes] = field(default_factory=dict)  # user -> state of the batch in flight
     changelog_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held while changelog records are sent
     changelog_failure: BaseException | None = None  # at-least-once: the first changelog send that failed
-    before_write: Callable[[], None] | None = None  # called between the acknowledgements and the state writes
+    # called between the acknowledgements and the state writes, before changelog sends and before a changelog
+    # offset is recorded as persisted: ends the worker after a stall (stream/app.py StallWatch)
+    before_write: Callable[[], None] | None = None
     on_written: Callable[[dict[int, int]], None] | None = None  # a batch's input offsets, once written
 
     def producer(self, partition: int) -> Any:
@@ -210,6 +212,8 @@ class Delivery:
             if self.changelog_failure is None:
                 self.changelog_failure = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
             return
+        if self.before_write is not None:  # a send acknowledged after a stall may have landed after a new owner's
+            self.before_write()  # records: its offset must not become the store's (the restore would skip theirs)
         meta = fut.result()
         self.table.data.set_persisted_offset(meta.topic_partition, meta.offset + n_records - 1)
 

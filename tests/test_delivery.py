@@ -234,6 +234,49 @@ def test_a_changelog_send_that_failed_unawaited_blocks_every_later_commit():
     asyncio.run(scenario())
 
 
+def test_a_changelog_acknowledgement_after_a_stall_records_no_persisted_offset():
+    """A changelog send still in aiokafka's hands when the worker froze lands after the new owner's records; its
+    offset must not become the store's persisted one (the next restore would skip the new owner's states): the
+    acknowledgement goes through ``before_write``, which ends a stalled worker (here: raises)."""
+
+    class Stalled(Exception):
+        pass
+
+    async def scenario() -> None:
+        settings, producer, delivery, _offsets = _setup()
+        stalled = False
+
+        def before_write() -> None:
+            if stalled:
+                raise Stalled
+
+        delivery.before_write = before_write
+        await delivery.start_batch(_batch(settings, 3, "u1"), {0: 3})
+        producer.acknowledge(settings.topic_intent)
+        await delivery.complete()
+        await delivery.send_changelog()
+        stalled = True  # frozen now; the acknowledgement comes after
+        loop = asyncio.get_running_loop()
+        errors: list[BaseException] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context["exception"]))
+        assert producer.acknowledge("users-changelog") == 1
+        await asyncio.sleep(0)
+        assert [type(e) for e in errors] == [Stalled]
+        assert delivery.table.data.persisted == {}
+
+        # the same acknowledgement without a stall is recorded
+        stalled = False
+        await delivery.start_batch(_batch(settings, 4, "u2"), {0: 4})
+        producer.acknowledge(settings.topic_intent)
+        await delivery.complete()
+        await delivery.send_changelog()
+        producer.acknowledge("users-changelog")
+        await asyncio.sleep(0)
+        assert delivery.table.data.persisted == {TP("users-changelog", 0): 0}
+
+    asyncio.run(scenario())
+
+
 def test_a_closed_record_batch_is_sent_without_lingering_and_an_open_one_lingers():
     """What ``Delivery.send`` relies on in aiokafka (pinned in pyproject.toml): the sender takes a batch handed over by
     ``send_batch`` at once when it is closed, and only after ``linger_ms`` when it is open."""
