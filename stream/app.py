@@ -173,6 +173,12 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         producer_compression_type=None if settings.producer_compression == "none" else settings.producer_compression,
         producer_max_batch_size=262_144,
         table_key_index_size=100_000,
+        # No standby replicas. A standby buffers the changelog records it reads in memory (up to the table's
+        # recovery_buffer_size) and writes them at the next rebalance; in the chaos scenario a standby promoted to
+        # owner once started its recovery at the changelog's end with most of those records not in its store (99
+        # users of a partition unknown afterwards; load_tests/chaos.py). Without standbys, a partition's new owner
+        # restores it from its own store's persisted offset (or from the start): slower to take over, never wrong.
+        table_standby_replicas=0,
     )
     exactly_once = settings.processing_guarantee == "exactly_once"
     if exactly_once:
@@ -375,10 +381,11 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
     async def on_assigned(app: faust.App, assigned: set, **kwargs: Any) -> None:
         """Exactly-once: drop the transactional producers of partitions this worker no longer owns.
 
-        Faust stops them only for revoked partitions that are not standbys here, and with standby replicas (on by
-        default) a partition handed to another worker usually stays as a standby: its producer, fenced by the
-        new owner, was kept and reused when the partition came back, and the first send failed (ProducerFenced).
-        Dropped now, it is created afresh (a new epoch) if the partition returns."""
+        Faust stops them only for revoked partitions that are not standbys here, and with standby replicas (Faust's
+        default; off here since, see ``table_standby_replicas``) a partition handed to another worker usually stayed
+        as a standby: its producer, fenced by the new owner, was kept and reused when the partition came back, and
+        the first send failed (ProducerFenced). Dropped now, it is created afresh (a new epoch) if the partition
+        returns, whatever the standby setting."""
         if not exactly_once:
             return
         assignor = app.assignor
