@@ -324,3 +324,23 @@ def test_the_worker_produces_compressed_record_batches(setting, codec, tmp_path,
     assert app.producer._settings_default()["compression_type"] == codec  # what Faust builds its producers with
     if codec is not None:
         assert getattr(aiokafka.codec, f"has_{codec}")()
+
+
+def test_the_worker_keeps_no_standby_replicas(tmp_path, monkeypatch):
+    """A standby buffers the changelog records it reads in memory and writes them at the next rebalance; one
+    promoted to owner in the chaos scenario started its recovery at the changelog's end without most of them in its
+    store (docs/reliability.md, section 3). The worker's partition assignor therefore assigns no standbys: a new
+    owner restores from its own store's persisted offset."""
+    import stream.topics
+    from stream.app import create_app
+    from tests.helpers import write_model
+
+    async def nothing(*args: object, **kwargs: object) -> None:
+        return None
+
+    monkeypatch.setattr(stream.topics, "ensure_topics_async", nothing)
+    monkeypatch.setattr(stream.topics, "init_group_offsets", nothing)
+    write_model(tmp_path / "models")
+    app = create_app(Settings.from_env({}, state_dir=str(tmp_path / "state"), model_dir=str(tmp_path / "models")))
+    assert app.conf.table_standby_replicas == 0
+    assert app.assignor.replicas == 0
