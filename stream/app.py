@@ -74,8 +74,10 @@ class StallWatch:
     move its store's persisted changelog offset past the new owner's records, which its next restore would then
     skip. After such a stall the worker exits rather than write (the owner replays the batch): from the watchdog
     thread as soon as it wakes, before the event loop gets far, and from any write that comes first (``check``).
-    A thread keeps the time: it misses its ticks only when the whole process is frozen, not when the event loop
-    is merely busy (restoring tables, say)."""
+    A thread keeps the time: it misses its ticks when the whole process is frozen, or when one call holds the GIL
+    for longer than the limit (half the session timeout: the member would have expired anyway), not when the event
+    loop is merely busy (restoring tables, say). Started with the scoring loop (``start``), not with the app, so
+    that building an app (the tests do) leaves no watchdog behind."""
 
     def __init__(self, limit_s: float, on_stall: Callable[[float], None], period_s: float = 0.25):
         self.limit_s = limit_s
@@ -83,10 +85,16 @@ class StallWatch:
         self.on_stall = on_stall
         self.alive_at = time.monotonic()
         self.stalled = False
-        threading.Thread(target=self._tick, name="stall-watchdog", daemon=True).start()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self.alive_at = time.monotonic()
+            self._thread = threading.Thread(target=self._tick, name="stall-watchdog", daemon=True)
+            self._thread.start()
 
     def check(self) -> bool:
-        if time.monotonic() - self.alive_at > self.limit_s:  # frozen, and the thread has not run since
+        if self._thread is not None and time.monotonic() - self.alive_at > self.limit_s:  # frozen, no tick since
             self.stalled = True
         return self.stalled
 
@@ -98,9 +106,15 @@ class StallWatch:
             now = time.monotonic()
             if now - self.alive_at > self.limit_s:
                 self.stalled = True
-                log.warning("event=stalled seconds=%.1f", now - self.alive_at)
-                self.on_stall(now - self.alive_at)
+                self.on_stall(now - self.alive_at)  # the worker's ends the process here, before anything else
             self.alive_at = now
+
+
+def exit_stalled(seconds: float) -> NoReturn:
+    """The watchdog's exit: one line written straight to stderr and out, without the logging machinery (whose locks
+    and flushes would give the event loop more time to write after the stall)."""
+    os.write(2, f"event=stalled seconds={seconds:.1f}; exiting without an offset commit\n".encode())
+    os._exit(70)
 
 
 GC_YOUNG_THRESHOLD = 50_000  # net container allocations between two collections of the youngest generation
@@ -173,11 +187,12 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         producer_compression_type=None if settings.producer_compression == "none" else settings.producer_compression,
         producer_max_batch_size=262_144,
         table_key_index_size=100_000,
-        # No standby replicas. A standby buffers the changelog records it reads in memory (up to the table's
-        # recovery_buffer_size) and writes them at the next rebalance; in the chaos scenario a standby promoted to
-        # owner once started its recovery at the changelog's end with most of those records not in its store (99
-        # users of a partition unknown afterwards; load_tests/chaos.py). Without standbys, a partition's new owner
-        # restores it from its own store's persisted offset (or from the start): slower to take over, never wrong.
+        # No standby replicas. A standby's first changelog records can be fetched between its partitions' resume and
+        # the end of the rebalance, when Faust clears its changelog queue (flow_control.resume: clear_on_resume);
+        # its recovery accepts any higher offset, so its read offset then jumps past records it never applied. In
+        # the chaos scenario a standby promoted to owner started its recovery at the changelog's end with most of a
+        # partition's users missing (docs/reliability.md, section 3). Without standbys a partition's new owner
+        # restores it, paused, up to the changelog's end before that clear: slower to take over, not exposed to it.
         table_standby_replicas=0,
     )
     exactly_once = settings.processing_guarantee == "exactly_once"
@@ -214,7 +229,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
     # them. Applying them now would apply them twice.
     stale_upto_generation = -1
     # half the session: the member may have expired
-    stall = StallWatch(float(app.conf.broker_session_timeout) / 2, lambda _s: exit_without_commit("stalled", None))
+    stall = StallWatch(float(app.conf.broker_session_timeout) / 2, exit_stalled)
 
     def restore_sessions(partition: int) -> None:
         """After an assignment: rebuild the open-session index and watermark of a partition from the table."""
@@ -320,6 +335,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
 
     async def score_batches() -> None:
         startup_frozen = False
+        stall.start()
         while True:
             if delivery.inflight is not None and inputs.queue.empty():
                 async with batch_lock:  # nothing to overlap with: finish the batch in flight now

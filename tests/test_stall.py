@@ -6,6 +6,7 @@ pause segment of tests/test_chaos.py.)"""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -17,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import os, sys, time
 from stream.app import StallWatch
-StallWatch(float(sys.argv[1]), lambda seconds: os._exit(70), period_s=0.05)
+watch = StallWatch(float(sys.argv[1]), lambda seconds: os._exit(70), period_s=0.05)
+assert not watch.check()  # not started: no watchdog, never stalled
+watch.start()
 print("ready", flush=True)
 time.sleep(120)  # the main thread never checks: only the watchdog can end the process
 """
@@ -27,6 +30,9 @@ def _child(limit_s: float) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(limit_s)], stdout=subprocess.PIPE, env=env)
     assert child.stdout is not None
+    if not select.select([child.stdout], [], [], 120)[0]:  # importing stream.app (torch, Faust) takes seconds
+        child.kill()
+        raise AssertionError("the child did not start within 120 s")
     assert child.stdout.readline().strip() == b"ready"
     return child
 
@@ -44,9 +50,9 @@ def test_a_frozen_process_exits_when_resumed():
 
 
 def test_a_process_that_is_not_frozen_keeps_running():
-    child = _child(limit_s=5.0)
+    child = _child(limit_s=1.0)
     try:
-        time.sleep(2.0)
+        time.sleep(4.0)  # four times the limit: a watchdog that stopped marking its ticks would have fired
         assert child.poll() is None
     finally:
         child.kill()
