@@ -323,7 +323,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                     log.info("event=offset_gap_reseek partition=%d seek_to=%d", partition, offset)
                     await seek(partition, offset)
 
-    def before_write() -> None:
+    def exit_if_stalled() -> None:
         if stall.check():
             exit_without_commit("stalled", None)
 
@@ -331,7 +331,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         for partition, offset in last_offsets.items():
             offsets.written(partition, offset)
 
-    delivery.before_write, delivery.on_written = before_write, on_written
+    delivery.before_write, delivery.on_written = exit_if_stalled, on_written
 
     async def score_batches() -> None:
         startup_frozen = False
@@ -347,8 +347,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                 settings.batch_max_events, settings.batch_max_ms / 1000, settings.batch_backlog_events
             )
             async with batch_lock:
-                if stall.check():
-                    exit_without_commit("stalled", None)
+                exit_if_stalled()
                 try:
                     admitted = await admit(fetches, offsets, stale_upto_generation)
                     for partition, offset in admitted.seeks.items():

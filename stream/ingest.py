@@ -42,13 +42,14 @@ class InputQueue:
         while self.queued_events >= self.max_events:
             self._room.clear()
             await self._room.wait()
-        self.queued_events += size(batch)
+        n = size(batch)
+        self.queued_events += n
         # stamped when handed over: a batch's wait counts from when its first records were here, not from when the
         # scoring loop, busy with the batch before, came to take them
-        self.queue.put_nowait((asyncio.get_running_loop().time(), batch))
+        self.queue.put_nowait((asyncio.get_running_loop().time(), n, batch))
 
-    def _taken(self, item: tuple[float, FetchedBatch]) -> tuple[float, FetchedBatch]:
-        self.queued_events -= size(item[1])
+    def _taken(self, item: tuple[float, int, FetchedBatch]) -> tuple[float, int, FetchedBatch]:
+        self.queued_events -= item[1]
         if self.queued_events < self.max_events:
             self._room.set()
         return item
@@ -68,24 +69,23 @@ class InputQueue:
         since the first was handed over (fetches queued while the loop scored the batch before have waited already:
         they do not wait ``within_s`` more); then the fetches queued already, with no wait, until they hold
         ``backlog_events`` records. Fetches are whole: a batch passes either size by less than one fetch."""
-        arrived, first = self._taken(await self.queue.get())
+        arrived, n, first = self._taken(await self.queue.get())
         fetches = [first]
-        n = size(first)
         loop = asyncio.get_running_loop()
         deadline = arrived + within_s
         while n < max(max_events, backlog_events):
             try:
-                _, more = self._taken(self.queue.get_nowait())
+                _, n_more, more = self._taken(self.queue.get_nowait())
             except asyncio.QueueEmpty:
                 remaining = deadline - loop.time()
                 if n >= max_events or remaining <= 0:  # past max_events a batch takes only what is queued
                     break
                 try:
-                    _, more = self._taken(await asyncio.wait_for(self.queue.get(), remaining))
+                    _, n_more, more = self._taken(await asyncio.wait_for(self.queue.get(), remaining))
                 except TimeoutError:
                     break
             fetches.append(more)
-            n += size(more)
+            n += n_more
         return fetches
 
 

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -227,3 +228,18 @@ def consume(
 def read_to_end(settings: Settings, topics: list[str]) -> dict[str, list]:
     """Every record now in ``topics`` (load_tests.procs.read_to_end, from synchronous test code)."""
     return asyncio.run(procs.read_to_end(settings, topics))
+
+
+def create_app_offline(settings: Settings, monkeypatch: Any) -> Any:
+    """``stream.app.create_app`` without a broker: topic creation and the group's offset preparation stubbed out,
+    an untrained model in ``settings.model_dir``. For tests of what the app is built with."""
+    import stream.topics
+    from stream.app import create_app
+
+    async def nothing(*args: object, **kwargs: object) -> None:
+        return None
+
+    monkeypatch.setattr(stream.topics, "ensure_topics_async", nothing)
+    monkeypatch.setattr(stream.topics, "init_group_offsets", nothing)
+    write_model(Path(settings.model_dir))
+    return create_app(settings)

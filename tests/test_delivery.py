@@ -306,20 +306,12 @@ def test_the_worker_produces_compressed_record_batches(setting, codec, tmp_path,
     (aiokafka refuses to build a producer without it). tests/test_worker.py reads zstd outputs back from the broker."""
     import aiokafka.codec
 
-    import stream.topics
-    from stream.app import create_app
-    from tests.helpers import write_model
+    from tests.helpers import create_app_offline
 
-    async def nothing(*args: object, **kwargs: object) -> None:
-        return None
-
-    monkeypatch.setattr(stream.topics, "ensure_topics_async", nothing)
-    monkeypatch.setattr(stream.topics, "init_group_offsets", nothing)
-    write_model(tmp_path / "models")
     s = Settings.from_env(
         {}, producer_compression=setting, state_dir=str(tmp_path / "state"), model_dir=str(tmp_path / "models")
     )
-    app = create_app(s)
+    app = create_app_offline(s, monkeypatch)
     assert app.producer.compression_type == codec
     assert app.producer._settings_default()["compression_type"] == codec  # what Faust builds its producers with
     if codec is not None:
@@ -331,16 +323,9 @@ def test_the_worker_keeps_no_standby_replicas(tmp_path, monkeypatch):
     promoted to owner in the chaos scenario started its recovery at the changelog's end without most of them in its
     store (docs/reliability.md, section 3). The worker's partition assignor therefore assigns no standbys: a new
     owner restores from its own store's persisted offset."""
-    import stream.topics
-    from stream.app import create_app
-    from tests.helpers import write_model
+    from tests.helpers import create_app_offline
 
-    async def nothing(*args: object, **kwargs: object) -> None:
-        return None
-
-    monkeypatch.setattr(stream.topics, "ensure_topics_async", nothing)
-    monkeypatch.setattr(stream.topics, "init_group_offsets", nothing)
-    write_model(tmp_path / "models")
-    app = create_app(Settings.from_env({}, state_dir=str(tmp_path / "state"), model_dir=str(tmp_path / "models")))
+    s = Settings.from_env({}, state_dir=str(tmp_path / "state"), model_dir=str(tmp_path / "models"))
+    app = create_app_offline(s, monkeypatch)
     assert app.conf.table_standby_replicas == 0
     assert app.assignor.replicas == 0

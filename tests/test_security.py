@@ -21,10 +21,20 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from stream.app import _broker_credentials, create_app
+from stream.app import _broker_credentials
 from stream.settings import Settings
 from stream.topics import kafka_client_kwargs
-from tests.helpers import BASE_TS, Worker, consume, encode, make_events, produce, wait_assigned, write_model
+from tests.helpers import (
+    BASE_TS,
+    Worker,
+    consume,
+    create_app_offline,
+    encode,
+    make_events,
+    produce,
+    wait_assigned,
+    write_model,
+)
 
 PASSWORD = "s3cr3t-" + uuid.uuid4().hex
 
@@ -152,15 +162,6 @@ def test_sasl_plaintext_has_no_tls_context():
 
 
 def test_the_app_gets_the_credentials_and_binds_its_web_server_to_loopback(pki, tmp_path, monkeypatch):
-    # create_app without a broker: the topic and offset preparation is stubbed out.
-    import stream.topics
-
-    async def nothing(*args: object, **kwargs: object) -> None:
-        return None
-
-    monkeypatch.setattr(stream.topics, "ensure_topics_async", nothing)
-    monkeypatch.setattr(stream.topics, "init_group_offsets", nothing)
-    write_model(tmp_path / "models")
     s = tls_settings(
         pki,
         kafka_security_protocol="SASL_SSL",
@@ -172,7 +173,7 @@ def test_the_app_gets_the_credentials_and_binds_its_web_server_to_loopback(pki, 
         device="cpu",
     )
     assert Settings.from_env({}).web_host == "127.0.0.1"  # the default
-    app = create_app(s)
+    app = create_app_offline(s, monkeypatch)  # no broker: topic and offset preparation stubbed out
     creds = app.conf.broker_credentials
     assert isinstance(creds, faust.SASLCredentials) and creds.password == PASSWORD
     assert creds.mechanism.value == "SCRAM-SHA-512" and creds.protocol.value == "SASL_SSL"
