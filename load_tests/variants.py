@@ -485,6 +485,12 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "batch-1024": setting("batch_max_events", 1024),
     # batches and fetches of at most 256 events, as before ce8b9a7 (the input queue bounded in records either way)
     "backlog-256": setting("batch_backlog_events", 256),
+    # bigger batches from a backlog (a batch's fixed costs, its producer round trips among them, over more events);
+    # the input queue must hold more than one such batch for the fetcher to go on meanwhile
+    "backlog-2048": setting("batch_backlog_events", 2048),
+    "backlog-4096": setting("batch_backlog_events", 4096),
+    "queue-8192": setting("queue_max_events", 8192),
+    "queue-16384": setting("queue_max_events", 16384),
     "reasons-lists": reasons_lists,
     "gc-log": gc_log,
     "step-times": step_times,
