@@ -99,14 +99,14 @@ class Settings:
     )
     batch_max_ms: float = _f(20.0, "... or once its first fetch has waited this long (ms).", minimum=0)
     batch_backlog_events: int = _f(
-        1024,
+        4096,
         "... then also the fetches queued already, with no wait, up to this many events (fetches are whole; a fetch "
         "brings at most this many, or batch_max_events when higher): a worker that is behind scores bigger batches, "
         "which cost less per event.",
         minimum=1,
     )
     queue_max_events: int = _f(
-        4096,
+        16384,
         "Bound of the input queue, in events (and one fetch more: a fetch is never split); a full queue holds the "
         "consumer's fetches back.",
         minimum=1,
