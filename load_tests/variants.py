@@ -104,6 +104,14 @@ def setting(name: str, value: float) -> Callable[[], None]:
     return patch
 
 
+def padded_rows() -> None:
+    """The model over right-padded rows, as before the engine laid a batch's rows end to end
+    (``LoadedModel.scores_rows`` off: ``IntentModel.forward`` with lengths, packing the padded rows itself)."""
+    from models.artifact import LoadedModel
+
+    LoadedModel.scores_rows = property(lambda self: False)  # type: ignore[method-assign,assignment]
+
+
 def fetch_min_bytes(min_bytes: int) -> Callable[[], None]:
     """The broker holds a fetch until it has ``min_bytes`` for us (or the fetch wait has passed) instead of
     answering with whatever single records arrived: under paced traffic each fetch, and each hand-over to the
@@ -492,6 +500,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "queue-8192": setting("queue_max_events", 8192),
     "queue-16384": setting("queue_max_events", 16384),
     "reasons-lists": reasons_lists,
+    "padded-rows": padded_rows,
     "gc-log": gc_log,
     "step-times": step_times,
     "wait-times": wait_times,

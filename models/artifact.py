@@ -68,6 +68,19 @@ class LoadedModel:
         return self.runner.run(arrays, h0, last, ctx, device)
 
     @property
+    def scores_rows(self) -> bool:
+        """Whether the runtime scores rows laid end to end, without padding (``infer_rows``)."""
+        return isinstance(self.runner, TorchRunner) and self.runner.rows
+
+    def infer_rows(
+        self, x: dict[str, torch.Tensor], h0: np.ndarray, lengths: np.ndarray, device: torch.device
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities [N, 3] at every position of ``model_inputs`` of rows laid end to end (row 0's
+        ``lengths[0]`` positions, then row 1's, ...) and each row's hidden state after its last; see ``scores_rows``."""
+        assert isinstance(self.runner, TorchRunner) and self.runner.rows
+        return self.runner.run_rows(x, h0, lengths, device)
+
+    @property
     def name(self) -> str:
         return str(self.manifest["name"])
 

@@ -42,6 +42,20 @@ class ScoringGraph(nn.Module):
         self.calibration = calibration
         self.context_len = context_len
 
+    def forward_rows(
+        self,
+        type_idx: torch.Tensor,
+        category_idx: torch.Tensor,
+        numeric: torch.Tensor,
+        lengths: np.ndarray,
+        h0: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same function over rows laid end to end instead of right-padded (a plain GRU's, context 0:
+        ``IntentModel.forward_rows``): calibrated probabilities at every position [N, 3] and each row's hidden state
+        after its last position [B, H]."""
+        out, last = self.model.forward_rows(type_idx, category_idx, numeric, lengths, h0)
+        return probabilities(out, self.calibration), last
+
     def forward(
         self,
         type_idx: torch.Tensor,
@@ -122,6 +136,9 @@ class TorchRunner:
         self.hidden_size = model.config.gru_hidden
         self.staging = HostStaging(pin=cuda) if (cuda if staging is None else staging) else None
         self.buckets = cuda if buckets is None else buckets
+        # Rows end to end, no padding (``run_rows``): a plain GRU used in place; CUDA keeps its staged, bucketed
+        # shapes (not measured there: no GPU was available to this change).
+        self.rows = self.staging is None and model.config.arch == "gru" and not model.config.rate_state
 
     def run(
         self, x: dict[str, np.ndarray], h0: np.ndarray | None, last: np.ndarray, ctx: int, device: torch.device
@@ -155,6 +172,18 @@ class TorchRunner:
             torch.cuda.current_stream(device).synchronize()
         # Copies: the buffers are overwritten by the next batch while the engine may still hold these results.
         return probs_host.numpy().copy(), None if hidden_host is None else hidden_host.numpy().copy()
+
+    def run_rows(
+        self, x: dict[str, torch.Tensor], h0: np.ndarray, lengths: np.ndarray, device: torch.device
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities [N, 3] at every position of the rows laid end to end, hidden state after each row's last
+        position [B, H]); only where ``rows`` holds."""
+        type_idx, category_idx, numeric = (x[k].to(device) for k in INPUTS)
+        with torch.inference_mode():
+            probs, hidden = self.graphs[0].forward_rows(
+                type_idx, category_idx, numeric, lengths, torch.from_numpy(h0).to(device)
+            )
+            return probs.float().cpu().numpy(), hidden.float().cpu().numpy()
 
     def _run_in_place(
         self, graph: ScoringGraph, x: dict[str, np.ndarray], h0: np.ndarray | None, last: np.ndarray, device: Any

@@ -66,16 +66,20 @@ def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device
         # right-padded with zeros: causal models never read the padding for a real position, and featurizing the
         # records alone skips the padding, most of a batch whose users bring 1 to 20 events each.
         flat = concat_records([part for i in idx for part in rows[i][:2] if len(part)])
-        at, shape = (np.repeat(np.arange(len(idx)), lengths), _ranks(lengths)), (len(idx), int(lengths.max()))
-        x = {
-            k: torch.from_numpy(_padded(v.numpy(), at, shape)) for k, v in model_inputs(flat, model.featurizer).items()
-        }
+        inputs = model_inputs(flat, model.featurizer)
         h0: np.ndarray | None = None
         if model.config.has_state:
             h0 = np.zeros((len(idx), model.config.gru_hidden), dtype=np.float32)
             have = [j for j, i in enumerate(idx) if rows[i][3] is not None]
             if have:
                 h0[have] = np.stack([rows[idx[j]][3] for j in have])  # type: ignore[misc]
+        if ctx == 0 and h0 is not None and model.scores_rows:  # the rows end to end, as featurized: no padding
+            flat_probs, row_hidden = model.infer_rows(inputs, h0, lengths, device)
+            for j, (i, end) in enumerate(zip(idx, np.cumsum(lengths).tolist(), strict=True)):
+                results[i] = UserScores(probs=flat_probs[end - rows[i][4] : end], hidden=row_hidden[j])
+            continue
+        at, shape = (np.repeat(np.arange(len(idx)), lengths), _ranks(lengths)), (len(idx), int(lengths.max()))
+        x = {k: torch.from_numpy(_padded(v.numpy(), at, shape)) for k, v in inputs.items()}
         ends = lengths - ctx  # outputs exclude the context positions
         # The runtime (models/runtime.py) returns each row's hidden state at its last output, not all positions'
         probs, last_hidden = model.infer(x, h0, ends - 1, ctx, device)

@@ -11,7 +11,7 @@ import torch
 from models.artifact import ArtifactError, load_artifact, load_newest, save_artifact, untrained_model
 from models.ensemble import merge
 from models.features import FeaturizerConfig, encode_events, model_inputs
-from models.model import ARCHS
+from models.model import ARCHS, packing
 from tests.test_features import random_events
 
 
@@ -178,3 +178,36 @@ def test_rows_of_different_lengths_score_as_each_row_alone(variant):
                 if packed_calls:  # the plain GRU's packed pass leaves zeros beyond each row's real positions
                     assert not out[r, n:].any() and not states[r, n:].any()
     assert bool(packed_calls) == (variant == "gru")  # only a plain GRU takes the packed pass
+
+
+def test_rows_end_to_end_score_as_each_row_alone():
+    """The engine's path for a plain GRU: rows laid end to end, without padding (``forward_rows``). Every position's
+    outputs, and each row's hidden state after its last position, are those of the row scored alone, with a state
+    from before or without one; rows of one position and rows longer than all others included, in any order."""
+    model = untrained_model("gru")
+    lengths = np.array([1, 20, 3, 1, 7, 2, 20], dtype=np.int64)
+    t, c, x = (v[0] for v in _inputs(n=int(lengths.sum()), seed=7))  # one row of all positions, end to end
+    h0 = torch.randn(len(lengths), model.config.gru_hidden) * 0.5
+    starts = np.cumsum(lengths) - lengths
+    for start in (h0, None):
+        with torch.no_grad():
+            out, last = model.forward_rows(t, c, x, lengths, start)
+            assert out.shape == (int(lengths.sum()), 3) and last.shape == (len(lengths), model.config.gru_hidden)
+            for r, (a, n) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
+                row_h0 = None if start is None else start[r : r + 1]
+                rows = slice(a, a + n)
+                alone, alone_states = model(t[None, rows], c[None, rows], x[None, rows], h0=row_h0)
+                assert alone_states is not None
+                assert torch.allclose(out[rows], alone[0], atol=1e-5), (out[rows] - alone[0]).abs().max()
+                assert torch.allclose(last[r], alone_states[0, -1], atol=1e-5)
+
+
+def test_packing_orders_rows_by_length_and_steps_through_them():
+    """Rows end to end as a PackedSequence: the longest rows first (ties in row order), each step's rows, and
+    positions that map back and forth."""
+    lengths = np.array([2, 3, 1, 3], dtype=np.int64)  # rows at 0-1, 2-4, 5, 6-8
+    order, batch_sizes, packed_at, unpacked_at = packing(lengths)
+    assert order.tolist() == [1, 3, 0, 2]
+    assert batch_sizes.tolist() == [4, 3, 2]
+    assert packed_at.tolist() == [2, 6, 0, 5, 3, 7, 1, 4, 8]
+    assert (packed_at.numpy()[unpacked_at] == np.arange(9)).all()
