@@ -236,7 +236,7 @@ def step_times() -> None:
 
 
 def wait_times() -> None:
-    """Log, every 200 batches, where the scoring loop's wall time goes per batch (``event=wait_times``): waiting for
+    """Log, every 5 s, where the scoring loop's wall time goes per batch (``event=wait_times``): waiting for
     input (``InputQueue.take``), handing the outputs over and completing the batch before (``Delivery.start_batch``,
     acknowledgements included), the rest (admission and the engine), and the thread's CPU time: a loop that waits
     while records are queued leaves capacity unused."""
@@ -276,20 +276,24 @@ def wait_times() -> None:
                 spent[name] += time.perf_counter() - started
                 if name == "start_batch":
                     seen["batches"] += 1
-                    if seen["batches"] % 200 == 0:
-                        wall, cpu = time.perf_counter() - seen["wall"], time.thread_time() - seen["cpu"]
-                        per = " ".join(f"{k}_ms={v / 200 * 1e3:.2f}" for k, v in spent.items())
+                    wall = time.perf_counter() - seen["wall"]
+                    if wall >= 5.0:  # by time, not batches: a drain's batches of 4,096 are ten times fewer
+                        n, cpu = seen["batches"], time.thread_time() - seen["cpu"]
+                        per = " ".join(f"{k}_ms={v / n * 1e3:.2f}" for k, v in spent.items())
                         log.warning(
-                            "event=wait_times batches=200 events_per_batch=%.0f queued_before_take_ms=%.2f %s "
+                            "event=wait_times batches=%d events_per_batch=%.0f queued_before_take_ms=%.2f %s "
                             "rest_ms=%.2f thread_cpu_pct=%.0f",
-                            seen["events"] / 200,
-                            seen["first_age"] / 200 * 1e3,
+                            n,
+                            seen["events"] / n,
+                            seen["first_age"] / n * 1e3,
                             per,
-                            (wall - sum(spent.values())) / 200 * 1e3,
+                            (wall - sum(spent.values())) / n * 1e3,
                             100 * cpu / wall,
                         )
                         spent.update(dict.fromkeys(spent, 0.0))
-                        seen.update(wall=time.perf_counter(), cpu=time.thread_time(), events=0, first_age=0.0)
+                        seen.update(
+                            batches=0, wall=time.perf_counter(), cpu=time.thread_time(), events=0, first_age=0.0
+                        )
 
         return wrapper
 
