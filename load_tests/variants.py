@@ -495,6 +495,9 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "batch-wait-5": setting("batch_max_ms", 5.0),
     "batch-512": setting("batch_max_events", 512),
     "batch-1024": setting("batch_max_events", 1024),
+    "batch-4096": setting("batch_max_events", 4096),
+    "batch-wait-35": setting("batch_max_ms", 35.0),
+    "batch-wait-50": setting("batch_max_ms", 50.0),
     # batches and fetches of at most 256 events, as before ce8b9a7 (the input queue bounded in records either way)
     "backlog-256": setting("batch_backlog_events", 256),
     # bigger batches from a backlog (a batch's fixed costs, its producer round trips among them, over more events);

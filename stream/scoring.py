@@ -62,9 +62,10 @@ def score_batch(model: LoadedModel, users: list[UserBatch], device: torch.device
     for ctx in sorted({r[2] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r[2] == ctx]
         lengths = np.array([len(rows[i][0]) + len(rows[i][1]) for i in idx], dtype=np.int64)
-        # Each row's records end to end (its prior ones, then its new ones), featurized once, then placed in rows
-        # right-padded with zeros: causal models never read the padding for a real position, and featurizing the
-        # records alone skips the padding, most of a batch whose users bring 1 to 20 events each.
+        # Each row's records end to end (its prior ones, then its new ones), featurized once. A plain GRU on PyTorch
+        # scores them so, end to end (``scores_rows``); for the others they are placed in rows right-padded with zeros:
+        # causal models never read the padding for a real position, and featurizing the records alone skips the
+        # padding, most of a batch whose users bring 1 to 40 events each.
         flat = concat_records([part for i in idx for part in rows[i][:2] if len(part)])
         inputs = model_inputs(flat, model.featurizer)
         h0: np.ndarray | None = None
