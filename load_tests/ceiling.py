@@ -25,7 +25,7 @@ from stream.settings import Settings
 from stream.topics import kafka_client_kwargs
 
 COMMIT_INTERVAL_S = 1.0  # like the engine's broker_commit_interval
-MAX_RECORDS = 2_000  # per getmany: large enough that per-call costs vanish
+MAX_RECORDS = 4_096  # per getmany: large enough that per-call costs vanish (the engine's backlog batch)
 
 
 async def passthrough(settings: Settings, stop: asyncio.Event) -> int:
@@ -43,7 +43,7 @@ async def passthrough(settings: Settings, stop: asyncio.Event) -> int:
         **kafka_client_kwargs(settings),
         acks="all",  # Faust's default (the engine's producer): same durability for both
         linger_ms=5,
-        max_batch_size=262_144,
+        max_batch_size=settings.producer_max_batch_bytes,  # the engine's record batches (1 MB by default)
     )
     await producer.start()
     await consumer.start()

@@ -244,8 +244,13 @@ class IntentModel(nn.Module):
         """``forward`` of a plain GRU (no convolutions, no rate state) over rows laid end to end rather than
         right-padded: outputs [N, 3] at every position, in the same order, and each row's hidden state after its last
         position [B, gru_hidden]. What the engine scores, with no padding anywhere: a worker's batch of users bringing
-        1 to 40 new events each was six parts padding in seven, and the embeddings, the input layer, the packing and
-        the unpacking all ran over it."""
+        1 to 40 new events each was six parts padding in seven, and the scatter into padded rows, the embeddings,
+        ``pack_padded_sequence`` and ``pad_packed_sequence`` all ran over it (``_forward_packed``'s input layer and
+        heads already ran on real positions only).
+
+        The PackedSequence is built here rather than by ``pack_padded_sequence`` (which wants padded rows): its
+        ``batch_sizes`` int64 on the CPU, its data step-major with the rows by decreasing length, ``unsorted_indices``
+        the inverse of ``sorted_indices``; tests/test_model.py checks every position against the row scored alone."""
         assert self.gru is not None and not self.convs and not self.config.rate_state and self.final_norm is None
         x = torch.cat([self.type_emb(type_idx), self.category_emb(category_idx), numeric], dim=-1)
         x = F.gelu(self.input(x))

@@ -4,7 +4,8 @@ Every runtime computes one function, ``ScoringGraph``: from a batch's model inpu
 each row's last real output position, the calibrated probabilities at every output position and the hidden state at
 each row's last position. The engine keeps only that hidden state (rows are right-padded, so it sits at a different
 position in each row), so it is gathered where the model ran and only it is copied back: a GRU step's states at
-every position would be ``gru_hidden`` floats per position instead of per row.
+every position would be ``gru_hidden`` floats per position instead of per row. A plain GRU on PyTorch without
+staging (the CPU) takes the rows end to end instead, unpadded (``TorchRunner.run_rows``).
 
 ONNX graphs live in the artifact folder (models/export.py writes them): one per context length the engine passes
 (``context_lengths``), because the model slices its input with a Python int that the exporter bakes in.

@@ -188,9 +188,8 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         # A record batch per partition per request (aiokafka sends one per partition at a time, and a partition's
         # next batch waits until the one before is in a request): a scored batch of 4,096 events is about 1.7 MB of
         # intent events, 425 KB a partition of four, which batches of 256 KB cut in two, one more round trip a
-        # batch, and a commit's changelog in three. Under the broker's default record batch limit (message.max.bytes,
-        # 1,048,588 bytes).
-        producer_max_batch_size=1_000_000,
+        # batch, and a commit's changelog in three.
+        producer_max_batch_size=settings.producer_max_batch_bytes,
         table_key_index_size=100_000,
         # No standby replicas. A standby's first changelog records can be fetched between its partitions' resume and
         # the end of the rebalance, when Faust clears its changelog queue (flow_control.resume: clear_on_resume);

@@ -21,7 +21,10 @@ INTENTS = Counter("intentstream_intents_emitted_total", "Purchase-intent events 
 ALERTS = Counter("intentstream_churn_alerts_total", "Churn alerts emitted", registry=REGISTRY)
 DLQ = Counter("intentstream_dlq_total", "Records sent to the dead-letter topic", ["field"], registry=REGISTRY)
 BATCH_SIZE = Histogram(
-    "intentstream_batch_size", "Records per batch", buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 4096), registry=REGISTRY
+    "intentstream_batch_size",
+    "Records per batch",
+    buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
+    registry=REGISTRY,
 )
 MODEL_SECONDS = Histogram(
     "intentstream_model_seconds",

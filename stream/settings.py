@@ -125,6 +125,15 @@ class Settings:
         "Compressed input is read whatever this says.",
         choices=("none", "zstd", "lz4", "snappy", "gzip"),
     )
+    producer_max_batch_bytes: int = _f(
+        1_000_000,
+        "Largest record batch the worker produces, in bytes (before compression). aiokafka sends one batch per "
+        "partition per request, so a scored batch's outputs for a partition that do not fit in one cost another round "
+        "trip (256 KB batches: -2% capacity, docs/performance.md). Keep it below the broker's message.max.bytes and the "
+        "output and changelog topics' max.message.bytes (Kafka's default 1,048,588), or every full batch is refused "
+        "and the worker exits.",
+        minimum=16_384,
+    )
     processing_guarantee: str = _f(
         "at_least_once", "Faust processing guarantee.", choices=("at_least_once", "exactly_once")
     )

@@ -295,3 +295,45 @@ def test_onnx_on_a_cuda_device_without_its_provider_says_it_scores_on_the_cpu(
         runner = OnnxRunner("onnx", {0: graph}, stateful=False, threads=1, device=torch.device("cuda"))
     assert runner.providers == ["CPUExecutionProvider"]
     assert "event=runtime_on_cpu" in caplog.text and "onnxruntime-gpu" in caplog.text
+
+
+def test_only_a_plain_gru_on_pytorch_scores_rows_end_to_end(artifacts: dict[str, Path]):
+    """The unpadded path is the one a GRU on the CPU takes (the speed-up is lost, silently, if it stops being taken),
+    and no model whose forward pass it does not compute takes it."""
+    assert load_artifact(artifacts["gru"]).scores_rows
+    for arch in ("cnn", "hybrid", "transformer", "gru+rate"):
+        assert not load_artifact(artifacts[arch]).scores_rows, arch
+    assert not load_artifact(artifacts["gru"], runtime="onnx").scores_rows
+    staged = load_artifact(artifacts["gru"])
+    staged.runner = TorchRunner(staged.model, staged.calibration, staging=True)  # the CUDA path's, run on the CPU
+    assert not staged.scores_rows
+
+
+def test_score_batch_gives_the_same_scores_with_rows_end_to_end_and_padded(artifacts: dict[str, Path]):
+    """One batch of every kind of user the engine builds: a hidden state and several new events, a new user, a user
+    rebuilt from the window (no valid hidden state), one whose late event makes it rescore the window; scored over
+    rows end to end and over right-padded rows (``scores_rows`` off)."""
+    from models.features import RECORD_DTYPE, encode_events
+    from stream.scoring import UserBatch, score_batch
+    from tests.test_features import random_events
+
+    loaded = load_artifact(artifacts["gru"])
+    records, _ = encode_events(random_events(n_users=1, n_events=40, seed=11), loaded.featurizer)
+    rng = np.random.default_rng(3)
+    hidden = rng.standard_normal(loaded.config.gru_hidden).astype(np.float32) * 0.5
+    users = [
+        UserBatch(prior=records[:20], hidden=hidden, new=records[20:27]),
+        UserBatch(prior=records[:0], hidden=None, new=records[:5]),
+        UserBatch(prior=records[:30], hidden=None, new=records[30:31]),
+        UserBatch(prior=records[:10], hidden=hidden, rescore_window=records[:12]),
+        UserBatch(prior=records[:5], hidden=hidden, new=records[5:6]),
+    ]
+    assert records.dtype == RECORD_DTYPE
+    rows = score_batch(loaded, users, CPU)
+    loaded.runner.rows = False  # type: ignore[union-attr]
+    padded = score_batch(loaded, users, CPU)
+    for a, b in zip(rows, padded, strict=True):
+        assert a.probs.shape == b.probs.shape
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+        assert a.hidden is not None and b.hidden is not None
+        np.testing.assert_allclose(a.hidden, b.hidden, atol=1e-6)
