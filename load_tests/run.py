@@ -361,6 +361,11 @@ class Run:
         # drains the whole backlog within a few samples.
         times = await output_times(s, outputs)
         eps, seconds, counted = rate_in_window(times, self.cfg.warmup_s, self.cfg.capacity_s)
+        if seconds < 1.0:
+            self.say(
+                f"capacity of {name}: measured over {seconds:.2f} s of output only (the backlog drained in a few "
+                "batches): the rate is not reliable; pass a larger --backlog"
+            )
         result: dict[str, Any] = {
             "eps": round(eps, 1),
             "window_s": round(seconds, 2),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ from tests.helpers import read_to_end
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
+# A backlog of 3,000 events is one batch of the default 4,096 from a backlog: its outputs share a timestamp and have no
+# rate. Batches of at most 256 make a dozen of them, as a real backlog makes hundreds.
+SMALL_BATCHES = {**os.environ, "INTENTSTREAM_BATCH_BACKLOG_EVENTS": "256", "INTENTSTREAM_QUEUE_MAX_EVENTS": "1024"}
 STEP_KEYS = {
     "requested", "offered_eps", "achieved_eps", "sent", "sustained", "lag_end", "lag_max", "latency_ms",
     "cpu_pct_mean", "rss_mb_max", "engine",
@@ -35,7 +39,7 @@ def test_load_run_smoke(kafka: Settings, tmp_path: Path):
         "--users", "300", "--backlog", "3000", "--capacity-s", "3", "--warmup", "1",
         "--duration", "4", "--rates", "100,50%", "--runtime", "torch,onnx",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=SMALL_BATCHES)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.startswith("summary: engine_eps=")
 
@@ -86,7 +90,7 @@ def test_load_run_measures_suggestions_side_by_side(kafka: Settings, tmp_path: P
         "--users", "300", "--backlog", "3000", "--capacity-s", "3", "--warmup", "1", "--repeat", "2",
         "--duration", "2", "--rates", "100", "--suggestions", "on,off",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=SMALL_BATCHES)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     tag = report["tag"]
