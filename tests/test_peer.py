@@ -7,6 +7,7 @@ and that each ratio is the quotient of the rates beside it; never speeds (the ma
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from load_tests.peer import SYSTEMS, busy_window, turn_order
 from stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+SMALL_BATCHES = {**os.environ, "INTENTSTREAM_BATCH_BACKLOG_EVENTS": "256", "INTENTSTREAM_QUEUE_MAX_EVENTS": "1024"}
 RUN_KEYS = {
     "system", "turn", "position", "outputs", "dlq", "processed", "complete", "eps", "span_s", "startup_s",
     "cpu_us_per_event", "cpu_s_total", "rss_mb_max",
@@ -46,7 +48,9 @@ def test_peer_smoke(kafka: Settings, tmp_path: Path):
         sys.executable, "-m", "load_tests", "peer", "--out", str(out), "--json", str(tmp_path / "copy.json"),
         "--events", "2000", "--users", "200", "--turns", "1", "--bad-fraction", "0.02", "--timeout", "240",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # 2,040 records are half of one default backlog batch (4,096): the worker's outputs could land within one CPU
+    # sample, leaving no CPU per event; batches of at most 256, as a real backlog makes hundreds of.
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=SMALL_BATCHES)
     assert proc.returncode == 0, proc.stderr[-4000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("summary: worker_eps=") and "worker_vs_quix_model=" in last
