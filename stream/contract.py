@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -181,6 +181,36 @@ def validate(
         return str(bad)
     except Exception as exc:  # defensive: a validator bug must not kill the agent
         return f"record: unexpected validation error ({type(exc).__name__})"
+
+
+def validate_many(
+    records: Iterable[tuple[bytes | None, bytes | None]],
+    *,
+    max_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    max_ts_ms: int | None = None,
+) -> list[Event | str]:
+    """``validate`` of every (value, key), keys checked: the same Events and reasons, in order. A batch's valid
+    records take the fast path without a call of ``validate`` each (its guards, its keyword arguments: a sixth of
+    what validating an event cost); any other record goes through ``validate``, which finds its precise reason."""
+    loads, fast_path = orjson.loads, _fast_path
+    out: list[Event | str] = []
+    append = out.append
+    for value, key in records:
+        if value is not None and len(value) <= max_bytes:
+            try:
+                obj = loads(value)
+            except orjson.JSONDecodeError:
+                obj = None
+            if type(obj) is dict:
+                try:
+                    event = fast_path(obj, key, True, max_ts_ms)
+                except Exception:  # defensive, as in validate: the slow path finds the reason
+                    event = None
+                if event is not None:
+                    append(event)
+                    continue
+        append(validate(value, key, max_bytes=max_bytes, max_ts_ms=max_ts_ms))
+    return out
 
 
 def _fast_path(obj: dict[str, Any], key: bytes | None, check_key: bool, max_ts_ms: int | None) -> Event | None:
@@ -373,6 +403,67 @@ def intent_record(
     )
 
 
+# ``intent_record``'s bytes with its fields pasted in: the keys in the same order, each value as orjson writes it.
+_INTENT_TEMPLATE = (
+    b'{"schema":%d,"user_id":%b,"score":%b,"band":%b,"expected_order_value":%b,"order_value_if_purchase":%b,'
+    b'"model":%b,"event_id":%b,"event_ts":%d,"input_ts":%b,"scored_at":%d,"latency_ms":%b,"reasons":%b,'
+    b'"suggestions":%b}'
+)
+
+
+def intent_records(
+    user_ids: Sequence[str],
+    event_ids: Sequence[str],
+    event_ts: Sequence[int],
+    produced_at_ms: Sequence[int | None],
+    bands: Sequence[str],
+    rounded: Sequence[tuple[float, float | None, float | None]],
+    reasons: Sequence[list[str]],
+    suggestions: Sequence[orjson.Fragment | Sequence[tuple[str, float, str]] | None],
+    *,
+    model_name: str,
+    model_version: str,
+    scored_at_ms: int,
+) -> list[bytes]:
+    """``intent_record`` for many events of one batch (the same model and scoring time), one record per position of
+    the columns, byte for byte what it writes (``rounded`` given). The engine's path: the constant parts are written
+    once, the floats in one call (``float_texts``), the rest pasted into a template, under half the cost of a dict
+    per event encoded by orjson (docs/performance.md, twelfth pass)."""
+    dumps = orjson.dumps
+    floats = float_texts([x for numbers in rounded for x in numbers])
+    model = dumps({"name": model_name, "version": model_version})
+    band_json = {band: dumps(band) for band in set(bands)}
+    out = []
+    for i, (user_id, event_id, ts, produced, band, why, offer) in enumerate(
+        zip(user_ids, event_ids, event_ts, produced_at_ms, bands, reasons, suggestions, strict=True)
+    ):
+        at = 3 * i
+        out.append(
+            _INTENT_TEMPLATE
+            % (
+                SCHEMA_VERSION,
+                dumps(user_id),
+                floats[at],
+                band_json[band],
+                floats[at + 1],
+                floats[at + 2],
+                model,
+                dumps(event_id),
+                ts,
+                b"null" if produced is None else b"%d" % produced,
+                scored_at_ms,
+                b"null" if produced is None else b"%d" % (scored_at_ms - produced),
+                dumps(why),
+                b"null"
+                if offer is None
+                else dumps(offer)  # a Fragment's bytes as they are
+                if isinstance(offer, orjson.Fragment)
+                else dumps([{"item_id": item, "score": sc, "reason": r} for item, sc, r in offer]),
+            )
+        )
+    return out
+
+
 # An intent event's suggestions pasted together from pieces (models.items.suggest_json: the engine's path), byte for
 # byte what intent_record writes for (item_id, score, reason) triples: {"item_id":…,"score":…,"reason":…}.
 
@@ -387,8 +478,8 @@ def suggestion_tail(reason: str, last: bool) -> bytes:
     return b',"reason":' + orjson.dumps(reason) + (b"}]" if last else b"},")
 
 
-def float_texts(values: list[float]) -> list[bytes]:
-    """Each float as orjson writes it, in one call (a float's text holds no comma)."""
+def float_texts(values: Sequence[float | None]) -> list[bytes]:
+    """Each float as orjson writes it (None as null), in one call (neither text holds a comma)."""
     return orjson.dumps(values)[1:-1].split(b",") if values else []
 
 

@@ -93,6 +93,21 @@ class PreparedBatch:
     inputs: list[UserBatch] = field(default_factory=list)  # their model inputs, in the same order
 
 
+def _risk_at(t: _Touched, per_item: list[list[float]] | None, last_ts: int) -> float:
+    """The churn risk a session closed in this batch is judged at: the score of its last event. A session that ends
+    at the window's last event takes the user's last score (a late event may end before the window's last: the
+    session is then scored on the window with the late event in it), else the score of the batch's last event at
+    that time; a session the batch brought no event to keeps the risk scored before it."""
+    if per_item is None:
+        return t.churn_risk_before
+    if last_ts == t.window.last_ts:
+        return per_item[-1][1]
+    for (_, ev), p in zip(reversed(t.items), reversed(per_item), strict=True):
+        if ev.ts == last_ts:
+            return p[1]
+    return t.churn_risk_before
+
+
 class Engine:
     def __init__(self, settings: Settings, model: LoadedModel, device: torch.device, items: ItemModel | None = None):
         self.settings = settings
@@ -146,7 +161,6 @@ class Engine:
         max_ts_ms = now_ms + MAX_FUTURE_MS
         watermark_cap = now_ms + self.watermark_lead_ms
         featurizer, tag, lateness_ms, gap_ms = model.featurizer, model.state_tag, self.lateness_ms, self.gap_ms
-        validate, max_bytes = contract.validate, s.max_record_bytes
 
         def load(user_id: str, rec: InRecord) -> _Touched:
             t = touched.get(user_id)
@@ -159,8 +173,10 @@ class Engine:
                 )
             return t
 
-        for rec in records:
-            event = validate(rec.value, rec.key, max_bytes=max_bytes, max_ts_ms=max_ts_ms)
+        events = contract.validate_many(
+            [(rec.value, rec.key) for rec in records], max_bytes=s.max_record_bytes, max_ts_ms=max_ts_ms
+        )
+        for rec, event in zip(records, events, strict=True):
             if isinstance(event, str):
                 self._dlq(result, rec, event, now_ms)
                 continue
@@ -224,7 +240,7 @@ class Engine:
         sessions the batch closed, and every touched user's new state."""
         result, touched, model = batch.result, batch.touched, batch.model
         tag = model.state_tag
-        risk_at: dict[tuple[str, int], float] = {}
+        per_items: dict[str, list[list[float]]] = {}  # user -> its items' [purchase, churn, value], in order
         if batch.scored:
             scored_at = int(time.time() * 1000)
             emitted: list[tuple[str, InRecord, Event, list[float], int]] = []
@@ -240,22 +256,18 @@ class Engine:
                     window_ts = t.state.records["ts"]
                     windows.append(t.state.records)
                     ends.append(window_ts.searchsorted([e[2].ts for e in emitted[n_before:]], side="right").tolist())
-                for (_, ev), p in zip(t.items, per_item, strict=True):
-                    risk_at[(uid, ev.ts)] = p[1]
+                per_items[uid] = per_item
                 st = t.state
                 st.hidden = us.hidden
                 st.model_tag = tag
                 last = per_item[-1]
                 st.score, st.churn_risk = last[0], last[1]
-                # A late event may end before the window's last: a session closed in this batch is judged at its
-                # last event, scored on the window with the late event in it.
-                risk_at[(uid, t.window.last_ts)] = last[1]
             reasons = emit.intent_reasons_at(windows, ends)
             suggestions = self._suggestions(batch.items, windows, ends)
             self._intent_records(result, model, emitted, reasons, suggestions, scored_at)
         for user_id, last_ts, rec in batch.closed:
             t = touched[user_id]
-            risk = risk_at.get((user_id, last_ts), t.churn_risk_before)
+            risk = _risk_at(t, per_items.get(user_id), last_ts)
             self._maybe_alert(result, model, user_id, t.state, last_ts, risk, rec)
         for uid, t in touched.items():
             result.states[uid] = (t.state.to_bytes(), t.last_record)
@@ -283,15 +295,22 @@ class Engine:
         cooldown_ms = int(s.emit_cooldown_s * 1000)
         policy, delta = s.emit_policy, s.emit_delta
         latencies = result.latencies_ms
+        latencies += [scored_at - rec.timestamp_ms for rec, _ in t.items]
+        result.scored += len(t.items)
+        if policy == "every_event":  # every item, each with its band; the state keeps the last
+            band_of = emit.band_of
+            for (rec, ev), p in zip(t.items, per_item, strict=True):
+                band = band_of(p[0], thresholds)
+                emitted.append((uid, rec, ev, p, band))
+            st.last_score, st.last_band, st.last_emit_ts = p[0], band, ev.ts
+            return
         for (rec, ev), p in zip(t.items, per_item, strict=True):
-            latencies.append(scored_at - rec.timestamp_ms)
             score = p[0]
             band = emit.band_of(score, thresholds)
             if not emit.should_emit(st, score, band, ev.ts, policy, delta, cooldown_ms):
                 continue
             emitted.append((uid, rec, ev, p, band))
             st.last_score, st.last_band, st.last_emit_ts = score, band, ev.ts
-        result.scored += len(t.items)
 
     def _intent_records(
         self,
@@ -302,26 +321,24 @@ class Engine:
         suggestions: Sequence[orjson.Fragment | Sequence[tuple[str, float, str]] | None],
         scored_at: int,
     ) -> None:
-        model_name, model_version, topic = model.name, model.version, self.settings.topic_intent
-        outputs = result.outputs
+        topic, outputs = self.settings.topic_intent, result.outputs
         numbers = emit.intent_numbers(np.array([e[3] for e in emitted], dtype=np.float64))
-        for (uid, rec, ev, p, band), why, offer, rounded in zip(emitted, reasons, suggestions, numbers, strict=True):
-            value = contract.intent_record(
-                user_id=uid,
-                score=p[0],
-                band=BANDS[band],
-                order_value_if_purchase=p[2],
-                rounded=rounded,
-                model_name=model_name,
-                model_version=model_version,
-                event_id=ev.event_id,
-                event_ts=ev.ts,
-                produced_at_ms=rec.timestamp_ms,
-                scored_at_ms=scored_at,
-                reasons=why,
-                suggestions=offer,
-            )
-            outputs.append(Output(topic, rec.key, value, rec))
+        values = contract.intent_records(
+            [e[0] for e in emitted],
+            [e[2].event_id for e in emitted],
+            [e[2].ts for e in emitted],
+            [e[1].timestamp_ms for e in emitted],
+            [BANDS[e[4]] for e in emitted],
+            numbers,
+            reasons,
+            suggestions,
+            model_name=model.name,
+            model_version=model.version,
+            scored_at_ms=scored_at,
+        )
+        outputs += [
+            Output(topic, rec.key, value, rec) for (_, rec, _, _, _), value in zip(emitted, values, strict=True)
+        ]
         result.intents += len(emitted)
 
     def _suggestions(

@@ -456,6 +456,30 @@ def test_fast_path_agrees_with_the_full_checks(record_and_key, check_key, max_ts
         assert contract._validate_obj(obj, key, check_key, max_ts) == fast
 
 
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.none() | st.binary(max_size=300), st.none() | st.binary(max_size=20))
+        | contract_like_records().map(lambda record_and_key: (orjson.dumps(record_and_key[0]), record_and_key[1])),
+        max_size=12,
+    ),
+    st.integers(0, 400),
+    st.none() | st.integers(MIN_TS_MS, MAX_TS_MS),
+)
+def test_a_batch_validates_as_each_record_alone(records, max_bytes, max_ts):
+    """The engine validates a batch at once (``validate_many``): the same Event or reason as ``validate`` of each
+    record, whatever the bytes, keys, size limit and time limit."""
+    alone = [validate(value, key, max_bytes=max_bytes, max_ts_ms=max_ts) for value, key in records]
+    assert contract.validate_many(records, max_bytes=max_bytes, max_ts_ms=max_ts) == alone
+
+
+def test_a_batch_of_every_kind_of_bad_record_validates_as_each_alone():
+    records = [(bad.value, bad.key) for bad in badrecords.one_of_each()] + [(None, None), (b"x" * 70_000, b"u")]
+    alone = [validate(value, key) for value, key in records]
+    assert contract.validate_many(records) == alone
+    assert all(isinstance(r, str) for r in alone)
+
+
 def test_fast_path_rejects_boolean_and_float_schema():
     # True == 1 and 1.0 == 1 in Python; the fast path once let both through.
     for schema in (True, 1.0):
@@ -605,6 +629,74 @@ def test_pasted_suggestions_are_what_intent_record_writes_for_the_triples(triple
     )
     pasted = intent_record(**(INTENT_BASE | {"suggestions": orjson.Fragment(text or b"[]")}))
     assert pasted == intent_record(**(INTENT_BASE | {"suggestions": triples}))
+
+
+_text = st.text(max_size=12)  # quotes, backslashes, control characters, any unicode
+_number = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, 1e-7, 0.1 + 0.2, 123456.123456])
+_suggestions = st.none() | st.lists(st.tuples(_text, st.floats(min_value=0, max_value=1e6), _text), max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            _text,  # user_id
+            _text,  # event_id
+            st.integers(min_value=0, max_value=2**62),  # event_ts
+            st.none() | st.integers(min_value=0, max_value=2**62),  # produced_at_ms
+            st.sampled_from(["low", "medium", "high"]),
+            st.tuples(_number, st.none() | _number, st.none() | _number),  # rounded
+            st.lists(_text, max_size=3),  # reasons
+            _suggestions,
+            st.booleans(),  # suggestions as a pasted Fragment
+        ),
+        max_size=8,
+    ),
+    _text,
+    st.integers(min_value=0, max_value=2**62),
+)
+def test_batch_intent_records_are_what_intent_record_writes(rows: list[tuple], model_version: str, scored_at: int):
+    """The engine writes a batch's intent events with ``intent_records`` (a template): byte for byte the records of
+    ``intent_record``, for any ids, missing times and values, non-finite numbers, reasons and suggestions."""
+
+    def suggestions(row: tuple) -> Any:
+        triples, pasted = row[7], row[8]
+        if triples is None or not pasted:
+            return triples
+        return orjson.Fragment(orjson.dumps([{"item_id": i, "score": sc, "reason": r} for i, sc, r in triples]))
+
+    batch = contract.intent_records(
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+        [r[4] for r in rows],
+        [r[5] for r in rows],
+        [r[6] for r in rows],
+        [suggestions(r) for r in rows],
+        model_name="gru",
+        model_version=model_version,
+        scored_at_ms=scored_at,
+    )
+    one_by_one = [
+        intent_record(
+            user_id=r[0],
+            score=0.5,  # unread: ``rounded`` is given
+            band=r[4],
+            order_value_if_purchase=None,
+            model_name="gru",
+            model_version=model_version,
+            event_id=r[1],
+            event_ts=r[2],
+            produced_at_ms=r[3],
+            scored_at_ms=scored_at,
+            reasons=r[6],
+            suggestions=suggestions(r),
+            rounded=r[5],
+        )
+        for r in rows
+    ]
+    assert batch == one_by_one
 
 
 def test_churn_record_fields():

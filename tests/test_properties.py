@@ -42,7 +42,7 @@ from stream.contract import (
     dlq_record,
     reason_field,
 )
-from stream.emit import intent_numbers, round_floats
+from stream.emit import _ago, ago_texts, intent_numbers, round_floats
 from stream.engine import Engine, InRecord
 from stream.settings import Settings
 from stream.state.user import HEADER, Accept, PendingWindow, UserState
@@ -403,3 +403,18 @@ def test_batch_rounding_agrees_with_round_on_halves_and_their_neighbours():
     ]
     got = intent_numbers(probs)
     assert _same_floats([x for row in got for x in row], [x for row in want for x in row])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 2**53 - 1) | st.integers(0, 400 * 86_400_000), max_size=40))
+def test_batch_ages_are_the_texts_ago_writes(ms):
+    assert ago_texts("returned after {}", np.array(ms, dtype=np.int64)) == [f"returned after {_ago(m)}" for m in ms]
+
+
+def test_batch_ages_agree_with_ago_on_every_rounding_edge():
+    """Each unit's bounds and halves (1.5 min rounds to 2, 2.5 to 2: half to even), a millisecond either side."""
+    edges = [0, 29_999, 30_000, 90_000, 150_000, 5_399_999, 5_400_000, 9_000_000, 172_799_999, 172_800_000]
+    edges += [k * 30_000 for k in range(1, 400)] + [k * 1_800_000 for k in range(1, 200)]
+    edges += [k * 43_200_000 for k in range(1, 400)]
+    ms = sorted({max(0, e + d) for e in edges for d in (-1, 0, 1)})
+    assert ago_texts("purchased {} ago", np.array(ms)) == [f"purchased {_ago(m)} ago" for m in ms]
