@@ -32,7 +32,7 @@ from stream.settings import Settings
 from training.train_items import ItemTrainConfig, clicks, fit
 
 
-def _state(table: dict[str, bytes], user_id: str, rec: E.InRecord) -> bytes | None:
+def _state(table: dict[str, bytes], user_id: str, rec: E.Record) -> bytes | None:
     return table.get(user_id)
 
 

@@ -36,6 +36,25 @@ def _module_from_git(name: str, path: str, rev: str = "HEAD") -> None:
     # Compiled under the file's real path: profiles (py-spy) and tracebacks name it like the module it replaces
     # (their line numbers are those of the ``rev`` version).
     exec(compile(source, str(ROOT / path), "exec"), module.__dict__)
+    if name == "stream.engine":
+        _given_in_records(module)
+
+
+def _given_in_records(engine: types.ModuleType) -> None:
+    """The engines of earlier revisions read ``InRecord.timestamp_ms``, and their worker's ingest built an InRecord per
+    record; today's ingest passes aiokafka's ConsumerRecords (``timestamp``) as they are. Such an engine is given
+    InRecords built as that ingest built them, so that an A/B against it still costs what it cost."""
+    in_record = engine.InRecord
+    if "timestamp_ms" not in getattr(in_record, "__dataclass_fields__", {}):
+        return
+    process = engine.Engine.process
+
+    def given_in_records(self: Any, records: list[Any], get_state: Any) -> Any:
+        return process(
+            self, [in_record(r.key, r.value, r.topic, r.partition, r.offset, r.timestamp) for r in records], get_state
+        )
+
+    engine.Engine.process = given_in_records
 
 
 def _require_uncommitted(variant: str, *paths: str, root: Path = ROOT) -> None:

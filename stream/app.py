@@ -30,7 +30,7 @@ from aiokafka import TopicPartition
 from models.artifact import resolve_device
 from stream import compat, hot_swap, metrics
 from stream.delivery import Delivery, DeliveryError, commit_at_least_once
-from stream.engine import Engine, InRecord
+from stream.engine import Engine, Record
 from stream.hot_swap import NoModelError, load_model
 from stream.ingest import InputQueue, admit
 from stream.offsets import InputOffsets
@@ -246,7 +246,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
 
     inflight_states = delivery.inflight_states
 
-    def get_state(user_id: str, rec: InRecord) -> bytes | None:
+    def get_state(user_id: str, rec: Record) -> bytes | None:
         blob = inflight_states.get(user_id)  # written by the batch in flight, not yet in RocksDB
         if blob is not None:
             return blob

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import Protocol
 
 import numpy as np
 import orjson
@@ -32,6 +33,18 @@ from stream.state.user import BANDS, Accept, PendingWindow, UserState
 MAX_FUTURE_MS = 86_400_000  # event times more than a day ahead of the wall clock are rejected
 
 
+class Record(Protocol):
+    """An input record as the engine reads it: the worker passes aiokafka's ConsumerRecords as fetched (one object
+    less per record), tests and benchmarks build ``InRecord``s."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int  # the record's Kafka timestamp (its production time for our producers), epoch ms
+
+
 @dataclass(slots=True)
 class InRecord:
     key: bytes | None
@@ -39,7 +52,13 @@ class InRecord:
     topic: str
     partition: int
     offset: int
-    timestamp_ms: int  # the record's Kafka timestamp (its production time for our producers)
+    timestamp: int
+
+    @property
+    def timestamp_ms(self) -> int:
+        """The field's name before ConsumerRecords were passed as they are: engines of earlier revisions read it
+        (tests/test_engine_reference.py, load_tests/engine_ab.py and the ``head-engine`` variant run them)."""
+        return self.timestamp
 
 
 @dataclass(slots=True)
@@ -47,13 +66,13 @@ class Output:
     topic: str
     key: bytes | None
     value: bytes
-    source: InRecord  # the input record it answers (its partition keeps outputs co-partitioned)
+    source: Record  # the input record it answers (its partition keeps outputs co-partitioned)
 
 
 @dataclass
 class BatchResult:
     outputs: list[Output] = field(default_factory=list)
-    states: dict[str, tuple[bytes, InRecord]] = field(default_factory=dict)  # user -> (state, last record)
+    states: dict[str, tuple[bytes, Record]] = field(default_factory=dict)  # user -> (state, last record)
     scored: int = 0
     duplicates: int = 0
     dlq_reasons: list[str] = field(default_factory=list)
@@ -69,8 +88,8 @@ class _Touched:
     prior: np.ndarray  # the window before this batch
     hidden: np.ndarray | None  # the state's hidden state, when the serving model made it
     churn_risk_before: float
-    last_record: InRecord
-    items: list[tuple[InRecord, Event]] = field(default_factory=list)
+    last_record: Record
+    items: list[tuple[Record, Event]] = field(default_factory=list)
     rescore: bool = False  # a late event was inserted: score the final window instead of the new records
 
     @property
@@ -88,7 +107,7 @@ class PreparedBatch:
     now_ms: int
     result: BatchResult = field(default_factory=BatchResult)
     touched: dict[str, _Touched] = field(default_factory=dict)
-    closed: list[tuple[str, int, InRecord]] = field(default_factory=list)  # (user, last_ts, record that closed it)
+    closed: list[tuple[str, int, Record]] = field(default_factory=list)  # (user, last_ts, record that closed it)
     scored: list[tuple[str, _Touched]] = field(default_factory=list)  # users with new events, in first-seen order
     inputs: list[UserBatch] = field(default_factory=list)  # their model inputs, in the same order
 
@@ -143,14 +162,14 @@ class Engine:
         """Takes effect at the next batch; suggestions keep no state of their own, so nothing is rebuilt."""
         self.items = items
 
-    def process(self, records: list[InRecord], get_state: Callable[[str, InRecord], bytes | None]) -> BatchResult:
+    def process(self, records: Sequence[Record], get_state: Callable[[str, Record], bytes | None]) -> BatchResult:
         """One batch, start to end: ``prepare``, ``score`` and ``finish`` in a row. (The forward pass on a thread of
         its own, overlapped with the previous batch's completion, was measured slower: the ``scoring-thread``
         variant of load_tests/variants.py.)"""
         batch = self.prepare(records, get_state)
         return self.finish(batch, self.score(batch))
 
-    def prepare(self, records: list[InRecord], get_state: Callable[[str, InRecord], bytes | None]) -> PreparedBatch:
+    def prepare(self, records: Sequence[Record], get_state: Callable[[str, Record], bytes | None]) -> PreparedBatch:
         """Ingest and state: validate every record, close sessions by the partition's watermark, add each event to
         its user's window (or find it a duplicate, or too late); what the model must score, per user. Reads the
         users' states through ``get_state``, once per user."""
@@ -162,7 +181,7 @@ class Engine:
         watermark_cap = now_ms + self.watermark_lead_ms
         featurizer, tag, lateness_ms, gap_ms = model.featurizer, model.state_tag, self.lateness_ms, self.gap_ms
 
-        def load(user_id: str, rec: InRecord) -> _Touched:
+        def load(user_id: str, rec: Record) -> _Touched:
             t = touched.get(user_id)
             if t is None:
                 blob = get_state(user_id, rec)
@@ -243,7 +262,7 @@ class Engine:
         per_items: dict[str, list[list[float]]] = {}  # user -> its items' [purchase, churn, value], in order
         if batch.scored:
             scored_at = int(time.time() * 1000)
-            emitted: list[tuple[str, InRecord, Event, list[float], int]] = []
+            emitted: list[tuple[str, Record, Event, list[float], int]] = []
             windows: list[np.ndarray] = []
             ends: list[list[int]] = []
             for (uid, t), us, ub in zip(batch.scored, user_scores, batch.inputs, strict=True):
@@ -273,7 +292,7 @@ class Engine:
             result.states[uid] = (t.state.to_bytes(), t.last_record)
         return result
 
-    def _dlq(self, result: BatchResult, rec: InRecord, reason: str, now_ms: int) -> None:
+    def _dlq(self, result: BatchResult, rec: Record, reason: str, now_ms: int) -> None:
         value = contract.dlq_record(reason, rec.key, rec.value, rec.topic, rec.partition, rec.offset, now_ms)
         result.outputs.append(Output(self.settings.topic_dlq, rec.key, value, rec))
         result.dlq_reasons.append(reason)
@@ -286,7 +305,7 @@ class Engine:
         t: _Touched,
         per_item: list[list[float]],
         scored_at: int,
-        emitted: list[tuple[str, InRecord, Event, list[float], int]],
+        emitted: list[tuple[str, Record, Event, list[float], int]],
     ) -> None:
         """Which of a user's scored items emit an intent event (the policy, in order: each emission moves the
         user's last emitted score and band); ``per_item``: one [purchase, churn, value] row per item."""
@@ -295,7 +314,7 @@ class Engine:
         cooldown_ms = int(s.emit_cooldown_s * 1000)
         policy, delta = s.emit_policy, s.emit_delta
         latencies = result.latencies_ms
-        latencies += [scored_at - rec.timestamp_ms for rec, _ in t.items]
+        latencies += [scored_at - rec.timestamp for rec, _ in t.items]
         result.scored += len(t.items)
         if policy == "every_event":  # every item, each with its band; the state keeps the last
             band_of = emit.band_of
@@ -316,7 +335,7 @@ class Engine:
         self,
         result: BatchResult,
         model: LoadedModel,
-        emitted: list[tuple[str, InRecord, Event, list[float], int]],
+        emitted: list[tuple[str, Record, Event, list[float], int]],
         reasons: list[list[str]],
         suggestions: Sequence[orjson.Fragment | Sequence[tuple[str, float, str]] | None],
         scored_at: int,
@@ -327,7 +346,7 @@ class Engine:
             [e[0] for e in emitted],
             [e[2].event_id for e in emitted],
             [e[2].ts for e in emitted],
-            [e[1].timestamp_ms for e in emitted],
+            [e[1].timestamp for e in emitted],
             [BANDS[e[4]] for e in emitted],
             numbers,
             reasons,
@@ -364,7 +383,7 @@ class Engine:
         return suggest_json(items, item, kind, ts, lengths, self.settings.suggestions_k, at=at)
 
     def _maybe_alert(
-        self, result: BatchResult, model: LoadedModel, uid: str, st: UserState, last_ts: int, risk: float, rec: InRecord
+        self, result: BatchResult, model: LoadedModel, uid: str, st: UserState, last_ts: int, risk: float, rec: Record
     ) -> None:
         threshold = model.thresholds["churn"]["alert"]
         if risk < threshold or st.churn_alert_ts == last_ts:

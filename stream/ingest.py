@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 
 from stream.compat import FetchedBatch
-from stream.engine import InRecord
+from stream.engine import Record
 from stream.offsets import InputOffsets, Verdict
 
 log = logging.getLogger("intentstream.worker")
@@ -93,7 +93,7 @@ class InputQueue:
 class Admission:
     """What a batch's records came to: the records to process, and the partitions to seek back."""
 
-    records: list[InRecord] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)  # aiokafka's ConsumerRecords, as fetched
     last_offsets: dict[int, int] = field(default_factory=dict)  # partition -> offset of its last admitted record
     seeks: dict[int, int] = field(default_factory=dict)  # partition -> offset
     skipped: dict[str, int] = field(default_factory=lambda: {"stale": 0, "repeat": 0, "refetch": 0})
@@ -115,14 +115,13 @@ async def admit(fetches: list[FetchedBatch], offsets: InputOffsets, stale_upto_g
                 out.skipped["refetch"] += len(records)
                 continue
             if await offsets.admit_run(partition, records[0].offset, records[-1].offset, len(records)):
-                for r in records:  # the usual case: the partition's next records, contiguous
-                    append(InRecord(r.key, r.value, r.topic, partition, r.offset, r.timestamp))
+                out.records += records  # the usual case: the partition's next records, contiguous
                 out.last_offsets[partition] = records[-1].offset
                 continue
             for i, r in enumerate(records):
                 verdict, back = await offsets.judge(partition, r.offset)
                 if verdict is Verdict.PROCESS:
-                    append(InRecord(r.key, r.value, r.topic, partition, r.offset, r.timestamp))
+                    append(r)
                     out.last_offsets[partition] = r.offset
                     continue
                 out.skipped[verdict.value] += 1

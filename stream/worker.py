@@ -24,16 +24,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.compat import CompatError, check_internals
     from stream.topics import check_access
 
     if args.web_port:
         settings = Settings.from_env(web_port=args.web_port)
+    try:  # before the broker is asked anything: a library without the internals we patch is an install to fix
+        check_internals()
+    except CompatError as exc:
+        print(f"intentstream: {exc}", file=sys.stderr)
+        return 2
     # Faust would retry a refused login or an untrusted certificate forever, logging a traceback each time.
     check_access(settings)
     from faust.worker import Worker
 
     from stream.app import NoModelError, create_app
-    from stream.compat import CompatError
 
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr

@@ -189,7 +189,7 @@ def test_admission_takes_the_next_records_once_and_drops_stale_fetches():
 
     first, second = asyncio.run(scenario())
     assert [(r.partition, r.offset) for r in first.records] == [(0, 100), (0, 101), (0, 102), (0, 103), (1, 5), (1, 6)]
-    assert first.records[0].timestamp_ms == 7 and not first.seeks
+    assert first.records[0].timestamp == 7 and not first.seeks
     assert [(r.partition, r.offset) for r in second.records] == [(0, 104), (0, 105)]
     assert second.skipped == {"stale": 2, "repeat": 2, "refetch": 0}
     assert first.last_offsets == {0: 103, 1: 6} and second.last_offsets == {0: 105}  # what becomes committable
