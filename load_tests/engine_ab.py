@@ -129,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     timed = batches[n_warm:]
     n_timed = sum(len(b) for b in timed)
     gc.collect()
-    gc.freeze()  # as the worker does once running (stream/app.py freeze_startup_objects)
+    # as the worker does once running (stream/app.py freeze_startup_objects): without the young generation's
+    # threshold, collections walking a batch's live objects counted here and not in a worker
+    from stream.app import GC_YOUNG_THRESHOLD
+
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
     def turn(module: Any) -> tuple[float, list[Any]]:
         engine = module.Engine(settings, model, torch.device("cpu"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -254,14 +255,12 @@ class IntentModel(nn.Module):
         assert self.gru is not None and not self.convs and not self.config.rate_state and self.final_norm is None
         x = torch.cat([self.type_emb(type_idx), self.category_emb(category_idx), numeric], dim=-1)
         x = F.gelu(self.input(x))
-        order, batch_sizes, packed_at, unpacked_at = packing(lengths)
-        unsorted = torch.empty_like(order)
-        unsorted[order] = torch.arange(len(order))
+        p = packing(lengths)
         device = x.device
-        packed = PackedSequence(x[packed_at.to(device)], batch_sizes, order.to(device), unsorted.to(device))
+        packed = PackedSequence(x[p.packed_at.to(device)], p.batch_sizes, p.order.to(device), p.unsorted.to(device))
         hx = None if h0 is None else h0.unsqueeze(0).contiguous()
         states, last = self.gru(packed, hx)
-        return self.head(states.data)[torch.from_numpy(unpacked_at).to(device)], last[0]
+        return self.head(states.data)[torch.from_numpy(p.unpacked_at).to(device)], last[0]
 
     def _forward_packed(
         self, x: torch.Tensor, h0: torch.Tensor | None, lengths: torch.Tensor
@@ -282,18 +281,29 @@ class IntentModel(nn.Module):
         )
 
 
-def packing(lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
-    """How rows laid end to end (row i's ``lengths[i]`` positions, then row i + 1's) become a PackedSequence: (the
-    rows by decreasing length, stable; the number of rows still running at each step; where each packed position is
-    in the rows end to end; and where each position of the rows end to end is among the packed ones)."""
+class Packing(NamedTuple):
+    """How rows laid end to end (row i's ``lengths[i]`` positions, then row i + 1's) become a PackedSequence."""
+
+    order: torch.Tensor  # the rows by decreasing length, stable (PackedSequence.sorted_indices)
+    unsorted: torch.Tensor  # its inverse: where each row is in ``order`` (PackedSequence.unsorted_indices)
+    batch_sizes: torch.Tensor  # the number of rows still running at each step
+    packed_at: torch.Tensor  # where each packed position is in the rows end to end
+    unpacked_at: np.ndarray  # where each position of the rows end to end is among the packed ones
+
+
+def packing(lengths: np.ndarray) -> Packing:
     order = np.argsort(-lengths, kind="stable")
+    unsorted = np.empty_like(order)
+    unsorted[order] = np.arange(len(order))
     by_length = lengths[order]
     steps, rows = np.nonzero(np.arange(int(by_length[0]))[:, None] < by_length[None, :])  # step-major, as packed
     packed_at = (np.cumsum(lengths) - lengths)[order][rows] + steps
     unpacked_at = np.empty_like(packed_at)
     unpacked_at[packed_at] = np.arange(len(packed_at))
     batch_sizes = torch.from_numpy(np.bincount(steps, minlength=int(by_length[0])))
-    return torch.from_numpy(order), batch_sizes, torch.from_numpy(packed_at), unpacked_at
+    return Packing(
+        torch.from_numpy(order), torch.from_numpy(unsorted), batch_sizes, torch.from_numpy(packed_at), unpacked_at
+    )
 
 
 def rate_accumulators(numeric: torch.Tensor, acc0: torch.Tensor | None) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
@@ -28,6 +29,11 @@ from stream.topics import kafka_client_kwargs
 
 BASE_TS = 1_767_600_000_000  # 2026-01-05
 FUNNEL = ["page_view", "search", "product_view", "product_view", "add_to_cart", "checkout_start", "purchase"]
+
+
+# The environment of a load-test or peer run on a backlog of a few thousand events: batches of at most 256. The
+# default 4,096 would drain such a backlog in one batch whose outputs share a timestamp: no rate, no CPU per event.
+SMALL_BATCHES = {**os.environ, "INTENTSTREAM_BATCH_BACKLOG_EVENTS": "256", "INTENTSTREAM_QUEUE_MAX_EVENTS": "1024"}
 
 
 def make_events(

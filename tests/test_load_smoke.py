@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +17,11 @@ import pytest
 
 from load_tests import procs
 from stream.settings import Settings
-from tests.helpers import read_to_end
+from tests.helpers import SMALL_BATCHES, read_to_end
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-# A backlog of 3,000 events is one batch of the default 4,096 from a backlog: its outputs share a timestamp and have no
-# rate. Batches of at most 256 make a dozen of them, as a real backlog makes hundreds.
-SMALL_BATCHES = {**os.environ, "INTENTSTREAM_BATCH_BACKLOG_EVENTS": "256", "INTENTSTREAM_QUEUE_MAX_EVENTS": "1024"}
 STEP_KEYS = {
     "requested", "offered_eps", "achieved_eps", "sent", "sustained", "lag_end", "lag_max", "latency_ms",
     "cpu_pct_mean", "rss_mb_max", "engine",

@@ -206,8 +206,9 @@ def test_packing_orders_rows_by_length_and_steps_through_them():
     """Rows end to end as a PackedSequence: the longest rows first (ties in row order), each step's rows, and
     positions that map back and forth."""
     lengths = np.array([2, 3, 1, 3], dtype=np.int64)  # rows at 0-1, 2-4, 5, 6-8
-    order, batch_sizes, packed_at, unpacked_at = packing(lengths)
+    order, unsorted, batch_sizes, packed_at, unpacked_at = packing(lengths)
     assert order.tolist() == [1, 3, 0, 2]
+    assert unsorted.tolist() == [2, 0, 3, 1] and (order[unsorted] == torch.arange(4)).all()
     assert batch_sizes.tolist() == [4, 3, 2]
     assert packed_at.tolist() == [2, 6, 0, 5, 3, 7, 1, 4, 8]
     assert (packed_at.numpy()[unpacked_at] == np.arange(9)).all()

@@ -7,7 +7,6 @@ and that each ratio is the quotient of the rates beside it; never speeds (the ma
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +15,9 @@ import pytest
 
 from load_tests.peer import SYSTEMS, busy_window, turn_order
 from stream.settings import Settings
+from tests.helpers import SMALL_BATCHES
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_BATCHES = {**os.environ, "INTENTSTREAM_BATCH_BACKLOG_EVENTS": "256", "INTENTSTREAM_QUEUE_MAX_EVENTS": "1024"}
 RUN_KEYS = {
     "system", "turn", "position", "outputs", "dlq", "processed", "complete", "eps", "span_s", "startup_s",
     "cpu_us_per_event", "cpu_s_total", "rss_mb_max",
