@@ -91,6 +91,17 @@ def before_reasons() -> None:
 BEFORE_REASONS = "35a1e4f"
 
 
+def before_batch_records() -> None:
+    """stream/engine.py and stream/emit.py before a batch's records were validated, and its intent events written, at
+    once (c3a8712: ``validate`` and a dict encoded by orjson per event, an age text per reason, a churn risk kept per
+    event), given InRecords built as that revision's ingest built them (``_given_in_records``)."""
+    _module_from_git("stream.emit", "stream/emit.py", BEFORE_BATCH_RECORDS)
+    _module_from_git("stream.engine", "stream/engine.py", BEFORE_BATCH_RECORDS)
+
+
+BEFORE_BATCH_RECORDS = "c3a8712"
+
+
 def before_batch_ingest() -> None:
     """stream/app.py before ingest by record batch (35fa8c2): every input record through Faust's stream path (a
     Message and an Event each, ``take_events``), table writes one key at a time, a changelog record per user per
@@ -510,6 +521,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "head-ingest": head("stream/ingest.py"),
     "before-reasons": before_reasons,
     "before-batch-ingest": before_batch_ingest,
+    "before-batch-records": before_batch_records,
     "scoring-thread": scoring_thread,
     "fetch-wait-20": setting("fetch_max_wait_ms", 20),
     "fetch-wait-100": setting("fetch_max_wait_ms", 100),
