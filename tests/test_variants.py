@@ -4,11 +4,14 @@ refuses to run without such edits (it used to compare the engine with itself and
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from load_tests.variants import _require_uncommitted
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def git(repo: Path, *args: str) -> None:
@@ -32,3 +35,33 @@ def test_a_combined_variant_gives_legal_kafka_names():
     from load_tests.run import kafka_name
 
     assert re.fullmatch(r"[A-Za-z0-9._-]+", kafka_name("steps-batch-512+wait-times"))
+
+
+def test_an_engine_of_an_earlier_revision_runs_in_todays_worker():
+    """``before-batch-records`` loads stream/engine.py and stream/emit.py of c3a8712 in a fresh interpreter: today's
+    app and ingest import beside it, and it processes records as the ingest hands them over (aiokafka's
+    ConsumerRecords: ``timestamp``, not the ``timestamp_ms`` it reads), given as InRecords."""
+    script = """
+import itertools, tempfile, time, torch
+from pathlib import Path
+from types import SimpleNamespace
+from load_tests import variants
+variants.VARIANTS["before-batch-records"]()
+import stream.app  # imports the engine's names
+from stream import engine
+from load_tests.traffic import Traffic
+from load_tests.untrained import untrained_artifact
+from stream.settings import Settings
+assert "timestamp_ms" in engine.InRecord.__dataclass_fields__  # the old engine
+model = untrained_artifact(Path(tempfile.mkdtemp()), data_hash="t")
+eng = engine.Engine(Settings.from_env(emit_policy="every_event"), model, torch.device("cpu"))
+now = int(time.time() * 1000)
+pairs = itertools.islice(Traffic(users=50).records(), 300)
+records = [SimpleNamespace(key=k, value=v, topic="clickstream", partition=0, offset=i, timestamp=now)
+           for i, (k, v) in enumerate(pairs)]
+result = eng.process(records, lambda user, rec: None)
+assert result.scored == 300 and result.intents == 300, (result.scored, result.intents)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
