@@ -47,7 +47,7 @@ def _given_in_records(engine: types.ModuleType) -> None:
     in_record = engine.InRecord
     if "timestamp_ms" not in getattr(in_record, "__dataclass_fields__", {}):
         return
-    engine.Record = in_record  # the name today's modules import (for annotations only)
+    setattr(engine, "Record", in_record)  # noqa: B010  # the name today's modules import (for annotations only)
     process = engine.Engine.process
 
     def given_in_records(self: Any, records: list[Any], get_state: Any) -> Any:

@@ -190,8 +190,8 @@ def validate_many(
     max_ts_ms: int | None = None,
 ) -> list[Event | str]:
     """``validate`` of every (value, key), keys checked: the same Events and reasons, in order. A batch's valid
-    records take the fast path without a call of ``validate`` each (its guards, its keyword arguments: a sixth of
-    what validating an event cost); any other record goes through ``validate``, which finds its precise reason."""
+    records take the fast path without a call of ``validate`` each (its guards, its keyword arguments: about a
+    seventh of what validating an event cost, 2.15 against 1.84 us ad hoc); any other record goes through ``validate``, which finds its precise reason."""
     loads, fast_path = orjson.loads, _fast_path
     out: list[Event | str] = []
     append = out.append

@@ -85,13 +85,13 @@ def _ago(ms: int) -> str:
 
 
 _AGO_UNITS = ("min", "h", "days")
-_AGO_TEXTS: dict[tuple[str, int], str] = {}  # (template, unit code << 40 | count) -> text; a few hundred at most
+_AGO_TEXTS: dict[tuple[str, int], str] = {}  # (template, unit code << 40 | count) -> text; cleared past 4,096
 
 
 def ago_texts(template: str, ms: np.ndarray) -> list[str]:
     """``template.format(_ago(m))`` for every m of ``ms`` (non-negative integers), the same texts: the same float
-    operations on arrays (the division by 60,000 of an integer below 2**53 is exact before rounding in both, and
-    ``np.rint`` rounds half to even like ``round``), each distinct text made once. A batch's reasons said "returned
+    operations on arrays (an integer below 2**53 becomes a float exactly, each division is correctly rounded in both,
+    and ``np.rint`` rounds half to even like ``round``), each distinct text made once. A batch's reasons said "returned
     after ..." for 80% of its events, at about 1 us each, the costliest line of ``intent_reasons_at``."""
     minutes = np.asarray(ms, dtype=np.int64).astype(np.float64) / 60_000
     hours = minutes / 60

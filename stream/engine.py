@@ -47,6 +47,8 @@ class Record(Protocol):
 
 @dataclass(slots=True)
 class InRecord:
+    """A ``Record`` built by hand: tests, benchmarks, ``load_tests.engine_ab``."""
+
     key: bytes | None
     value: bytes | None
     topic: str
@@ -56,8 +58,8 @@ class InRecord:
 
     @property
     def timestamp_ms(self) -> int:
-        """The field's name before ConsumerRecords were passed as they are: engines of earlier revisions read it
-        (tests/test_engine_reference.py, load_tests/engine_ab.py and the ``head-engine`` variant run them)."""
+        """The field's name before ConsumerRecords were passed as they are: engines of earlier revisions read it, and
+        tests/test_engine_reference.py and load_tests/engine_ab.py give them InRecords."""
         return self.timestamp
 
 
