@@ -84,16 +84,17 @@ def _ago(ms: int) -> str:
     return f"{round(hours)} h" if hours < 48 else f"{round(hours / 24)} days"
 
 
-_AGO_UNITS = ("min", "h", "days")
 _AGO_TEXTS: dict[tuple[str, int], str] = {}  # (template, unit code << 40 | count) -> text; cleared past 4,096
 
 
 def ago_texts(template: str, ms: np.ndarray) -> list[str]:
-    """``template.format(_ago(m))`` for every m of ``ms`` (non-negative integers), the same texts: the same float
-    operations on arrays (an integer below 2**53 becomes a float exactly, each division is correctly rounded in both,
-    and ``np.rint`` rounds half to even like ``round``), each distinct text made once. A batch's reasons said "returned
-    after ..." for 80% of its events, at about 1 us each, the costliest line of ``intent_reasons_at``."""
-    minutes = np.asarray(ms, dtype=np.int64).astype(np.float64) / 60_000
+    """``template.format(_ago(m))`` for every m of ``ms`` (non-negative integers), the same texts: which text an age
+    gets is found with the same float operations on arrays (an integer below 2**53 becomes a float exactly, each
+    division is correctly rounded in both, and ``np.rint`` rounds half to even like ``round``), and each distinct
+    text is made once, by ``_ago``. A batch's reasons said "returned after ..." for 80% of its events, at about 1 us
+    each, the costliest line of ``intent_reasons_at``."""
+    ms = np.asarray(ms, dtype=np.int64)
+    minutes = ms.astype(np.float64) / 60_000
     hours = minutes / 60
     unit = np.where(minutes < 90, 0, np.where(hours < 48, 1, 2))
     count = np.choose(unit, (np.maximum(1.0, np.rint(minutes)), np.rint(hours), np.rint(hours / 24)))
@@ -101,10 +102,10 @@ def ago_texts(template: str, ms: np.ndarray) -> list[str]:
     if len(_AGO_TEXTS) > 4096:  # bounded: counts of days are not
         _AGO_TEXTS.clear()
     out = []
-    for key in keys:
+    for key, m in zip(keys, ms.tolist(), strict=True):
         text = _AGO_TEXTS.get((template, key))
         if text is None:
-            text = _AGO_TEXTS[(template, key)] = template.format(f"{key & (2**40 - 1)} {_AGO_UNITS[key >> 40]}")
+            text = _AGO_TEXTS[(template, key)] = template.format(_ago(m))
         out.append(text)
     return out
 

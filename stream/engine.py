@@ -318,17 +318,11 @@ class Engine:
         latencies = result.latencies_ms
         latencies += [scored_at - rec.timestamp for rec, _ in t.items]
         result.scored += len(t.items)
-        if policy == "every_event":  # every item, each with its band; the state keeps the last
-            band_of = emit.band_of
-            for (rec, ev), p in zip(t.items, per_item, strict=True):
-                band = band_of(p[0], thresholds)
-                emitted.append((uid, rec, ev, p, band))
-            st.last_score, st.last_band, st.last_emit_ts = p[0], band, ev.ts
-            return
+        every_event = policy == "every_event"  # emit.should_emit's first rule, without a call per item
         for (rec, ev), p in zip(t.items, per_item, strict=True):
             score = p[0]
             band = emit.band_of(score, thresholds)
-            if not emit.should_emit(st, score, band, ev.ts, policy, delta, cooldown_ms):
+            if not every_event and not emit.should_emit(st, score, band, ev.ts, policy, delta, cooldown_ms):
                 continue
             emitted.append((uid, rec, ev, p, band))
             st.last_score, st.last_band, st.last_emit_ts = score, band, ev.ts
