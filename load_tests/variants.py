@@ -499,7 +499,7 @@ def suggest_per_user() -> None:
     from models.items import suggest
     from stream import engine
 
-    def _suggestions(self: Any, items: Any, windows: list[Any], ends: list[list[int]]) -> list[Any]:
+    def _suggestions(self: Any, items: Any, windows: list[Any], ends: list[Any]) -> list[Any]:
         if items is None:
             return [None] * sum(map(len, ends))
         last = [w[: at[-1]] for w, at in zip(windows, ends, strict=True)]

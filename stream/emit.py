@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from operator import itemgetter
+
 import numpy as np
+import orjson
 
 from models.features import FLAG_NEW_SESSION, FLAG_SAME_ITEM, concat_records
 from stream.contract import SCORE_DIGITS, TYPE_CODE, VALUE_DIGITS
@@ -20,6 +24,12 @@ def band_of(score: float, thresholds: dict[str, float]) -> int:
     if score >= thresholds["medium"]:
         return 1
     return 0
+
+
+def bands_of(scores: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
+    """``band_of`` of every score (compared as float64, as Python compares its floats)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.where(scores >= thresholds["high"], 2, np.where(scores >= thresholds["medium"], 1, 0))
 
 
 def should_emit(
@@ -84,30 +94,17 @@ def _ago(ms: int) -> str:
     return f"{round(hours)} h" if hours < 48 else f"{round(hours / 24)} days"
 
 
-_AGO_TEXTS: dict[tuple[str, int], str] = {}  # (template, unit code << 40 | count) -> text; cleared past 4,096
-
-
-def ago_texts(template: str, ms: np.ndarray) -> list[str]:
-    """``template.format(_ago(m))`` for every m of ``ms`` (non-negative integers), the same texts: which text an age
-    gets is found with the same float operations on arrays (an integer below 2**53 becomes a float exactly, each
-    division is correctly rounded in both, and ``np.rint`` rounds half to even like ``round``), and each distinct
-    text is made once, by ``_ago``. A batch's reasons said "returned after ..." for 80% of its events, at about 1 us
-    each, the costliest line of ``intent_reasons_at``."""
+def ago_keys(ms: np.ndarray) -> np.ndarray:
+    """For every m of ``ms`` (non-negative integers) a key of the text ``_ago(m)`` writes: two ages have the same key
+    exactly when they have the same text. Found with the same float operations on arrays (an integer below 2**53
+    becomes a float exactly, each division is correctly rounded in both, and ``np.rint`` rounds half to even like
+    ``round``): the unit in the high bits, the count in the low ones."""
     ms = np.asarray(ms, dtype=np.int64)
     minutes = ms.astype(np.float64) / 60_000
     hours = minutes / 60
     unit = np.where(minutes < 90, 0, np.where(hours < 48, 1, 2))
     count = np.choose(unit, (np.maximum(1.0, np.rint(minutes)), np.rint(hours), np.rint(hours / 24)))
-    keys = ((unit.astype(np.int64) << 40) | count.astype(np.int64)).tolist()
-    if len(_AGO_TEXTS) > 4096:  # bounded: counts of days are not
-        _AGO_TEXTS.clear()
-    out = []
-    for key, m in zip(keys, ms.tolist(), strict=True):
-        text = _AGO_TEXTS.get((template, key))
-        if text is None:
-            text = _AGO_TEXTS[(template, key)] = template.format(_ago(m))
-        out.append(text)
-    return out
+    return (unit.astype(np.int64) << 40) | count.astype(np.int64)
 
 
 def intent_reasons(records: np.ndarray, limit: int = 3) -> list[str]:
@@ -148,23 +145,48 @@ def intent_reasons(records: np.ndarray, limit: int = 3) -> list[str]:
     return reasons[:limit]
 
 
-def intent_reasons_at(windows: list[np.ndarray], ends: list[list[int]], limit: int = 3) -> list[list[str]]:
+# (limit, reason key) -> (reasons, their JSON): a batch's events share a few thousand combinations of reasons at most,
+# each made once; cleared past _MAX_REASON_KEYS (counts of days make the keys unbounded).
+_REASONS: dict[tuple[int, tuple[int, ...]], tuple[list[str], bytes]] = {}
+_MAX_REASON_KEYS = 16_384
+
+
+def intent_reasons_at(
+    windows: list[np.ndarray], ends: Sequence[Sequence[int] | np.ndarray], limit: int = 3
+) -> list[list[str]]:
     """``intent_reasons(window[:end])`` for every window and each of its ends (the window as of an event), in
-    order, with the same reasons, computed for a whole batch at once: the windows laid end to end, one prefix
-    sum or prefix maximum per signal, then a few integer lookups per event instead of loops over its window."""
+    order, with the same reasons (``intent_reasons_json_at`` gives them as JSON)."""
+    return [list(reasons) for reasons, _ in _reasons_at(windows, ends, limit)]
+
+
+def intent_reasons_json_at(
+    windows: list[np.ndarray], ends: Sequence[Sequence[int] | np.ndarray], limit: int = 3
+) -> list[bytes]:
+    """``orjson.dumps(intent_reasons(window[:end]))`` for every window and each of its ends, in order: the engine's
+    path (each distinct list of reasons is written once, not once an event)."""
+    return [json for _, json in _reasons_at(windows, ends, limit)]
+
+
+def _reasons_at(
+    windows: list[np.ndarray], ends: Sequence[Sequence[int] | np.ndarray], limit: int
+) -> Sequence[tuple[list[str], bytes]]:
+    """The reasons of every (window, end), computed for a whole batch at once: the windows laid end to end, one
+    prefix sum or prefix maximum per signal, a few integer lookups per event instead of loops over its window; then
+    what decides an event's reasons as a row of integers (its key), and each distinct key's reasons made once, with
+    no Python step per event (docs/performance.md, thirteenth pass)."""
     if not windows:
         return []
+    counts = np.fromiter(map(len, ends), np.int64, len(ends))
+    end_in_window = np.concatenate([np.asarray(e, dtype=np.int64) for e in ends])
     # An event that left the window (a user with more new events in one batch than the window holds) has no
     # records before it: no reasons, like intent_reasons of an empty window.
-    empty = [e == 0 for es in ends for e in es]
-    ends = [[max(e, 1) for e in es] for es in ends]
+    empty = end_in_window == 0
     records = concat_records(windows)
     sizes = np.array([len(w) for w in windows])
     starts_of = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    counts = np.array([len(e) for e in ends])
     seg = np.repeat(np.arange(len(windows)), counts)  # the window of each query
     start = starts_of[seg]
-    end = start + np.concatenate([np.asarray(e, dtype=np.int64) for e in ends])  # exclusive
+    end = start + np.maximum(end_in_window, 1)  # exclusive
     ts, types, flags = records["ts"], records["type"], records["flags"]
     idx = np.arange(len(records))
 
@@ -184,46 +206,84 @@ def intent_reasons_at(windows: list[np.ndarray], ends: list[list[int]], limit: i
     key = (window_of << 42) | (ts - tmin)
     cutoff = np.maximum(now - 600_000 - tmin, 0)
     recent_from = np.minimum(np.searchsorted(key, (seg.astype(np.int64) << 42) | cutoff), end)
-    n_add_recent = count_between(types == ADD, recent_from).tolist()
+    n_add = count_between(types == ADD, recent_from)
     last_checkout = last_where(types == CHECKOUT)
     last_purchase = last_where(types == PURCHASE)
-    checkout_open = ((last_checkout >= session_from) & (last_purchase < last_checkout)).tolist()
-    n_remove = count_between(types == REMOVE, session_from).tolist()
-    repeat = count_between((flags & FLAG_SAME_ITEM) > 0, session_from).tolist()
-    n_views = count_between(types == VIEW, session_from).tolist()
-    gap_ms = np.where(session_from > start, records["gap_s"][session_from].astype(np.float64) * 1000, 0.0)
+    checkout_open = (last_checkout >= session_from) & (last_purchase < last_checkout)
+    n_remove = count_between(types == REMOVE, session_from)
+    repeat = count_between((flags & FLAG_SAME_ITEM) > 0, session_from)
+    n_views = count_between(types == VIEW, session_from)
+    gap_ms = np.trunc(np.where(session_from > start, records["gap_s"][session_from].astype(np.float64) * 1000, 0.0))
     returned = gap_ms >= 86_400_000
-    returned_text = iter(ago_texts("returned after {}", np.trunc(gap_ms[returned])))
     since_purchase = now - ts[np.maximum(last_purchase, 0)]
     purchased = (last_purchase >= start) & (since_purchase < 2_592_000_000)  # 30 days
-    purchased_text = iter(ago_texts("purchased {} ago", since_purchase[purchased]))
-    out: list[list[str]] = []
-    append = out.append
-    columns = (empty, n_add_recent, checkout_open, n_remove, repeat, returned.tolist(), purchased.tolist(), n_views)
-    for is_empty, n_add, checkout, n_rem, rep, gap_long, purchase_recent, views in zip(*columns, strict=True):
-        # the texts of both ages are taken in query order, used or not
-        returned_after = next(returned_text) if gap_long else None
-        purchased_ago = next(purchased_text) if purchase_recent else None
-        if is_empty:
-            append([])
-            continue
-        reasons = []
-        if n_add:
-            reasons.append(f"{n_add} add_to_cart in 10 min")
-        if checkout:
-            reasons.append("checkout_start without purchase")
-        if n_rem:
-            reasons.append(f"{n_rem} remove_from_cart this session")
-        if rep >= 2:
-            reasons.append(f"same item viewed {rep + 1} times")
-        if returned_after is not None:
-            reasons.append(returned_after)
-        if purchased_ago is not None and len(reasons) < limit:
-            reasons.append(purchased_ago)
-        if not reasons:
-            reasons.append(f"{views} product_view this session" if views else "browsing")
-        append(reasons[:limit] if len(reasons) > limit else reasons)
-    return out
+    # The key: only what changes the reasons (a repeat below 2 says nothing; the views count only when nothing else
+    # is said; an age by its text's key, -1 when not said), so that events share keys.
+    returned_key = np.full(len(end), -1, dtype=np.int64)
+    returned_key[returned] = ago_keys(gap_ms[returned])
+    purchased_key = np.full(len(end), -1, dtype=np.int64)
+    purchased_key[purchased] = ago_keys(since_purchase[purchased])
+    said = (n_add > 0) | checkout_open | (n_remove > 0) | (repeat >= 2) | returned | purchased
+    keys = np.stack(
+        [
+            empty,
+            n_add,
+            checkout_open,
+            n_remove,
+            np.where(repeat >= 2, repeat, 0),
+            returned_key,
+            purchased_key,
+            np.where(said, -1, n_views),
+        ],
+        axis=1,
+        dtype=np.int64,
+    )
+    # The distinct keys (the rows sorted, a new key wherever a row differs from the one before) and which is each
+    # event's (np.unique(axis=0) does the same at 8x the cost)
+    order = np.lexsort(keys.T[::-1])
+    rows = keys[order]
+    new = np.ones(len(rows), dtype=bool)
+    new[1:] = (rows[1:] != rows[:-1]).any(axis=1)
+    which = np.empty(len(rows), dtype=np.int64)
+    which[order] = np.cumsum(new) - 1
+    first = order[new]  # an event of each distinct key
+    if not len(first):
+        return []
+    cache = _REASONS
+    if len(cache) > _MAX_REASON_KEYS:
+        cache.clear()
+    made = []
+    for key, i in zip(map(tuple, keys[first].tolist()), first.tolist(), strict=True):
+        got = cache.get((limit, key))
+        if got is None:
+            reasons = _reasons_of(key, int(gap_ms[i]), int(since_purchase[i]), limit)
+            got = cache[(limit, key)] = (reasons, orjson.dumps(reasons))
+        made.append(got)
+    return [made[which[0]]] if len(which) == 1 else itemgetter(*which.tolist())(made)
+
+
+def _reasons_of(key: tuple[int, ...], returned_ms: int, purchased_ms: int, limit: int) -> list[str]:
+    """The reasons of one key (``_reasons_at``), in ``intent_reasons``' order and words; the ages' texts from the
+    milliseconds of one event of the key (all of its events have the same texts)."""
+    is_empty, n_add, checkout, n_remove, repeat, returned_key, purchased_key, n_views = key
+    if is_empty:
+        return []
+    reasons = []
+    if n_add:
+        reasons.append(f"{n_add} add_to_cart in 10 min")
+    if checkout:
+        reasons.append("checkout_start without purchase")
+    if n_remove:
+        reasons.append(f"{n_remove} remove_from_cart this session")
+    if repeat:
+        reasons.append(f"same item viewed {repeat + 1} times")
+    if returned_key >= 0:
+        reasons.append(f"returned after {_ago(returned_ms)}")
+    if purchased_key >= 0 and len(reasons) < limit:
+        reasons.append(f"purchased {_ago(purchased_ms)} ago")
+    if not reasons:
+        reasons.append(f"{n_views} product_view this session" if n_views else "browsing")
+    return reasons[:limit]
 
 
 def churn_reasons(state: UserState) -> list[str]:
@@ -250,10 +310,12 @@ def churn_reasons(state: UserState) -> list[str]:
 __all__ = [
     "BANDS",
     "band_of",
+    "bands_of",
     "churn_reasons",
     "intent_numbers",
     "intent_reasons",
     "intent_reasons_at",
+    "intent_reasons_json_at",
     "round_floats",
     "should_emit",
 ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Protocol
 
 import numpy as np
@@ -261,34 +260,47 @@ class Engine:
         sessions the batch closed, and every touched user's new state."""
         result, touched, model = batch.result, batch.touched, batch.model
         tag = model.state_tag
-        per_items: dict[str, list[list[float]]] = {}  # user -> its items' [purchase, churn, value], in order
+        spans: dict[str, tuple[int, int]] = {}  # user -> its items' rows in ``probs``
+        probs = np.empty((0, 3))
         if batch.scored:
             scored_at = int(time.time() * 1000)
-            emitted: list[tuple[str, Record, Event, list[float], int]] = []
-            windows: list[np.ndarray] = []
-            ends: list[list[int]] = []
-            for (uid, t), us, ub in zip(batch.scored, user_scores, batch.inputs, strict=True):
-                per_item = (
+            # Every scored item's [purchase, churn, value] in one array, the users' items end to end (a user whose
+            # window was rescored after a late event has its final score for each of its items).
+            probs = np.concatenate(
+                [
                     np.repeat(us.probs[-1:], len(t.items), axis=0) if ub.rescore_window is not None else us.probs
-                ).tolist()  # Python floats: one conversion per user
-                n_before = len(emitted)
-                self._emit_intents(result, model, uid, t, per_item, scored_at, emitted)
-                if len(emitted) > n_before:
-                    window_ts = t.state.records["ts"]
-                    windows.append(t.state.records)
-                    ends.append(window_ts.searchsorted([e[2].ts for e in emitted[n_before:]], side="right").tolist())
-                per_items[uid] = per_item
+                    for (_, t), us, ub in zip(batch.scored, user_scores, batch.inputs, strict=True)
+                ]
+            )
+            items = [item for _, t in batch.scored for item in t.items]
+            result.scored += len(items)
+            result.latencies_ms += [scored_at - rec.timestamp for rec, _ in items]
+            purchase = probs[:, 0].astype(np.float64)
+            bands = emit.bands_of(purchase, model.thresholds["purchase"])
+            chosen = self._emit_intents(batch, purchase.tolist(), bands.tolist(), items, spans)
+            stops = [stop for _, stop in spans.values()]
+            last_rows = probs[np.subtract(stops, 1)].tolist()
+            for (_, t), us, (score, churn_risk, _) in zip(batch.scored, user_scores, last_rows, strict=True):
                 st = t.state
-                st.hidden = us.hidden
-                st.model_tag = tag
-                last = per_item[-1]
-                st.score, st.churn_risk = last[0], last[1]
-            reasons = emit.intent_reasons_at(windows, ends)
+                st.hidden, st.model_tag, st.score, st.churn_risk = us.hidden, tag, score, churn_risk
+            # each emitting user's window, and where each of its emitted events' window ends in it
+            windows: list[np.ndarray] = []
+            ends: list[np.ndarray] = []
+            event_ts = np.array([ev.ts for _, ev in items], dtype=np.int64)[chosen]
+            cuts = np.searchsorted(chosen, stops).tolist()
+            for (_, t), j, k in zip(batch.scored, [0, *cuts[:-1]], cuts, strict=True):
+                if k > j:
+                    window = t.state.records
+                    windows.append(window)
+                    ends.append(window["ts"].searchsorted(event_ts[j:k], side="right"))
+            reasons = emit.intent_reasons_json_at(windows, ends)
             suggestions = self._suggestions(batch.items, windows, ends)
-            self._intent_records(result, model, emitted, reasons, suggestions, scored_at)
+            self._intent_records(result, batch, items, chosen, probs, bands, reasons, suggestions, scored_at)
         for user_id, last_ts, rec in batch.closed:
             t = touched[user_id]
-            risk = _risk_at(t, per_items.get(user_id), last_ts)
+            span = spans.get(user_id)
+            per_item = probs[span[0] : span[1]].tolist() if span is not None else None
+            risk = _risk_at(t, per_item, last_ts)
             self._maybe_alert(result, model, user_id, t.state, last_ts, risk, rec)
         for uid, t in touched.items():
             result.states[uid] = (t.state.to_bytes(), t.last_record)
@@ -301,63 +313,70 @@ class Engine:
 
     def _emit_intents(
         self,
-        result: BatchResult,
-        model: LoadedModel,
-        uid: str,
-        t: _Touched,
-        per_item: list[list[float]],
-        scored_at: int,
-        emitted: list[tuple[str, Record, Event, list[float], int]],
-    ) -> None:
-        """Which of a user's scored items emit an intent event (the policy, in order: each emission moves the
-        user's last emitted score and band); ``per_item``: one [purchase, churn, value] row per item."""
-        s, st = self.settings, t.state
-        thresholds = model.thresholds["purchase"]
+        batch: PreparedBatch,
+        scores: list[float],
+        bands: list[int],
+        items: list[tuple[Record, Event]],
+        spans: dict[str, tuple[int, int]],
+    ) -> np.ndarray:
+        """Which scored items emit an intent event (the policy, each user's items in order: each emission moves the
+        user's last emitted score and band), as positions in ``items``; fills ``spans`` (each user's positions)."""
+        s = self.settings
         cooldown_ms = int(s.emit_cooldown_s * 1000)
         policy, delta = s.emit_policy, s.emit_delta
-        latencies = result.latencies_ms
-        latencies += [scored_at - rec.timestamp for rec, _ in t.items]
-        result.scored += len(t.items)
-        every_event = policy == "every_event"  # emit.should_emit's first rule, without a call per item
-        for (rec, ev), p in zip(t.items, per_item, strict=True):
-            score = p[0]
-            band = emit.band_of(score, thresholds)
-            if not every_event and not emit.should_emit(st, score, band, ev.ts, policy, delta, cooldown_ms):
-                continue
-            emitted.append((uid, rec, ev, p, band))
-            st.last_score, st.last_band, st.last_emit_ts = score, band, ev.ts
+        every_event = policy == "every_event"  # emit.should_emit's first rule: every item, the last one's state
+        chosen: list[int] = []
+        start = 0
+        for uid, t in batch.scored:
+            stop = start + len(t.items)
+            spans[uid] = (start, stop)
+            st = t.state
+            if every_event:
+                last = stop - 1
+                st.last_score, st.last_band, st.last_emit_ts = scores[last], bands[last], items[last][1].ts
+            else:
+                for i in range(start, stop):
+                    score, band, ts = scores[i], bands[i], items[i][1].ts
+                    if emit.should_emit(st, score, band, ts, policy, delta, cooldown_ms):
+                        chosen.append(i)
+                        st.last_score, st.last_band, st.last_emit_ts = score, band, ts
+            start = stop
+        return np.arange(start) if every_event else np.array(chosen, dtype=np.int64)
 
     def _intent_records(
         self,
         result: BatchResult,
-        model: LoadedModel,
-        emitted: list[tuple[str, Record, Event, list[float], int]],
-        reasons: list[list[str]],
+        batch: PreparedBatch,
+        items: list[tuple[Record, Event]],
+        chosen: np.ndarray,
+        probs: np.ndarray,
+        bands: np.ndarray,
+        reasons: list[bytes],
         suggestions: Sequence[orjson.Fragment | Sequence[tuple[str, float, str]] | None],
         scored_at: int,
     ) -> None:
+        model = batch.model
         topic, outputs = self.settings.topic_intent, result.outputs
-        numbers = emit.intent_numbers(np.array([e[3] for e in emitted], dtype=np.float64))
+        picked = items if len(chosen) == len(items) else [items[i] for i in chosen.tolist()]
+        events = [ev for _, ev in picked]
         values = contract.intent_records(
-            [e[0] for e in emitted],
-            [e[2].event_id for e in emitted],
-            [e[2].ts for e in emitted],
-            [e[1].timestamp for e in emitted],
-            [BANDS[e[4]] for e in emitted],
-            numbers,
+            [ev.user_id for ev in events],
+            [ev.event_id for ev in events],
+            [ev.ts for ev in events],
+            [rec.timestamp for rec, _ in picked],
+            [BANDS[b] for b in bands[chosen].tolist()],
+            emit.intent_numbers(probs[chosen]),
             reasons,
             suggestions,
             model_name=model.name,
             model_version=model.version,
             scored_at_ms=scored_at,
         )
-        outputs += [
-            Output(topic, rec.key, value, rec) for (_, rec, _, _, _), value in zip(emitted, values, strict=True)
-        ]
-        result.intents += len(emitted)
+        outputs += [Output(topic, rec.key, value, rec) for (rec, _), value in zip(picked, values, strict=True)]
+        result.intents += len(picked)
 
     def _suggestions(
-        self, items: ItemModel | None, windows: list[np.ndarray], ends: list[list[int]]
+        self, items: ItemModel | None, windows: list[np.ndarray], ends: list[np.ndarray]
     ) -> list[orjson.Fragment | None]:
         """The suggestions of every emitted intent event as their JSON, in one lookup for the batch. Only emitted
         events are looked up (under on_change a share of the scored ones): about 6-11 us of CPU an event under
@@ -372,8 +391,8 @@ class Engine:
         # their window's records: each is looked up once)
         stacked = np.frombuffer(b"".join([w.tobytes() for w in windows]), windows[0].dtype)  # 70x np.concatenate's
         window_start = np.cumsum([0, *map(len, windows[:-1])])
-        lengths = np.fromiter(chain.from_iterable(ends), np.int64)
-        first = np.repeat(window_start, list(map(len, ends)))
+        lengths = np.concatenate(ends).astype(np.int64, copy=False)
+        first = np.repeat(window_start, [len(e) for e in ends])
         at = ranges(first, lengths)
         item, kind, ts = stacked["item"], stacked["type"], stacked["ts"]
         return suggest_json(items, item, kind, ts, lengths, self.settings.suggestions_k, at=at)

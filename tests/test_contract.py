@@ -672,7 +672,7 @@ def test_batch_intent_records_are_what_intent_record_writes(rows: list[tuple], m
         [r[3] for r in rows],
         [r[4] for r in rows],
         [r[5] for r in rows],
-        [r[6] for r in rows],
+        [orjson.dumps(r[6]) for r in rows],
         [suggestions(r) for r in rows],
         model_name="gru",
         model_version=model_version,

@@ -42,7 +42,17 @@ from stream.contract import (
     dlq_record,
     reason_field,
 )
-from stream.emit import _ago, ago_texts, intent_numbers, round_floats
+from stream.emit import (
+    _ago,
+    ago_keys,
+    band_of,
+    bands_of,
+    intent_numbers,
+    intent_reasons,
+    intent_reasons_at,
+    intent_reasons_json_at,
+    round_floats,
+)
 from stream.engine import Engine, InRecord
 from stream.settings import Settings
 from stream.state.user import HEADER, Accept, PendingWindow, UserState
@@ -405,16 +415,73 @@ def test_batch_rounding_agrees_with_round_on_halves_and_their_neighbours():
     assert _same_floats([x for row in got for x in row], [x for row in want for x in row])
 
 
+def _keys_name_the_texts(ms: list[int]) -> None:
+    """Two ages have the same key exactly when ``_ago`` writes the same text for them: the engine makes each key's
+    text once, from any of its ages."""
+    text_of_key: dict[int, str] = {}
+    key_of_text: dict[str, int] = {}
+    for key, m in zip(ago_keys(np.array(ms, dtype=np.int64)).tolist(), ms, strict=True):
+        text = _ago(m)
+        assert text_of_key.setdefault(key, text) == text, (m, key)
+        assert key_of_text.setdefault(text, key) == key, (m, text)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(0, 2**53 - 1) | st.integers(0, 400 * 86_400_000), max_size=40))
-def test_batch_ages_are_the_texts_ago_writes(ms):
-    assert ago_texts("returned after {}", np.array(ms, dtype=np.int64)) == [f"returned after {_ago(m)}" for m in ms]
+def test_batch_age_keys_name_the_texts_ago_writes(ms):
+    _keys_name_the_texts(ms)
 
 
-def test_batch_ages_agree_with_ago_on_every_rounding_edge():
+def test_batch_age_keys_agree_with_ago_on_every_rounding_edge():
     """Each unit's bounds and halves (1.5 min rounds to 2, 2.5 to 2: half to even), a millisecond either side."""
     edges = [0, 29_999, 30_000, 90_000, 150_000, 5_399_999, 5_400_000, 9_000_000, 172_799_999, 172_800_000]
     edges += [k * 30_000 for k in range(1, 400)] + [k * 1_800_000 for k in range(1, 200)]
     edges += [k * 43_200_000 for k in range(1, 400)]
-    ms = sorted({max(0, e + d) for e in edges for d in (-1, 0, 1)})
-    assert ago_texts("purchased {} ago", np.array(ms)) == [f"purchased {_ago(m)} ago" for m in ms]
+    _keys_name_the_texts(sorted({max(0, e + d) for e in edges for d in (-1, 0, 1)}))
+
+
+_window_record = st.tuples(
+    st.integers(0, 40 * 86_400_000),  # time since the record before (sorted windows)
+    st.integers(0, len(EVENT_TYPES) - 1),  # type: any
+    st.integers(0, 7),  # flags: first, new session, same item in any combination
+    st.floats(0, 60 * 86_400, width=32),  # gap_s, up to two months
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(_window_record, min_size=1, max_size=12), min_size=1, max_size=6),
+    st.data(),
+    st.integers(0, 4),
+)
+def test_batch_reasons_are_what_intent_reasons_says(windows_spec, data, limit):
+    """The engine's reasons for a batch (each distinct set made once, by its key) are ``intent_reasons`` of each
+    event's window, as lists and as JSON, for any windows, ends (0: the event left its window) and limit."""
+    windows = []
+    for spec in windows_spec:
+        w = np.zeros(len(spec), dtype=RECORD_DTYPE)
+        w["ts"] = 1_700_000_000_000 + np.cumsum([r[0] for r in spec])
+        w["type"] = [r[1] for r in spec]
+        w["flags"] = [r[2] for r in spec]
+        w["gap_s"] = [r[3] for r in spec]
+        windows.append(w)
+    ends = [
+        data.draw(st.lists(st.integers(0, len(w)), min_size=1, max_size=4).map(sorted), label=f"ends{i}")
+        for i, w in enumerate(windows)
+    ]
+    want = [intent_reasons(w[:e], limit) for w, es in zip(windows, ends, strict=True) for e in es]
+    assert intent_reasons_at(windows, ends, limit) == want
+    assert intent_reasons_json_at(windows, [np.array(e) for e in ends], limit) == [orjson.dumps(r) for r in want]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0, 1, width=32), max_size=30),
+    st.floats(0, 1),
+    st.floats(0, 1),
+)
+def test_batch_bands_are_band_of(scores, medium, high):
+    """The engine's bands of a batch (float32 scores against float64 thresholds, in any order) are ``band_of``'s."""
+    thresholds = {"medium": medium, "high": high}
+    values = np.array([*scores, medium, high], dtype=np.float32)  # and the thresholds themselves, rounded to float32
+    assert bands_of(values, thresholds).tolist() == [band_of(v, thresholds) for v in values.tolist()]
