@@ -103,6 +103,18 @@ def before_batch_records() -> None:
 BEFORE_BATCH_RECORDS = "c3a8712"
 
 
+def before_emission_keys() -> None:
+    """stream/contract.py, stream/emit.py and stream/engine.py before a batch's emission went without a Python step
+    per event where it can (f4793c3: the reasons built as a list per event and encoded each, the ids encoded one by
+    one, the emission policy decided item by item, every_event too)."""
+    _module_from_git("stream.contract", "stream/contract.py", BEFORE_EMISSION_KEYS)
+    _module_from_git("stream.emit", "stream/emit.py", BEFORE_EMISSION_KEYS)
+    _module_from_git("stream.engine", "stream/engine.py", BEFORE_EMISSION_KEYS)
+
+
+BEFORE_EMISSION_KEYS = "f4793c3"
+
+
 def before_batch_ingest() -> None:
     """stream/app.py before ingest by record batch (35fa8c2): every input record through Faust's stream path (a
     Message and an Event each, ``take_events``), table writes one key at a time, a changelog record per user per
@@ -523,6 +535,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "before-reasons": before_reasons,
     "before-batch-ingest": before_batch_ingest,
     "before-batch-records": before_batch_records,
+    "before-emission-keys": before_emission_keys,
     "scoring-thread": scoring_thread,
     "fetch-wait-20": setting("fetch_max_wait_ms", 20),
     "fetch-wait-100": setting("fetch_max_wait_ms", 100),

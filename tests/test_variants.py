@@ -37,22 +37,24 @@ def test_a_combined_variant_gives_legal_kafka_names():
     assert re.fullmatch(r"[A-Za-z0-9._-]+", kafka_name("steps-batch-512+wait-times"))
 
 
-def test_an_engine_of_an_earlier_revision_runs_in_todays_worker():
+@pytest.mark.parametrize("variant", ["before-batch-records", "before-emission-keys"])
+def test_an_engine_of_an_earlier_revision_runs_in_todays_worker(variant: str):
     """``before-batch-records`` loads stream/engine.py and stream/emit.py of c3a8712 in a fresh interpreter: today's
     app and ingest import beside it, and it processes records as the ingest hands them over (aiokafka's
-    ConsumerRecords: ``timestamp``, not the ``timestamp_ms`` it reads), given as InRecords."""
+    ConsumerRecords: ``timestamp``, not the ``timestamp_ms`` it reads), given as InRecords. ``before-emission-keys``
+    loads f4793c3's engine with the contract it wrote its records with."""
     script = """
-import itertools, tempfile, time, torch
+import itertools, sys, tempfile, time, torch
 from pathlib import Path
 from types import SimpleNamespace
 from load_tests import variants
-variants.VARIANTS["before-batch-records"]()
+variants.VARIANTS[sys.argv[1]]()
 import stream.app  # imports the engine's names
-from stream import engine
+from stream import engine, emit
 from load_tests.traffic import Traffic
 from load_tests.untrained import untrained_artifact
 from stream.settings import Settings
-assert "timestamp_ms" in engine.InRecord.__dataclass_fields__  # the old engine
+assert not hasattr(emit, "intent_reasons_json_at")  # an old engine
 model = untrained_artifact(Path(tempfile.mkdtemp()), data_hash="t")
 eng = engine.Engine(Settings.from_env(emit_policy="every_event"), model, torch.device("cpu"))
 now = int(time.time() * 1000)
@@ -63,5 +65,7 @@ result = eng.process(records, lambda user, rec: None)
 assert result.scored == 300 and result.intents == 300, (result.scored, result.intents)
 print("ok")
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, variant], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
