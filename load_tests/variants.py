@@ -115,6 +115,14 @@ def before_emission_keys() -> None:
 BEFORE_EMISSION_KEYS = "f4793c3"
 
 
+def store_wal() -> None:
+    """The users table's RocksDB with its write-ahead log, as before the worker turned it off (Faust's default):
+    every state write logged as well as sent to the changelog."""
+    from stream import compat
+
+    compat.disable_table_wal = lambda table: None
+
+
 def before_batch_ingest() -> None:
     """stream/app.py before ingest by record batch (35fa8c2): every input record through Faust's stream path (a
     Message and an Event each, ``take_events``), table writes one key at a time, a changelog record per user per
@@ -536,6 +544,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "before-batch-ingest": before_batch_ingest,
     "before-batch-records": before_batch_records,
     "before-emission-keys": before_emission_keys,
+    "store-wal": store_wal,
     "scoring-thread": scoring_thread,
     "fetch-wait-20": setting("fetch_max_wait_ms", 20),
     "fetch-wait-100": setting("fetch_max_wait_ms", 100),

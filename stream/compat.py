@@ -13,7 +13,9 @@ What is patched, and why (docs/reliability.md, docs/performance.md):
 4. The consumer's commit asks ``stream.offsets`` which offsets to commit (records are never acked to Faust).
 5. Outputs go out with aiokafka's producers: the transactional producer of the source partition under
    exactly-once (faust-streaming issue #177), the plain one otherwise.
-6. State writes go to the partition's RocksDB as one WriteBatch, and the table's key index learns each key.
+6. State writes go to the partition's RocksDB as one WriteBatch, and the table's key index learns each key; the
+   table's RocksDB has no write-ahead log (the changelog is the durable copy, as in Kafka Streams), and a clean
+   stop flushes its memtables.
 7. prometheus_client: a histogram takes a batch's latencies in one call (it observes one value at a time).
 """
 
@@ -74,6 +76,7 @@ def check_internals() -> None:
         (AIOKafkaProducer, "create_batch"),
         (AIOKafkaProducer, "send_batch"),
         (Store, "_db_for_partition"),
+        (Store, "_open_for_partition"),
     ]
     for cls, name in needed:
         require(cls, name)
@@ -255,7 +258,7 @@ def partition_db(table: Any, partition: int) -> Any:
 
 
 def write_partition(table: Any, partition: int, items: Iterable[tuple[bytes, bytes]]) -> None:
-    """Put ``items`` into one partition's RocksDB as one WriteBatch (one write, one WAL append), and tell the
+    """Put ``items`` into one partition's RocksDB as one WriteBatch (one write), and tell the
     table's key index where each key lives (what Faust's ``Store._set`` does per key, through a context variable
     holding the current event)."""
     from rocksdict import WriteBatch
@@ -267,6 +270,48 @@ def write_partition(table: Any, partition: int, items: Iterable[tuple[bytes, byt
         batch.put(key, value)
         key_index[key] = partition
     partition_db(table, partition).write(batch)
+
+
+def disable_table_wal(table: Any) -> None:
+    """Open every partition's RocksDB of ``table`` with its write-ahead log off, for every write through it (ours,
+    and Faust's recovery and persisted offsets): the changelog is the durable copy of the table, as in Kafka Streams'
+    RocksDBStore, and the log doubled the cost of a state write (6.7 against 2.9 us a 2.6-KB state, measured).
+
+    Why a crash stays safe: with every write unlogged, a store that crashed comes back as it was at its last memtable
+    flush, a prefix of its writes; the changelog offset it holds (written after the states that offset covers) is
+    in the same prefix, so the recovery replays from there every state the crash took. Mixing logged writes after
+    unlogged ones would break that (the log would restore later writes over a gap), hence the option set when a
+    partition's store is opened, before anything is written through it. The patch is on the class and checks a marker
+    on the table, so other tables keep Faust's behaviour."""
+    from faust.stores.rocksdb import Store
+
+    table._intentstream_no_wal = True
+    if getattr(Store, "_intentstream_open_for_partition", None) is not None:
+        return
+    faust_open = require(Store, "_open_for_partition")
+    Store._intentstream_open_for_partition = faust_open  # type: ignore[attr-defined]
+
+    def open_for_partition(self: Any, partition: int) -> Any:
+        db = faust_open(self, partition)
+        if getattr(self.table, "_intentstream_no_wal", False):
+            from rocksdict import WriteOptions
+
+            options = WriteOptions()
+            options.disable_wal = True  # type: ignore[method-assign,assignment]  # a property; the stub says method
+            db.set_write_options(options)
+        return db
+
+    Store._open_for_partition = open_for_partition  # type: ignore[method-assign]
+
+
+def flush_table(table: Any) -> int:
+    """Flush the memtables of every open partition store of ``table`` (a clean stop: without a write-ahead log, what
+    is only in memory would otherwise be read back from the changelog at the next start). Returns the stores
+    flushed."""
+    dbs = list(require(table.data, "_dbs").values())
+    for db in dbs:
+        db.flush()
+    return len(dbs)
 
 
 # ---- 7. metrics --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import signal
@@ -66,6 +67,49 @@ def worker_windows(worker: Worker, users: list[str]) -> dict[str, str]:
     return {u: worker.get(f"/users/{u}/score?window=1")["window"]["sha256"] for u in users}
 
 
+def changelog_ends(settings: Settings) -> dict[int, int]:
+    """partition -> end offset of the users table's changelog."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from stream.topics import kafka_client_kwargs
+
+    async def ends() -> dict[int, int]:
+        consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings))
+        await consumer.start()
+        try:
+            tps = [TopicPartition(f"{settings.app_id}-users-changelog", p) for p in range(settings.partitions)]
+            return {tp.partition: end for tp, end in (await consumer.end_offsets(tps)).items()}
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(ends())
+
+
+def store_folders(datadir: Path) -> dict[int, Path]:
+    """partition -> the RocksDB folder of its users table, under a worker's state folder."""
+    return {int(path.stem.rpartition("-")[2]): path for path in sorted(datadir.rglob("users-*.db"))}
+
+
+def wal_bytes(datadir: Path) -> dict[int, int]:
+    """partition -> bytes in its store's write-ahead log files (readable while the worker runs)."""
+    return {p: sum(f.stat().st_size for f in path.glob("*.log")) for p, path in store_folders(datadir).items()}
+
+
+def persisted_offsets(datadir: Path) -> dict[int, int | None]:
+    """partition -> the changelog offset its store says it holds, read from a stopped worker's RocksDB."""
+    from rocksdict import AccessType, Options, Rdict
+
+    from stream.app import OFFSET_KEY
+
+    offsets = {}
+    for partition, path in store_folders(datadir).items():
+        db = Rdict(str(path), options=Options(raw_mode=True), access_type=AccessType.read_only())
+        offset = db.get(OFFSET_KEY)
+        db.close()
+        offsets[partition] = None if offset is None else int(offset)
+    return offsets
+
+
 def test_intents_dlq_and_state_that_survives_restart_and_sigkill(fresh: Settings, tmp_path: Path):
     write_model(fresh.model_dir)
     events = make_events(n_users=30, seed=1)
@@ -103,7 +147,14 @@ def test_intents_dlq_and_state_that_survives_restart_and_sigkill(fresh: Settings
         expected = expected_windows(events, fresh)
         assert worker_windows(worker, users) == expected
 
+        # The stores write no write-ahead log (the changelog is their durable copy) ...
+        datadir = fresh.state_dir / f"worker-{worker.port}"
+        wal = wal_bytes(datadir)
+        assert len(wal) == fresh.partitions and not any(wal.values()), wal
         worker.stop(signal.SIGTERM)  # clean stop, then a restart on the same state folder
+        # ... and a clean stop flushed them: each holds its partition's changelog to the end, so a restart on this
+        # folder would read nothing back
+        assert persisted_offsets(datadir) == {p: end - 1 for p, end in changelog_ends(fresh).items()}
         worker = Worker(fresh, tmp_path, emit_policy="every_event").start()
         wait_assigned([worker], fresh.partitions)
         assert worker_windows(worker, users) == expected
