@@ -17,6 +17,8 @@ What is patched, and why (docs/reliability.md, docs/performance.md):
    table's RocksDB has no write-ahead log (the changelog is the durable copy, as in Kafka Streams), and a clean
    stop flushes its memtables.
 7. prometheus_client: a histogram takes a batch's latencies in one call (it observes one value at a time).
+8. A table recovery's progress (when it last received a changelog record), for the worker to leave a recovery that
+   stalled.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def check_internals() -> None:
     from aiokafka import AIOKafkaConsumer
     from aiokafka.producer import AIOKafkaProducer
     from faust.stores.rocksdb import Store
+    from faust.tables.recovery import Recovery
     from faust.transport.consumer import Consumer
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
@@ -77,6 +80,8 @@ def check_internals() -> None:
         (AIOKafkaProducer, "send_batch"),
         (Store, "_db_for_partition"),
         (Store, "_open_for_partition"),
+        (Recovery, "_recovery_started_at"),
+        (Recovery, "active_remaining"),
     ]
     for cls, name in needed:
         require(cls, name)
@@ -304,13 +309,13 @@ def disable_table_wal(table: Any) -> None:
     Store._open_for_partition = open_for_partition  # type: ignore[method-assign]
 
 
-def flush_table(table: Any) -> int:
-    """Flush the memtables of every open partition store of ``table`` (a clean stop: without a write-ahead log, what
-    is only in memory would otherwise be read back from the changelog at the next start). Returns the stores
-    flushed."""
+def flush_table(table: Any, wait: bool = True) -> int:
+    """Flush the memtables of every open partition store of ``table`` (without a write-ahead log, what is only in
+    memory would be read back from the changelog after a crash, or at the next start); ``wait=False`` only starts the
+    flushes (RocksDB's background thread writes them). Returns the stores flushed."""
     dbs = list(require(table.data, "_dbs").values())
     for db in dbs:
-        db.flush()
+        db.flush(wait)
     return len(dbs)
 
 
@@ -329,3 +334,21 @@ def observe_many(histogram: Any, values: np.ndarray) -> None:
     for i in np.flatnonzero(counts).tolist():
         buckets[i].inc(int(counts[i]))
     total.inc(float(values.sum()))
+
+
+# ---- 8. table recovery ---------------------------------------------------------------------------------------------
+
+
+def recovery_stalled_s(app: Any, now: float) -> float | None:
+    """Seconds since the table recovery under way last received a changelog record of a partition it still waits for
+    (since it started, when none came yet); None when no recovery waits for records. ``now`` on ``time.monotonic``'s
+    clock, the one Faust's recovery keeps."""
+    recovery = app.tables.recovery
+    if not recovery.in_recovery:
+        return None
+    started = require(recovery, "_recovery_started_at")
+    behind = [tp for tp, remaining in recovery.active_remaining().items() if remaining > 0]
+    if started is None or not behind:
+        return None
+    received = require(recovery, "_active_events_received_at")
+    return now - max([started, *(received[tp] for tp in behind if tp in received)])

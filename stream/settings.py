@@ -143,6 +143,20 @@ class Settings:
         "input, and exactly-once readers see outputs once their transaction commits.",
         minimum=0.05,
     )
+    state_flush_s: float = _f(
+        30.0,
+        "The users table's RocksDB memtables are flushed to disk this often, and once a partition is restored. The "
+        "stores have no write-ahead log (the changelog is their durable copy): after a crash a store comes back as of "
+        "its last flush and the restart reads the rest back from the changelog; this bounds how much.",
+        minimum=1,
+    )
+    recovery_stall_s: float = _f(
+        60.0,
+        "A table recovery that receives no changelog record for this long while it is behind ends the worker, for its "
+        "supervisor to restart it (Faust's recovery stalled once so in the chaos test, waiting minutes for records of "
+        "partitions it had just taken over; a fresh worker recovered them).",
+        minimum=5,
+    )
     emit_policy: str = _f("on_change", "When to emit intent events.", choices=("on_change", "every_event"))
     emit_delta: float = _f(0.15, "on_change: emit when the score moved at least this much ...", minimum=0)
     emit_cooldown_s: float = _f(300.0, "... but at most once per user per this many seconds of event time.", minimum=0)

@@ -106,8 +106,9 @@ def item_model(table: dict[str, list[tuple[str, float]]], popular: list[str], ve
 class Worker:
     """A real `intentstream worker` process."""
 
-    def __init__(self, settings: Settings, log_dir: Path, **extra: object):
-        self.port = free_port()
+    def __init__(self, settings: Settings, log_dir: Path, port: int | None = None, **extra: object):
+        """``port``: a stopped worker's, to start again on its state folder (``state_dir/worker-<port>``)."""
+        self.port = port or free_port()
         self.env = settings.child_env(web_port=self.port, **extra)
         self.log_path = log_dir / f"worker-{self.port}.log"
         self.proc: subprocess.Popen | None = None

@@ -213,3 +213,29 @@ def test_a_histogram_takes_a_batch_as_it_takes_each_value():
     ]
     assert by_bucket[0] == by_bucket[1] and samples[0]["lat_count"] == samples[1]["lat_count"] == 5000
     assert samples[1]["lat_sum"] == pytest.approx(samples[0]["lat_sum"], rel=1e-12)
+
+
+def test_a_recovery_is_stalled_from_its_last_changelog_record_of_a_partition_still_behind():
+    """``recovery_stalled_s`` reads Faust's own Recovery (built offline, its fields set as its recovery loop sets
+    them): None when no recovery waits for records; else the seconds since the last record of a partition still
+    behind, or since the start when none came."""
+    import faust
+    from faust.types import TP
+
+    app = faust.App("compat-recovery-test", broker="kafka://127.0.0.1:1")
+    recovery = app.tables.recovery
+    behind, done = TP("users-changelog", 0), TP("users-changelog", 1)
+    assert compat.recovery_stalled_s(app, 1_000.0) is None  # not recovering
+
+    recovery._set_recovery_started()
+    started = recovery._recovery_started_at
+    recovery.active_highwaters.update({behind: 100, done: 50})
+    recovery.active_offsets.update({behind: -1, done: 50})
+    assert compat.recovery_stalled_s(app, started + 30) == pytest.approx(30)  # nothing received yet
+    recovery._active_events_received_at[done] = started + 25  # a partition that is done does not count
+    assert compat.recovery_stalled_s(app, started + 30) == pytest.approx(30)
+    recovery._active_events_received_at[behind] = started + 20
+    recovery.active_offsets[behind] = 40
+    assert compat.recovery_stalled_s(app, started + 30) == pytest.approx(10)
+    recovery.active_offsets[behind] = 100  # caught up: nothing to wait for
+    assert compat.recovery_stalled_s(app, started + 30) is None

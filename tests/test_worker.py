@@ -96,14 +96,19 @@ def wal_bytes(datadir: Path) -> dict[int, int]:
 
 
 def persisted_offsets(datadir: Path) -> dict[int, int | None]:
-    """partition -> the changelog offset its store says it holds, read from a stopped worker's RocksDB."""
+    """partition -> the changelog offset its store says it holds, as on disk: opened read-only, a running worker's
+    store shows what it has flushed (None where it could not be read, e.g. a file compacted away meanwhile)."""
     from rocksdict import AccessType, Options, Rdict
 
     from stream.app import OFFSET_KEY
 
-    offsets = {}
+    offsets: dict[int, int | None] = {}
     for partition, path in store_folders(datadir).items():
-        db = Rdict(str(path), options=Options(raw_mode=True), access_type=AccessType.read_only())
+        try:
+            db = Rdict(str(path), options=Options(raw_mode=True), access_type=AccessType.read_only())
+        except Exception:
+            offsets[partition] = None
+            continue
         offset = db.get(OFFSET_KEY)
         db.close()
         offsets[partition] = None if offset is None else int(offset)
@@ -113,7 +118,7 @@ def persisted_offsets(datadir: Path) -> dict[int, int | None]:
 def test_intents_dlq_and_state_that_survives_restart_and_sigkill(fresh: Settings, tmp_path: Path):
     write_model(fresh.model_dir)
     events = make_events(n_users=30, seed=1)
-    worker = Worker(fresh, tmp_path, emit_policy="every_event").start()
+    worker = Worker(fresh, tmp_path, emit_policy="every_event", state_flush_s=1).start()
     try:
         wait_assigned([worker], fresh.partitions)
         produce(fresh, encode(events) + BAD_RECORDS)
@@ -151,19 +156,22 @@ def test_intents_dlq_and_state_that_survives_restart_and_sigkill(fresh: Settings
         datadir = fresh.state_dir / f"worker-{worker.port}"
         wal = wal_bytes(datadir)
         assert len(wal) == fresh.partitions and not any(wal.values()), wal
-        worker.stop(signal.SIGTERM)  # clean stop, then a restart on the same state folder
+        worker.stop(signal.SIGTERM)  # clean stop, then a restart on the same state folder (the same port)
         # ... and a clean stop flushed them: each holds its partition's changelog to the end, so a restart on this
         # folder would read nothing back
         assert persisted_offsets(datadir) == {p: end - 1 for p, end in changelog_ends(fresh).items()}
-        worker = Worker(fresh, tmp_path, emit_policy="every_event").start()
+        worker = Worker(fresh, tmp_path, worker.port, emit_policy="every_event", state_flush_s=1).start()
         wait_assigned([worker], fresh.partitions)
         assert worker_windows(worker, users) == expected
 
         more = make_events(n_users=30, seed=2, start_ts=BASE_TS + 40 * 86_400_000)  # later events, then SIGKILL
         produce(fresh, encode(more))
         wait_for(lambda: worker.get("/users/user-0/score").get("events", 0) >= 36, 60, "the second wave scored")
+        # a running worker flushes its stores every state_flush_s: what it wrote is on disk before any stop
+        ends = {p: end - 1 for p, end in changelog_ends(fresh).items()}
+        wait_for(lambda: persisted_offsets(datadir) == ends, 60, "the stores flushed while running")
         worker.stop(signal.SIGKILL)
-        worker = Worker(fresh, tmp_path, emit_policy="every_event").start()
+        worker = Worker(fresh, tmp_path, worker.port, emit_policy="every_event").start()  # on its own stores
         wait_assigned([worker], fresh.partitions)
         expected = expected_windows(events + more, fresh)
         wait_for(lambda: worker_windows(worker, users) == expected, 60, "windows equal to a run without a crash")
