@@ -159,7 +159,8 @@ def test_intents_dlq_and_state_that_survives_restart_and_sigkill(fresh: Settings
         worker.stop(signal.SIGTERM)  # clean stop, then a restart on the same state folder (the same port)
         # ... and a clean stop flushed them: each holds its partition's changelog to the end, so a restart on this
         # folder would read nothing back
-        assert persisted_offsets(datadir) == {p: end - 1 for p, end in changelog_ends(fresh).items()}
+        first_wave = {p: end - 1 for p, end in changelog_ends(fresh).items()}
+        assert persisted_offsets(datadir) == first_wave
         worker = Worker(fresh, tmp_path, worker.port, emit_policy="every_event", state_flush_s=1).start()
         wait_assigned([worker], fresh.partitions)
         assert worker_windows(worker, users) == expected
@@ -167,9 +168,14 @@ def test_intents_dlq_and_state_that_survives_restart_and_sigkill(fresh: Settings
         more = make_events(n_users=30, seed=2, start_ts=BASE_TS + 40 * 86_400_000)  # later events, then SIGKILL
         produce(fresh, encode(more))
         wait_for(lambda: worker.get("/users/user-0/score").get("events", 0) >= 36, 60, "the second wave scored")
-        # a running worker flushes its stores every state_flush_s: what it wrote is on disk before any stop
-        ends = {p: end - 1 for p, end in changelog_ends(fresh).items()}
-        wait_for(lambda: persisted_offsets(datadir) == ends, 60, "the stores flushed while running")
+
+        # a running worker flushes its stores every state_flush_s: what it wrote is on disk before any stop (the
+        # second wave's changelog records go out at a commit after they are scored: wait for the ends to move)
+        def flushed_to_the_end() -> bool:
+            ends = {p: end - 1 for p, end in changelog_ends(fresh).items()}
+            return ends != first_wave and persisted_offsets(datadir) == ends
+
+        wait_for(flushed_to_the_end, 60, "the stores flushed while running")
         worker.stop(signal.SIGKILL)
         worker = Worker(fresh, tmp_path, worker.port, emit_policy="every_event").start()  # on its own stores
         wait_assigned([worker], fresh.partitions)
