@@ -14,8 +14,8 @@ What is patched, and why (docs/reliability.md, docs/performance.md):
 5. Outputs go out with aiokafka's producers: the transactional producer of the source partition under
    exactly-once (faust-streaming issue #177), the plain one otherwise.
 6. State writes go to the partition's RocksDB as one WriteBatch, and the table's key index learns each key; the
-   table's RocksDB has no write-ahead log (the changelog is the durable copy, as in Kafka Streams), and a clean
-   stop flushes its memtables.
+   table's RocksDB has no write-ahead log (the changelog is the durable copy, as in Kafka Streams), and a store is
+   flushed before Faust lets go of it (a revocation, the stop).
 7. prometheus_client: a histogram takes a batch's latencies in one call (it observes one value at a time).
 8. A table recovery's progress (when it last received a changelog record), for the worker to leave a recovery that
    stalled.
@@ -23,11 +23,14 @@ What is patched, and why (docs/reliability.md, docs/performance.md):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("intentstream.worker")
 
 FAUST_VERSION = "0.15.3"
 AIOKAFKA_VERSION = "0.14.0"
@@ -80,6 +83,8 @@ def check_internals() -> None:
         (AIOKafkaProducer, "send_batch"),
         (Store, "_db_for_partition"),
         (Store, "_open_for_partition"),
+        (Store, "stop"),
+        (Store, "revoke_partitions"),
         (Recovery, "_recovery_started_at"),
         (Recovery, "active_remaining"),
     ]
@@ -308,15 +313,38 @@ def disable_table_wal(table: Any) -> None:
 
     Store._open_for_partition = open_for_partition  # type: ignore[method-assign]
 
+    # Faust lets go of a store when its partition is revoked and when the table stops, without closing it (RocksDB
+    # would flush it when the object is freed, whenever that is): flushed first, so that what it holds is on disk.
+    faust_stop, faust_revoke = require(Store, "stop"), require(Store, "revoke_partitions")
+
+    async def stop(self: Any) -> None:
+        if getattr(self.table, "_intentstream_no_wal", False):
+            log.info("event=stores_flushed reason=stop partitions=%d", _flush_dbs(self._dbs.values()))
+        await faust_stop(self)
+
+    def revoke_partitions(self: Any, table: Any, tps: Any) -> None:
+        if getattr(self.table, "_intentstream_no_wal", False):
+            revoked = {tp.partition for tp in tps if tp.topic in table.changelog_topic.topics}
+            _flush_dbs([db for partition, db in self._dbs.items() if partition in revoked])
+        faust_revoke(self, table, tps)
+
+    Store.stop = stop  # type: ignore[method-assign]
+    Store.revoke_partitions = revoke_partitions  # type: ignore[method-assign]
+
+
+def _flush_dbs(dbs: Iterable[Any], wait: bool = True) -> int:
+    n = 0
+    for db in dbs:
+        db.flush(wait)
+        n += 1
+    return n
+
 
 def flush_table(table: Any, wait: bool = True) -> int:
     """Flush the memtables of every open partition store of ``table`` (without a write-ahead log, what is only in
-    memory would be read back from the changelog after a crash, or at the next start); ``wait=False`` only starts the
-    flushes (RocksDB's background thread writes them). Returns the stores flushed."""
-    dbs = list(require(table.data, "_dbs").values())
-    for db in dbs:
-        db.flush(wait)
-    return len(dbs)
+    memory would be read back from the changelog after a crash); ``wait=False`` only starts the flushes (RocksDB's
+    background thread writes them). Returns the stores flushed."""
+    return _flush_dbs(list(require(table.data, "_dbs").values()), wait)
 
 
 # ---- 7. metrics --------------------------------------------------------------------------------------------------
@@ -339,10 +367,17 @@ def observe_many(histogram: Any, values: np.ndarray) -> None:
 # ---- 8. table recovery ---------------------------------------------------------------------------------------------
 
 
-def recovery_stalled_s(app: Any, now: float) -> float | None:
-    """Seconds since the table recovery under way last received a changelog record of a partition it still waits for
-    (since it started, when none came yet); None when no recovery waits for records. ``now`` on ``time.monotonic``'s
-    clock, the one Faust's recovery keeps."""
+@dataclass(frozen=True)
+class RecoveryProgress:
+    """A table recovery under way that still waits for changelog records."""
+
+    last_at: float  # when it last received a record of a partition still behind (its start if none came yet)
+    behind: list[str]  # those partitions, as "topic[partition] offset/highwater"
+
+
+def recovery_progress(app: Any) -> RecoveryProgress | None:
+    """The progress of the table recovery under way (``time.monotonic``'s clock, the one Faust's recovery keeps), or
+    None when no recovery waits for records."""
     recovery = app.tables.recovery
     if not recovery.in_recovery:
         return None
@@ -351,4 +386,8 @@ def recovery_stalled_s(app: Any, now: float) -> float | None:
     if started is None or not behind:
         return None
     received = require(recovery, "_active_events_received_at")
-    return now - max([started, *(received[tp] for tp in behind if tp in received)])
+    offsets, highwaters = recovery.active_offsets, recovery.active_highwaters
+    return RecoveryProgress(
+        max([started, *(received[tp] for tp in behind if tp in received)]),
+        [f"{tp.topic}[{tp.partition}] {offsets[tp]}/{highwaters[tp]}" for tp in behind],
+    )

@@ -151,9 +151,9 @@ class Settings:
         minimum=1,
     )
     recovery_stall_s: float = _f(
-        60.0,
-        "A table recovery that receives no changelog record for this long while it is behind ends the worker, for its "
-        "supervisor to restart it (Faust's recovery stalled once so in the chaos test, waiting minutes for records of "
+        120.0,
+        "A table recovery that receives no changelog record for this long while it is behind (rebalances not counted) "
+        "ends the worker, for its supervisor to restart it (Faust's recovery stalled once so in the chaos test, waiting minutes for records of "
         "partitions it had just taken over; a fresh worker recovered them).",
         minimum=5,
     )

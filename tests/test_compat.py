@@ -215,27 +215,29 @@ def test_a_histogram_takes_a_batch_as_it_takes_each_value():
     assert samples[1]["lat_sum"] == pytest.approx(samples[0]["lat_sum"], rel=1e-12)
 
 
-def test_a_recovery_is_stalled_from_its_last_changelog_record_of_a_partition_still_behind():
-    """``recovery_stalled_s`` reads Faust's own Recovery (built offline, its fields set as its recovery loop sets
-    them): None when no recovery waits for records; else the seconds since the last record of a partition still
-    behind, or since the start when none came."""
+def test_a_recovery_progresses_with_the_changelog_records_of_partitions_still_behind():
+    """``recovery_progress`` reads Faust's own Recovery (built offline, its fields set as its recovery loop sets
+    them): None when no recovery waits for records; else when it last received a record of a partition still behind
+    (its start when none came), and which partitions those are."""
     import faust
     from faust.types import TP
 
     app = faust.App("compat-recovery-test", broker="kafka://127.0.0.1:1")
     recovery = app.tables.recovery
     behind, done = TP("users-changelog", 0), TP("users-changelog", 1)
-    assert compat.recovery_stalled_s(app, 1_000.0) is None  # not recovering
+    assert compat.recovery_progress(app) is None  # not recovering
 
     recovery._set_recovery_started()
     started = recovery._recovery_started_at
     recovery.active_highwaters.update({behind: 100, done: 50})
     recovery.active_offsets.update({behind: -1, done: 50})
-    assert compat.recovery_stalled_s(app, started + 30) == pytest.approx(30)  # nothing received yet
+    progress = compat.recovery_progress(app)
+    assert progress is not None and progress.last_at == started  # nothing received yet
+    assert progress.behind == ["users-changelog[0] -1/100"]
     recovery._active_events_received_at[done] = started + 25  # a partition that is done does not count
-    assert compat.recovery_stalled_s(app, started + 30) == pytest.approx(30)
+    assert compat.recovery_progress(app).last_at == started  # type: ignore[union-attr]
     recovery._active_events_received_at[behind] = started + 20
     recovery.active_offsets[behind] = 40
-    assert compat.recovery_stalled_s(app, started + 30) == pytest.approx(10)
+    assert compat.recovery_progress(app).last_at == started + 20  # type: ignore[union-attr]
     recovery.active_offsets[behind] = 100  # caught up: nothing to wait for
-    assert compat.recovery_stalled_s(app, started + 30) is None
+    assert compat.recovery_progress(app) is None

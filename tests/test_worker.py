@@ -157,8 +157,9 @@ def test_intents_dlq_and_state_that_survives_restart_and_sigkill(fresh: Settings
         wal = wal_bytes(datadir)
         assert len(wal) == fresh.partitions and not any(wal.values()), wal
         worker.stop(signal.SIGTERM)  # clean stop, then a restart on the same state folder (the same port)
-        # ... and a clean stop flushed them: each holds its partition's changelog to the end, so a restart on this
-        # folder would read nothing back
+        # ... and a clean stop flushed them before Faust let go of them: each holds its partition's changelog to the
+        # end, so a restart on this folder reads nothing back
+        assert f"event=stores_flushed reason=stop partitions={fresh.partitions}" in worker.log_path.read_text()
         first_wave = {p: end - 1 for p, end in changelog_ends(fresh).items()}
         assert persisted_offsets(datadir) == first_wave
         worker = Worker(fresh, tmp_path, worker.port, emit_policy="every_event", state_flush_s=1).start()
