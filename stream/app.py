@@ -110,6 +110,13 @@ class StallWatch:
             self.alive_at = now
 
 
+def exit_when_done(coro: Any, event: str) -> asyncio.Future:
+    """Run a task the worker cannot go on without: when it ends (other than cancelled), the worker leaves."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or exit_without_commit(event, t.exception()))
+    return task
+
+
 def exit_stalled(seconds: float) -> NoReturn:
     """The watchdog's exit: one line written straight to stderr and out, without the logging machinery (whose locks
     and flushes would give the event loop more time to write after the stall)."""
@@ -401,9 +408,11 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
                 quiet_from = now
                 continue
             progress = compat.recovery_progress(app)
-            if progress is not None and now - max(progress.last_at, quiet_from) > settings.recovery_stall_s:
+            if progress is None:
+                continue
+            stalled = now - max(progress.last_at, quiet_from)
+            if stalled > settings.recovery_stall_s:
                 compat.flush_table(users)
-                stalled = now - max(progress.last_at, quiet_from)
                 exit_without_commit(
                     "recovery_stalled", TimeoutError(f"no record for {stalled:.0f} s of {', '.join(progress.behind)}")
                 )
@@ -413,10 +422,8 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         # The agent subscribes the input topic (and co-partitions the table with it); its records come to
         # score_batches by the ingest hook, never through this stream.
         compat.consumer_commit_hooks(app.consumer, offsets.committable, wrap_commit, wrap_revoke)
-        loop = asyncio.ensure_future(score_batches())
-        loop.add_done_callback(lambda t: t.cancelled() or exit_without_commit("scoring_loop_ended", t.exception()))
-        upkeep = asyncio.ensure_future(maintain_stores())
-        upkeep.add_done_callback(lambda t: t.cancelled() or exit_without_commit("store_upkeep_ended", t.exception()))
+        loop = exit_when_done(score_batches(), "scoring_loop_ended")
+        upkeep = exit_when_done(maintain_stores(), "store_upkeep_ended")
         try:
             async for _event in stream:
                 exit_without_commit("record_on_faust_stream_path", None)

@@ -275,10 +275,12 @@ class Engine:
             items = [item for _, t in batch.scored for item in t.items]
             result.scored += len(items)
             result.latencies_ms += [scored_at - rec.timestamp for rec, _ in items]
+            event_ts = [ev.ts for _, ev in items]
+            stops = np.cumsum([len(t.items) for _, t in batch.scored]).tolist()  # each user's items end here
+            spans = {uid: (stop - len(t.items), stop) for (uid, t), stop in zip(batch.scored, stops, strict=True)}
             purchase = probs[:, 0].astype(np.float64)
             bands = emit.bands_of(purchase, model.thresholds["purchase"])
-            chosen = self._emit_intents(batch, purchase.tolist(), bands.tolist(), items, spans)
-            stops = [stop for _, stop in spans.values()]
+            chosen = self._emit_intents(batch, stops, purchase.tolist(), bands.tolist(), event_ts)
             last_rows = probs[np.subtract(stops, 1)].tolist()
             for (_, t), us, (score, churn_risk, _) in zip(batch.scored, user_scores, last_rows, strict=True):
                 st = t.state
@@ -286,16 +288,16 @@ class Engine:
             # each emitting user's window, and where each of its emitted events' window ends in it
             windows: list[np.ndarray] = []
             ends: list[np.ndarray] = []
-            event_ts = np.array([ev.ts for _, ev in items], dtype=np.int64)[chosen]
+            chosen_ts = np.array(event_ts, dtype=np.int64)[chosen]
             cuts = np.searchsorted(chosen, stops).tolist()
             for (_, t), j, k in zip(batch.scored, [0, *cuts[:-1]], cuts, strict=True):
                 if k > j:
                     window = t.state.records
                     windows.append(window)
-                    ends.append(window["ts"].searchsorted(event_ts[j:k], side="right"))
+                    ends.append(window["ts"].searchsorted(chosen_ts[j:k], side="right"))
             reasons = emit.intent_reasons_json_at(windows, ends)
             suggestions = self._suggestions(batch.items, windows, ends)
-            self._intent_records(result, batch, items, chosen, probs, bands, reasons, suggestions, scored_at)
+            self._intent_records(result, batch, items, chosen, chosen_ts, probs, bands, reasons, suggestions, scored_at)
         for user_id, last_ts, rec in batch.closed:
             t = touched[user_id]
             span = spans.get(user_id)
@@ -312,31 +314,24 @@ class Engine:
         result.dlq_reasons.append(reason)
 
     def _emit_intents(
-        self,
-        batch: PreparedBatch,
-        scores: list[float],
-        bands: list[int],
-        items: list[tuple[Record, Event]],
-        spans: dict[str, tuple[int, int]],
+        self, batch: PreparedBatch, stops: list[int], scores: list[float], bands: list[int], event_ts: list[int]
     ) -> np.ndarray:
         """Which scored items emit an intent event (the policy, each user's items in order: each emission moves the
-        user's last emitted score and band), as positions in ``items``; fills ``spans`` (each user's positions)."""
+        user's last emitted score and band), as positions among the batch's items (each user's end at ``stops``)."""
         s = self.settings
         cooldown_ms = int(s.emit_cooldown_s * 1000)
         policy, delta = s.emit_policy, s.emit_delta
         every_event = policy == "every_event"  # emit.should_emit's first rule: every item, the last one's state
         chosen: list[int] = []
         start = 0
-        for uid, t in batch.scored:
-            stop = start + len(t.items)
-            spans[uid] = (start, stop)
+        for (_, t), stop in zip(batch.scored, stops, strict=True):
             st = t.state
             if every_event:
                 last = stop - 1
-                st.last_score, st.last_band, st.last_emit_ts = scores[last], bands[last], items[last][1].ts
+                st.last_score, st.last_band, st.last_emit_ts = scores[last], bands[last], event_ts[last]
             else:
                 for i in range(start, stop):
-                    score, band, ts = scores[i], bands[i], items[i][1].ts
+                    score, band, ts = scores[i], bands[i], event_ts[i]
                     if emit.should_emit(st, score, band, ts, policy, delta, cooldown_ms):
                         chosen.append(i)
                         st.last_score, st.last_band, st.last_emit_ts = score, band, ts
@@ -349,6 +344,7 @@ class Engine:
         batch: PreparedBatch,
         items: list[tuple[Record, Event]],
         chosen: np.ndarray,
+        chosen_ts: np.ndarray,
         probs: np.ndarray,
         bands: np.ndarray,
         reasons: list[bytes],
@@ -362,7 +358,7 @@ class Engine:
         values = contract.intent_records(
             [ev.user_id for ev in events],
             [ev.event_id for ev in events],
-            [ev.ts for ev in events],
+            chosen_ts.tolist(),
             [rec.timestamp for rec, _ in picked],
             [BANDS[b] for b in bands[chosen].tolist()],
             emit.intent_numbers(probs[chosen]),
