@@ -142,6 +142,30 @@ def test_rate_mode_paces_and_reports_a_consistent_rate(fresh, tmp_path):
 
 
 @pytest.mark.kafka
+def test_paced_records_are_stamped_when_they_came_due_even_when_the_source_is_late(fresh):
+    """A load test's latency counts from a record's Kafka timestamp: paced, that is the time the record came due,
+    so neither the producer's wait for the next tick nor a source that falls behind is left out of it (no
+    coordinated omission)."""
+    n, rate, late_at = 200, 1000.0, 100
+    events = make_events(n, users=20, seed=7)
+
+    def source():
+        for i, event in enumerate(events):
+            if i == late_at:
+                time.sleep(0.2)  # the source stalls: records from here on go out 200 ms behind their time
+            yield event
+
+    replay_sync(fresh, source(), rate=rate)
+    index = {e.event_id: i for i, e in enumerate(events)}
+    stamp = {
+        index[validate(r.value, r.key).event_id]: r.timestamp
+        for r in asyncio.run(read_topic(fresh, fresh.topic_clickstream))
+    }
+    assert len(stamp) == n
+    assert all(abs(stamp[i] - stamp[0] - i * 1000 / rate) <= 1 for i in range(n))
+
+
+@pytest.mark.kafka
 def test_speedup_mode_follows_event_time(fresh):
     events = make_events(40, users=4, seed=6, gap_ms=500)  # 19.5 s of event time
     stats = replay_sync(fresh, events, speedup=100.0)  # -> 0.195 s at least

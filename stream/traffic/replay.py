@@ -9,8 +9,9 @@ other by an idempotent producer (acks=all). Whole batches go to aiokafka's ``sen
 ``replay`` returns, and a batch that fails raises ``ReplayError`` naming how many records were lost.
 
 Pacing: ``rate`` (records/s, malformed ones included), ``speedup`` (sleep by the gaps of event time / X),
-or neither (as fast as possible). Each record's Kafka timestamp is its production time (the load tests
-measure end-to-end latency from it).
+or neither (as fast as possible). Paced, what has come due goes out every ``PACING_TICK_S`` (a producer's
+linger), and each record's Kafka timestamp is the time it came due, so the load tests' end-to-end latency
+(measured from it) includes the wait in the producer; unpaced, it is the time the record was handed over.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ from stream.topics import check_access, ensure_topics_async, kafka_client_kwargs
 DEFAULT_BATCH_BYTES = 256 * 1024
 # Partially filled batches wait at most this long (s) for more records when the source is slow.
 DEFAULT_LINGER_S = 0.02
-# Pacing sleeps shorter than this are skipped (the debt is paid by the next sleep): sleeping for every
-# record at 10k/s would cost more than it paces.
-_MIN_SLEEP_S = 0.001
+# Paced, the records that have come due are sent this often, as a producer with Kafka 4.0's default
+# linger.ms (5 ms, KIP-1030) would. At 35,000 records/s a 1-ms tick made 4,000 record batches a second of
+# 9 records each: the replay then took 37% of a core and the broker 20%, against 19% and 12% at 5 ms, CPU a
+# load test's worker on the same machine did not get (docs/performance.md, fourteenth pass).
+PACING_TICK_S = 0.005
 _PARTITION_CACHE_MAX = 1_000_000
 
 # What ``replay`` accepts per item: an Event; a pre-encoded record (key, value) or (key, value, event_ts_ms);
@@ -212,20 +215,23 @@ async def _produce(
                 await submit(p)
         open_since = None
 
+    paced = rate is not None or speedup is not None
+    due_ms: int | None = None  # a paced record's Kafka timestamp: when it came due
     start = perf_counter()
+    start_ms = time.time() * 1000.0
     for i, (key, value, ts, is_bad) in enumerate(records):
-        if rate is not None or speedup is not None:
+        if paced:
             if rate is not None:
                 target_s = i / rate
             elif ts is not None:  # malformed records keep the previous record's time
                 if first_ts is None:
                     first_ts = ts
                 target_s = (ts - first_ts) / 1000.0 / speedup  # type: ignore[operator]
-            if start + target_s - perf_counter() > _MIN_SLEEP_S:
-                await submit_all()  # what is due goes out before we sleep
-                delay = start + target_s - perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            ahead = start + target_s - perf_counter()
+            if ahead > 0:  # not due yet: what is due goes out, and we wait for this one and a tick's worth more
+                await submit_all()
+                await asyncio.sleep(max(ahead, PACING_TICK_S))
+            due_ms = round(start_ms + target_s * 1000.0)
         if key is None:
             p = keyless_rng.randrange(n_partitions)
         else:
@@ -239,10 +245,10 @@ async def _produce(
             builder = builders[p] = producer.create_batch()
         if open_since is None:
             open_since = perf_counter()
-        if builder.append(key=key, value=value, timestamp=None) is None:  # full: send it, start the next
+        if builder.append(key=key, value=value, timestamp=due_ms) is None:  # full: send it, start the next
             await submit(p)
             builder = builders[p] = producer.create_batch()
-            if builder.append(key=key, value=value, timestamp=None) is None:
+            if builder.append(key=key, value=value, timestamp=due_ms) is None:
                 raise ReplayError(f"replay: a record of {len(value or b'')} bytes does not fit in a batch")
         queued += 1
         bad += is_bad
