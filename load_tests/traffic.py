@@ -96,9 +96,7 @@ class Traffic:
             shift = tile * tpl.period_ms
             tile_text = b"%d" % tile
             renamed: dict[str, tuple[bytes, bytes] | None] = {}  # template user -> (key, its id as JSON text)
-            for e, (before_tile, before_user, before_ts, before_session_tile, rest) in zip(
-                tpl.events, pieces, strict=True
-            ):
+            for e, (head, to_user, to_ts, to_session, tail) in zip(tpl.events, pieces, strict=True):
                 if e.user_id in renamed:
                     user = renamed[e.user_id]
                 else:
@@ -109,22 +107,8 @@ class Traffic:
                 if user is None:
                     continue
                 ts = b"%d" % (e.ts + shift)
-                yield (
-                    user[0],
-                    join(
-                        (
-                            before_tile,
-                            tile_text,
-                            before_user,
-                            user[1],
-                            before_ts,
-                            ts,
-                            before_session_tile,
-                            tile_text,
-                            rest,
-                        )
-                    ),
-                )
+                parts = (head, tile_text, to_user, user[1], to_ts, ts, to_session, tile_text, tail)
+                yield user[0], join(parts)
             tile += 1
 
     def preload_records(self, days: float = 7.0) -> Iterator[tuple[bytes, bytes]]:
@@ -137,7 +121,6 @@ class Traffic:
         n = self.population
         span = round(days * DAY_MS)
         t0 = self.start_ms - span - DAY_MS
-        dumps = orjson.dumps
         i = 0
         for tile in range(self.tiles):
             for template_user in tpl.users:
@@ -147,34 +130,20 @@ class Traffic:
                 user = f"{template_user}-t{tile:04d}"
                 if self._track:
                     self.sent_users.add(user)
-                obj = {
-                    "event_id": f"pre-{e.event_id}-{tile}",
-                    "user_id": user,
-                    "type": e.type,
-                    "ts": t0 + i * span // n,
-                    "session_id": f"pre-{e.session_id}-{tile}",
-                    "device": e.device,
-                    "schema": 1,
-                }
-                if e.item_id is not None:
-                    obj["item_id"] = e.item_id
-                if e.category is not None:
-                    obj["category"] = e.category
-                if e.price is not None:
-                    obj["price"] = e.price
-                yield user.encode(), dumps(obj)
+                ts = t0 + i * span // n
+                yield user.encode(), record_value(e, user, f"pre-{e.event_id}-{tile}", f"pre-{e.session_id}-{tile}", ts)
                 i += 1
 
 
-def record_value(e: Event, user: str, tile: str, ts: int) -> bytes:
-    """The value of template event ``e`` in a tile: renamed user, event and session ids marked with the tile, time
-    shifted (``Traffic.records`` joins the same bytes from pieces; tests/test_variants.py compares the two)."""
+def record_value(e: Event, user: str, event_id: str, session_id: str, ts: int) -> bytes:
+    """The value of template event ``e`` renamed and moved in time (``Traffic.records`` joins the same bytes from
+    pieces; tests/test_traffic.py compares the two)."""
     obj: dict[str, object] = {
-        "event_id": f"{e.event_id}-{tile}",
+        "event_id": event_id,
         "user_id": user,
         "type": e.type,
         "ts": ts,
-        "session_id": f"{e.session_id}-{tile}",
+        "session_id": session_id,
         "device": e.device,
         "schema": 1,
     }
@@ -194,6 +163,8 @@ _MARK = "\x00"  # in no template id (the contract refuses control characters); o
 
 def _pieces(e: Event) -> tuple[bytes, bytes, bytes, bytes, bytes]:
     """``record_value(e, ...)`` cut where the tile (twice), the user and the time go."""
-    before_tile, before_user, around_ts, rest = record_value(e, _MARK, _MARK, -1).split(b"\\u0000")
+    before_tile, before_user, around_ts, rest = record_value(
+        e, _MARK, f"{e.event_id}-{_MARK}", f"{e.session_id}-{_MARK}", -1
+    ).split(b"\\u0000")
     before_ts, before_session_tile = around_ts.split(b'"ts":-1', 1)
     return before_tile, before_user, before_ts + b'"ts":', before_session_tile, rest

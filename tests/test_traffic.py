@@ -19,7 +19,12 @@ def reference_records(traffic: Traffic, tiles: int):
         for e in tpl.events:
             user = traffic._user(e.user_id, tile)
             if user is not None:
-                yield user.encode(), record_value(e, user, str(tile), e.ts + tile * tpl.period_ms)
+                yield (
+                    user.encode(),
+                    record_value(
+                        e, user, f"{e.event_id}-{tile}", f"{e.session_id}-{tile}", e.ts + tile * tpl.period_ms
+                    ),
+                )
 
 
 def test_joined_records_are_the_plain_encodings_bytes_for_bytes():
@@ -41,5 +46,6 @@ def test_ids_that_need_escaping_are_escaped_as_orjson_does():
     odd = dataclasses.replace(e, event_id='ev"\\é-1', session_id="s\u2028")  # quote, backslash, non-ASCII
     traffic.template.events[0] = odd
     value = next(iter(traffic.records(first_tile=3)))[1]
-    assert value == record_value(odd, traffic._user(odd.user_id, 3), "3", odd.ts + 3 * traffic.template.period_ms)
+    user = traffic._user(odd.user_id, 3)
+    assert value == record_value(odd, user, 'ev"\\é-1-3', "s\u2028-3", odd.ts + 3 * traffic.template.period_ms)
     assert orjson.loads(value)["event_id"] == 'ev"\\é-1-3'
