@@ -1,11 +1,17 @@
-"""Producer throughput of ``stream.traffic.replay.replay`` into the local broker, with --max pacing (the default).
+"""Producer throughput of ``stream.traffic.replay.replay`` into the local broker, with --max pacing (the default);
+or, with ``--paced RATE``, what a paced replay costs the machine it shares with the worker it loads.
 
     python -m load_tests.bench_replay [--events N] [--users U] [--json PATH]
+    python -m load_tests.bench_replay --paced 35000 [--ticks 0.001,0.005] [--turns 2] [--events N] [--json PATH]
 
 Three runs into a fresh topic each: pre-encoded (key, value) records (the producer alone), Event objects
 (plus JSON encoding), and Events with 1 % malformed records mixed in. Each run is checked afterwards: the
 topic's end offsets must add up to the records reported sent. The topics are deleted at the end. Target:
 at least 50,000 events/s on the 2-core development machine.
+
+``--paced``: the load tests' traffic (``load_tests.traffic``, 1,000 users) replayed at RATE records/s with each
+pacing tick of ``--ticks`` in turn (``stream.traffic.replay.PACING_TICK_S``), ``--turns`` rounds: the replay's CPU
+and the broker's, per record and as a share of a core, while nothing consumes the topic.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import orjson
 from stream.contract import EVENT_TYPES, Event
 from stream.settings import Settings
 from stream.topics import kafka_client_kwargs
+from stream.traffic.replay import PACING_TICK_S as DEFAULT_TICK_S
 from stream.traffic.replay import replay
 
 TARGET_EVENTS_PER_S = 50_000
@@ -128,13 +135,76 @@ async def bench(n: int, users: int) -> list[dict]:
     return results
 
 
+async def paced(rate: float, ticks: list[float], turns: int, n: int) -> list[dict]:
+    """Each tick in turn, ``turns`` rounds: the replay's and the broker's CPU at ``rate`` records/s."""
+    import itertools
+
+    from load_tests import procs
+    from load_tests.traffic import Traffic
+    from stream.traffic import replay as replay_module
+
+    base = Settings.from_env()
+    broker = procs.broker_process(base)
+    records = list(itertools.islice(Traffic(users=1000).records(), n))  # made before timing: the replay alone
+    results, created = [], []
+    try:
+        for turn in range(turns):
+            for tick in ticks:
+                settings = bench_settings(base, uuid.uuid4().hex[:8])
+                created += [settings.topic_clickstream, *settings.output_topics]
+                replay_module.PACING_TICK_S = tick
+                b0 = broker.cpu_times() if broker else None
+                c0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                stats = await replay(settings, records, rate=rate)
+                c1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - w0
+                b1 = broker.cpu_times() if broker else None
+                own = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+                r: dict[str, Any] = {
+                    "turn": turn,
+                    "tick_s": tick,
+                    "records": stats.sent,
+                    "rate": round(stats.rate),
+                    "replay_cpu_pct": round(100 * own / wall, 1),
+                    "replay_cpu_us_per_record": round(own / stats.sent * 1e6, 2),
+                }
+                if b0 is not None and b1 is not None:
+                    broker_s = (b1.user + b1.system) - (b0.user + b0.system)
+                    r["broker_cpu_pct"] = round(100 * broker_s / wall, 1)
+                    r["broker_cpu_us_per_record"] = round(broker_s / stats.sent * 1e6, 2)
+                results.append(r)
+                print(
+                    f"tick {tick * 1000:g} ms: {r['rate']:,}/s, replay {r['replay_cpu_pct']}% of a core "
+                    f"({r['replay_cpu_us_per_record']} us a record), broker {r.get('broker_cpu_pct', '-')}% "
+                    f"({r.get('broker_cpu_us_per_record', '-')} us)",
+                    flush=True,
+                )
+    finally:
+        replay_module.PACING_TICK_S = DEFAULT_TICK_S
+        if created:
+            await delete_topics(base, created)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m load_tests.bench_replay", description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=200_000, help="events per run (default 200,000)")
     parser.add_argument("--users", type=int, default=20_000, help="distinct users (default 20,000)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON here")
+    parser.add_argument("--paced", type=float, metavar="RATE", help="measure a paced replay's CPU at RATE records/s")
+    parser.add_argument(
+        "--ticks", default="0.001,0.005", help="--paced: pacing ticks in seconds, taken in turn (0.001,0.005)"
+    )
+    parser.add_argument("--turns", type=int, default=2, help="--paced: rounds of the ticks (default 2)")
     args = parser.parse_args(argv)
     started = time.time()
+    if args.paced:
+        ticks = [float(t) for t in args.ticks.split(",")]
+        runs = asyncio.run(paced(args.paced, ticks, args.turns, args.events))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            report = {"paced": runs, "rate": args.paced, "events": args.events, "started_at": int(started)}
+            args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        return 0
     results = asyncio.run(bench(args.events, args.users))
     producer_rate = results[0]["events_per_s"]
     verdict = "meets" if producer_rate >= TARGET_EVENTS_PER_S else "MISSES"

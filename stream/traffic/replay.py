@@ -40,9 +40,10 @@ DEFAULT_BATCH_BYTES = 256 * 1024
 # Partially filled batches wait at most this long (s) for more records when the source is slow.
 DEFAULT_LINGER_S = 0.02
 # Paced, the records that have come due are sent this often, as a producer with Kafka 4.0's default
-# linger.ms (5 ms, KIP-1030) would. At 35,000 records/s a 1-ms tick made 4,000 record batches a second of
-# 9 records each: the replay then took 37% of a core and the broker 20%, against 19% and 12% at 5 ms, CPU a
-# load test's worker on the same machine did not get (docs/performance.md, fourteenth pass).
+# linger.ms (5 ms, KIP-1030) would. At 35,000 records/s a 1-ms tick made up to 4,000 record batches a second of
+# about 9 records: the replay took 34% of a core and the broker 19%, against 15% and 9% at 5 ms, CPU that a load
+# test's worker on the same machine did not get (`python -m load_tests.bench_replay --paced 35000`;
+# docs/performance.md, fourteenth pass).
 PACING_TICK_S = 0.005
 _PARTITION_CACHE_MAX = 1_000_000
 
