@@ -16,8 +16,9 @@ Phases (one run, one broker, fresh topics and consumer groups named ``lt-<tag>-*
    and committed offsets (throughput, consumer lag), each worker's CPU and resident memory (psutil), and
    /metrics (batch sizes, model time per batch). A step is *sustained* when its output rate reaches 95%
    of the offered rate and less than a second of traffic is left behind at its end.
-3. **Latency.** Every intent record carries ``input_ts`` (its input record's Kafka timestamp, set when the
-   load test produced it); the intent record's own Kafka timestamp is its production time: their
+3. **Latency.** Every intent record carries ``input_ts`` (its input record's Kafka timestamp: the time the
+   record came due in the paced replay, so the producer's wait and any lateness of the load generator count);
+   the intent record's own Kafka timestamp is when the broker appended it: their
    difference is the end-to-end latency, read off the output topic after the run (reading it during the
    run would take CPU from the workers).
 
