@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=2, help="--paced: rounds of the ticks (default 2)")
     args = parser.parse_args(argv)
     started = time.time()
-    if args.paced:
+    if args.paced is not None:
         ticks = [float(t) for t in args.ticks.split(",")]
         runs = asyncio.run(paced(args.paced, ticks, args.turns, args.events))
         if args.json:

@@ -69,6 +69,7 @@ class Traffic:
         self.tiles = max(1, math.ceil(users / len(active)))
         self.sent_users: set[str] = set()  # distinct users handed out so far (for the report)
         self._track = users <= 5_000_000  # a set of 5M short strings is ~400 MB: stop counting beyond
+        self._pieces = [_pieces(e) for e in sim.events]  # each template event's value, cut where a tile's parts go
 
     @property
     def events_per_tile(self) -> int:
@@ -86,17 +87,17 @@ class Traffic:
         """Endless (key, value) records in event-time order, tile after tile. ``track``: count the users
         handed out in ``sent_users``. A value is the bytes of ``record_value``, joined from its template event's
         pre-encoded pieces: the load tests replay tens of thousands of records a second on the machine whose worker
-        they measure (1.1 us a record through a dict and orjson, a third of that joined)."""
+        they measure (0.69 against 1.13 us a record through a dict and orjson)."""
         track = track and self._track
         tpl = self.template
-        pieces = [_pieces(e) for e in tpl.events]
+        pieces = self._pieces
         tile = first_tile
         join = b"".join
         while True:
             shift = tile * tpl.period_ms
             tile_text = b"%d" % tile
             renamed: dict[str, tuple[bytes, bytes] | None] = {}  # template user -> (key, its id as JSON text)
-            for e, (head, to_user, to_ts, to_session, tail) in zip(tpl.events, pieces, strict=True):
+            for e, cut in zip(tpl.events, pieces, strict=True):
                 if e.user_id in renamed:
                     user = renamed[e.user_id]
                 else:
@@ -106,6 +107,11 @@ class Traffic:
                         self.sent_users.add(name)
                 if user is None:
                     continue
+                if cut is None:  # a template event holding the marker: encoded whole
+                    name = user[0].decode()
+                    yield user[0], record_value(e, name, f"{e.event_id}-{tile}", f"{e.session_id}-{tile}", e.ts + shift)
+                    continue
+                head, to_user, to_ts, to_session, tail = cut
                 ts = b"%d" % (e.ts + shift)
                 parts = (head, tile_text, to_user, user[1], to_ts, ts, to_session, tile_text, tail)
                 yield user[0], join(parts)
@@ -158,13 +164,15 @@ def record_value(e: Event, user: str, event_id: str, session_id: str, ts: int) -
     return orjson.dumps(obj)
 
 
-_MARK = "\x00"  # in no template id (the contract refuses control characters); orjson writes it \u0000
+_MARK = "\x00"  # orjson writes it \u0000; an event whose fields hold it is encoded whole (``_pieces`` gives None)
 
 
-def _pieces(e: Event) -> tuple[bytes, bytes, bytes, bytes, bytes]:
-    """``record_value(e, ...)`` cut where the tile (twice), the user and the time go."""
-    before_tile, before_user, around_ts, rest = record_value(
-        e, _MARK, f"{e.event_id}-{_MARK}", f"{e.session_id}-{_MARK}", -1
-    ).split(b"\\u0000")
-    before_ts, before_session_tile = around_ts.split(b'"ts":-1', 1)
+def _pieces(e: Event) -> tuple[bytes, bytes, bytes, bytes, bytes] | None:
+    """``record_value(e, ...)`` cut where the tile (twice), the user and the time go; None when its own fields
+    hold the marker (the simulator's never do)."""
+    cut = record_value(e, _MARK, f"{e.event_id}-{_MARK}", f"{e.session_id}-{_MARK}", -1).split(b"\\u0000")
+    if len(cut) != 4:
+        return None
+    before_tile, before_user, around_ts, rest = cut
+    before_ts, before_session_tile = around_ts.split(b'"ts":-1', 1)  # "ts" is a key once; texts escape quotes
     return before_tile, before_user, before_ts + b'"ts":', before_session_tile, rest

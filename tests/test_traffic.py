@@ -8,7 +8,7 @@ import itertools
 
 import orjson
 
-from load_tests.traffic import Traffic, record_value
+from load_tests.traffic import Traffic, _pieces, record_value
 from stream.contract import Event, validate
 
 
@@ -44,8 +44,23 @@ def test_ids_that_need_escaping_are_escaped_as_orjson_does():
     traffic = Traffic(users=20, template_users=50)
     e = traffic.template.events[0]
     odd = dataclasses.replace(e, event_id='ev"\\é-1', session_id="s\u2028")  # quote, backslash, non-ASCII
-    traffic.template.events[0] = odd
-    value = next(iter(traffic.records(first_tile=3)))[1]
-    user = traffic._user(odd.user_id, 3)
+    traffic.template.events[0], traffic._pieces[0] = odd, _pieces(odd)
+    traffic._user = lambda template_user, tile: f'q"u\\{template_user}-{tile}'  # type: ignore[method-assign]
+    key, value = next(iter(traffic.records(first_tile=3)))
+    user = f'q"u\\{odd.user_id}-3'
+    assert key == user.encode()
     assert value == record_value(odd, user, 'ev"\\é-1-3', "s\u2028-3", odd.ts + 3 * traffic.template.period_ms)
     assert orjson.loads(value)["event_id"] == 'ev"\\é-1-3'
+
+
+def test_an_event_holding_the_marker_is_encoded_whole():
+    traffic = Traffic(users=20, template_users=50)
+    e = traffic.template.events[0]
+    odd = dataclasses.replace(e, category="a\x00b")
+    assert _pieces(odd) is None
+    traffic.template.events[0], traffic._pieces[0] = odd, None
+    key, value = next(iter(traffic.records(first_tile=2)))
+    user = key.decode()
+    assert value == record_value(
+        odd, user, f"{odd.event_id}-2", f"{odd.session_id}-2", odd.ts + 2 * traffic.template.period_ms
+    )

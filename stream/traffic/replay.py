@@ -41,7 +41,7 @@ DEFAULT_BATCH_BYTES = 256 * 1024
 DEFAULT_LINGER_S = 0.02
 # Paced, the records that have come due are sent this often, as a producer with Kafka 4.0's default
 # linger.ms (5 ms, KIP-1030) would. At 35,000 records/s a 1-ms tick made up to 4,000 record batches a second of
-# about 9 records: the replay took 34% of a core and the broker 19%, against 15% and 9% at 5 ms, CPU that a load
+# about 9 records: the replay took 34% of a core and the broker 20%, against 17% and 12% at 5 ms, CPU that a load
 # test's worker on the same machine did not get (`python -m load_tests.bench_replay --paced 35000`;
 # docs/performance.md, fourteenth pass).
 PACING_TICK_S = 0.005
@@ -217,7 +217,9 @@ async def _produce(
         open_since = None
 
     paced = rate is not None or speedup is not None
-    due_ms: int | None = None  # a paced record's Kafka timestamp: when it came due
+    if paced:  # behind its schedule (nothing to sleep for), a paced replay still sends at every tick
+        linger_s = min(linger_s, PACING_TICK_S)
+    due_ms: int | None = None  # a paced record's Kafka timestamp: when it came due (None: when handed over)
     start = perf_counter()
     start_ms = time.time() * 1000.0
     for i, (key, value, ts, is_bad) in enumerate(records):
@@ -228,11 +230,15 @@ async def _produce(
                 if first_ts is None:
                     first_ts = ts
                 target_s = (ts - first_ts) / 1000.0 / speedup  # type: ignore[operator]
-            ahead = start + target_s - perf_counter()
-            if ahead > 0:  # not due yet: what is due goes out, and we wait for this one and a tick's worth more
-                await submit_all()
-                await asyncio.sleep(max(ahead, PACING_TICK_S))
-            due_ms = round(start_ms + target_s * 1000.0)
+            now = perf_counter()
+            if start + target_s > now:  # not due yet: what is due goes out; we wake when this one is due, a tick on
+                wake = start + max(target_s, now - start + PACING_TICK_S)
+                await submit_all()  # may wait for the batches before (aiokafka): not added to the pause
+                delay = wake - perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            if rate is not None or first_ts is not None:  # a speedup replay's records before the first time: as sent
+                due_ms = round(start_ms + target_s * 1000.0)
         if key is None:
             p = keyless_rng.randrange(n_partitions)
         else:
