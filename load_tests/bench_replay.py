@@ -10,7 +10,7 @@ topic's end offsets must add up to the records reported sent. The topics are del
 at least 50,000 events/s on the 2-core development machine.
 
 ``--paced``: the load tests' traffic (``load_tests.traffic``, 1,000 users) replayed at RATE records/s with each
-pacing tick of ``--ticks`` in turn (``stream.traffic.replay.PACING_TICK_S``), ``--turns`` rounds: the replay's CPU
+pacing tick of ``--ticks`` in turn (``replay(tick_s=...)``), ``--turns`` rounds: the replay's CPU
 and the broker's, per record and as a share of a core, while nothing consumes the topic.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import platform
 import random
 import resource
@@ -32,7 +33,6 @@ import orjson
 from stream.contract import EVENT_TYPES, Event
 from stream.settings import Settings
 from stream.topics import kafka_client_kwargs
-from stream.traffic.replay import PACING_TICK_S as DEFAULT_TICK_S
 from stream.traffic.replay import replay
 
 TARGET_EVENTS_PER_S = 50_000
@@ -137,11 +137,8 @@ async def bench(n: int, users: int) -> list[dict]:
 
 async def paced(rate: float, ticks: list[float], turns: int, n: int) -> list[dict]:
     """Each tick in turn, ``turns`` rounds: the replay's and the broker's CPU at ``rate`` records/s."""
-    import itertools
-
     from load_tests import procs
     from load_tests.traffic import Traffic
-    from stream.traffic import replay as replay_module
 
     base = Settings.from_env()
     broker = procs.broker_process(base)
@@ -152,10 +149,9 @@ async def paced(rate: float, ticks: list[float], turns: int, n: int) -> list[dic
             for tick in ticks:
                 settings = bench_settings(base, uuid.uuid4().hex[:8])
                 created += [settings.topic_clickstream, *settings.output_topics]
-                replay_module.PACING_TICK_S = tick
                 b0 = broker.cpu_times() if broker else None
                 c0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-                stats = await replay(settings, records, rate=rate)
+                stats = await replay(settings, records, rate=rate, tick_s=tick)
                 c1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - w0
                 b1 = broker.cpu_times() if broker else None
                 own = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
@@ -179,7 +175,6 @@ async def paced(rate: float, ticks: list[float], turns: int, n: int) -> list[dic
                     flush=True,
                 )
     finally:
-        replay_module.PACING_TICK_S = DEFAULT_TICK_S
         if created:
             await delete_topics(base, created)
     return results

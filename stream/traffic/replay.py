@@ -130,10 +130,12 @@ async def replay(
     topic: str | None = None,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
     linger_s: float = DEFAULT_LINGER_S,
+    tick_s: float = PACING_TICK_S,
 ) -> ReplayStats:
     """Publish ``records`` to ``topic`` (default: the clickstream topic, created if missing) and wait until
     the broker has acknowledged every one. ``on_progress(n)``: called now and then with the number of
-    records handed to the producer so far, and at the end with the number delivered."""
+    records handed to the producer so far, and at the end with the number delivered. ``tick_s``: paced, how often
+    what has come due is sent (default ``PACING_TICK_S``)."""
     if rate is not None and speedup is not None:
         raise ValueError("replay: give rate or speedup, not both")
     if rate is not None and not rate > 0:
@@ -159,7 +161,16 @@ async def replay(
     try:
         partitions = sorted(await producer.partitions_for(topic))
         return await _produce(
-            producer, topic, partitions, _mixed(records, bad_fraction, seed), rate, speedup, seed, on_progress, linger_s
+            producer,
+            topic,
+            partitions,
+            _mixed(records, bad_fraction, seed),
+            rate,
+            speedup,
+            seed,
+            on_progress,
+            linger_s,
+            tick_s,
         )
     finally:
         await producer.stop()
@@ -175,6 +186,7 @@ async def _produce(
     seed: int,
     on_progress: Callable[[int], None] | None,
     linger_s: float,
+    tick_s: float,
 ) -> ReplayStats:
     from aiokafka.partitioner import murmur2
 
@@ -218,7 +230,7 @@ async def _produce(
 
     paced = rate is not None or speedup is not None
     if paced:  # behind its schedule (nothing to sleep for), a paced replay still sends at every tick
-        linger_s = min(linger_s, PACING_TICK_S)
+        linger_s = min(linger_s, tick_s)
     due_ms: int | None = None  # a paced record's Kafka timestamp: when it came due (None: when handed over)
     start = perf_counter()
     start_ms = time.time() * 1000.0
@@ -232,7 +244,7 @@ async def _produce(
                 target_s = (ts - first_ts) / 1000.0 / speedup  # type: ignore[operator]
             now = perf_counter()
             if start + target_s > now:  # not due yet: what is due goes out; we wake when this one is due, a tick on
-                wake = start + max(target_s, now - start + PACING_TICK_S)
+                wake = start + max(target_s, now - start + tick_s)
                 await submit_all()  # may wait for the batches before (aiokafka): not added to the pause
                 delay = wake - perf_counter()
                 if delay > 0:
