@@ -123,6 +123,37 @@ def store_wal() -> None:
     compat.disable_table_wal = lambda table: None
 
 
+def state_per_batch() -> None:
+    """Each batch's user states written to RocksDB as the batch completes (before the fifteenth pass of
+    docs/performance.md), not once a commit:
+    the states a commit takes are then in the store already."""
+    from stream import compat, delivery
+
+    complete = delivery.Delivery.complete
+
+    async def complete_and_write(self: delivery.Delivery) -> dict[int, int]:
+        batch = self.inflight
+        offsets = await complete(self)
+        if batch is not None:
+            by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+            for user_id, (blob, rec) in batch.result.states.items():
+                by_partition.setdefault(rec.partition, []).append((user_id.encode(), blob))
+            for partition, items in by_partition.items():
+                compat.write_partition(self.table, partition, items)
+        return offsets
+
+    def take_written(self: delivery.Delivery) -> dict[int, dict[bytes, bytes]]:
+        if self.before_write is not None and any(self.pending.values()):
+            self.before_write()
+        taken = {partition: states for partition, states in self.pending.items() if states}
+        for partition in taken:
+            self.pending[partition] = {}
+        return taken
+
+    delivery.Delivery.complete = complete_and_write  # type: ignore[method-assign]
+    delivery.Delivery.take_changelog = take_written  # type: ignore[method-assign]
+
+
 def before_batch_ingest() -> None:
     """stream/app.py before ingest by record batch (35fa8c2): every input record through Faust's stream path (a
     Message and an Event each, ``take_events``), table writes one key at a time, a changelog record per user per
@@ -545,6 +576,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "before-batch-records": before_batch_records,
     "before-emission-keys": before_emission_keys,
     "store-wal": store_wal,
+    "state-per-batch": state_per_batch,
     "scoring-thread": scoring_thread,
     "fetch-wait-20": setting("fetch_max_wait_ms", 20),
     "fetch-wait-100": setting("fetch_max_wait_ms", 100),

@@ -228,9 +228,8 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         recovery_buffer_size=10_000,
     )
     compat.disable_table_wal(users)  # the changelog is its durable copy (stream/compat.py)
-    register_views(app, users, engine, settings, device)
-
     delivery = Delivery(app, users, settings, exactly_once)
+    register_views(app, users, delivery.unwritten_state, engine, settings, device)
     offsets = InputOffsets(settings, read_committed=exactly_once)  # ours, not Faust's (stream/offsets.py)
     inputs = InputQueue(max_events=settings.queue_max_events)
     compat.divert_input_topic(app, settings.topic_clickstream, inputs.put)
@@ -254,10 +253,10 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
             "event=sessions_restored partition=%d users=%d seconds=%.2f", partition, n, time.perf_counter() - started
         )
 
-    inflight_states = delivery.inflight_states
+    unwritten_state = delivery.unwritten_state
 
     def get_state(user_id: str, rec: Record) -> bytes | None:
-        blob = inflight_states.get(user_id)  # written by the batch in flight, not yet in RocksDB
+        blob = unwritten_state(user_id, rec.partition)  # the batch in flight's, or queued for the next commit
         if blob is not None:
             return blob
         return compat.partition_db(users, rec.partition).get(user_id.encode())

@@ -3,24 +3,27 @@
 The checkpoint of a batch, step by step (docs/reliability.md):
 1. Outputs (intent events, churn alerts, DLQ records) go to the broker as whole record batches per topic and
    partition, each to the partition of the input record it answers, and are acknowledged.
-2. The batch's user states are written to the partitions' RocksDB, one WriteBatch per partition.
-3. The states' changelog records are queued, one per user: a user touched by several batches within a commit
-   interval sends only its last state.
-4. The batch's input offsets become committable (``stream.offsets``).
-Steps 2 to 4 of a batch run once its outputs are acknowledged, which is after the next batch has been scored
+2. The batch's user states are queued in memory, one per user (``pending``): a user touched by several batches
+   within a commit interval keeps only its last state. Later batches read them from there.
+3. The batch's input offsets become committable (``stream.offsets``).
+Steps 2 and 3 of a batch run once its outputs are acknowledged, which is after the next batch has been scored
 (``start_batch``): the broker's round trip overlaps the next batch's work. Meanwhile the next batch reads the
 states of the batch in flight from memory (``inflight_states``), never from RocksDB.
 And the commit (every ``broker_commit_interval``, at a revocation, at the stop):
-5. The queued changelog records are sent and acknowledged.
+4. The queued states are written to the partitions' RocksDB, one WriteBatch per partition.
+5. Their changelog records are sent and acknowledged.
 6. The offsets are committed: at-least-once by the consumer, exactly-once in the partitions' transactions.
-Exactly-once runs 5 and 6 under the batch lock: a batch's outputs must not enter a transaction that commits
-offsets before them. At-least-once takes the lock only to take 5's records and fix the offsets the commit may cover
-(``commit_at_least_once``); the sends, acknowledgements and 6 are awaited with the lock released, so batches go on
-meanwhile.
+Writing a state once a commit rather than once a batch is what Quix Streams' transactions do: a paced worker's
+batches touch most of their users once each, and a RocksDB write cost a user about as much as scoring its event
+(docs/performance.md, fifteenth pass).
+Exactly-once runs 4 to 6 under the batch lock: a batch's outputs must not enter a transaction that commits
+offsets before them. At-least-once takes the lock only for 4 and to take 5's records and fix the offsets the commit
+may cover (``commit_at_least_once``); the sends, acknowledgements and 6 are awaited with the lock released, so
+batches go on meanwhile.
 
 At-least-once: a crash before 6 replays the batch against states that may already hold it (its events are then
-duplicates, and their outputs were acknowledged in 1). A state in RocksDB never holds an event whose output is
-missing. Exactly-once: 1, 5 and 6 go to the source partition's transaction and commit or abort together; a
+duplicates, and their outputs were acknowledged in 1); a crash before 4 loses only queued states, which the replay
+rebuilds. A state in RocksDB never holds an event whose output is missing. Exactly-once: 1, 5 and 6 go to the source partition's transaction and commit or abort together; a
 restart rebuilds RocksDB from the committed changelog.
 """
 
@@ -38,7 +41,7 @@ from stream.engine import BatchResult, Output
 from stream.offsets import InputOffsets
 from stream.settings import Settings
 
-# Changelog records held back for the next commit; past this many users they go out at once (memory bound).
+# States held back for the next commit; past this many users they are written and sent at once (memory bound).
 MAX_PENDING_CHANGELOG = 50_000
 
 
@@ -70,15 +73,15 @@ class Delivery:
     settings: Settings
     exactly_once: bool
     changelog_topic: str = ""
-    # partition -> user key -> state: step 3's changelog records not sent yet
+    # partition -> user key -> state: step 2's states, not yet written to RocksDB nor sent to the changelog
     pending: dict[int, dict[bytes, bytes]] = field(default_factory=lambda: defaultdict(dict))
     unacked: set[asyncio.Future] = field(default_factory=set)  # at-least-once: changelog sent, not acknowledged
     inflight: InFlight | None = None
     inflight_states: dict[str, bytes] = field(default_factory=dict)  # user -> state of the batch in flight
     changelog_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held while changelog records are sent
     changelog_failure: BaseException | None = None  # at-least-once: the first changelog send that failed
-    # called between the acknowledgements and the state writes, before changelog sends and before a changelog
-    # offset is recorded as persisted: ends the worker after a stall (stream/app.py StallWatch)
+    # called before states are written to RocksDB and their changelog records sent, and before a changelog offset
+    # is recorded as persisted: ends the worker after a stall (stream/app.py StallWatch)
     before_write: Callable[[], None] | None = None
     on_written: Callable[[dict[int, int]], None] | None = None  # a batch's input offsets, once written
 
@@ -140,8 +143,8 @@ class Delivery:
         self.inflight_states.update((uid, blob) for uid, (blob, _rec) in result.states.items())
 
     async def complete(self) -> dict[int, int]:
-        """Steps 1 to 3 finished for the batch in flight, if any: its outputs acknowledged, its states written, its
-        changelog records queued. Returns its input offsets (partition -> last offset), now committable."""
+        """Steps 1 to 3 finished for the batch in flight, if any: its outputs acknowledged, its states queued.
+        Returns its input offsets (partition -> last offset), now committable."""
         batch, self.inflight = self.inflight, None
         if batch is None:
             return {}
@@ -150,24 +153,28 @@ class Delivery:
                 await asyncio.gather(*batch.sent)
         except Exception as exc:  # a fenced transactional producer, a broker gone for longer than the timeouts
             raise DeliveryError(str(exc)) from exc
-        if self.before_write is not None:
-            self.before_write()
-        by_partition: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
+        pending, inflight_states = self.pending, self.inflight_states
         for user_id, (blob, rec) in batch.result.states.items():
-            by_partition[rec.partition].append((user_id.encode(), blob))
-            if self.inflight_states.get(user_id) is blob:  # not superseded by a later batch in flight
-                del self.inflight_states[user_id]
-        n_pending = 0
-        for partition, items in by_partition.items():
-            compat.write_partition(self.table, partition, items)
-            pending = self.pending[partition]
-            pending.update(items)
-            n_pending += len(pending)
-        if n_pending > MAX_PENDING_CHANGELOG:
+            pending[rec.partition][user_id.encode()] = blob
+            if inflight_states.get(user_id) is blob:  # not superseded by a later batch in flight
+                del inflight_states[user_id]
+        if sum(map(len, pending.values())) > MAX_PENDING_CHANGELOG:
             await self.send_changelog()
         if self.on_written is not None:
             self.on_written(batch.offsets)
         return batch.offsets
+
+    def unwritten_state(self, user_id: str, partition: int | None = None) -> bytes | None:
+        """A user's newest state not yet in RocksDB (the batch in flight's, or one queued for the commit), or None:
+        what a reader of the user's state must look at before the store. ``partition``: the user's input partition
+        (None: looked up in every partition's queue)."""
+        blob = self.inflight_states.get(user_id)
+        if blob is None:
+            key = user_id.encode()
+            for queued in self.pending.values() if partition is None else [self.pending.get(partition)]:
+                if queued and (blob := queued.get(key)) is not None:
+                    break
+        return blob
 
     async def send_changelog(self) -> list[Any]:
         """Step 5, first half: send the queued changelog records; returns their delivery futures."""
@@ -175,15 +182,19 @@ class Delivery:
             return await self.send_taken(self.take_changelog())
 
     def take_changelog(self) -> dict[int, dict[bytes, bytes]]:
-        """The queued changelog records, taken out of the queue to be sent (by ``send_taken``, holding
-        ``changelog_lock`` from before they are taken: a user's states must reach the changelog in the order they
-        were written). They wait in memory for up to a commit interval: a worker that was frozen meanwhile (and whose
-        partitions another worker may own by now) must not send them, or the changelog would go back in time for
-        those users (``before_write`` ends the worker then; under at-least-once nothing else fences it)."""
-        if self.before_write is not None and any(self.pending.values()):
-            self.before_write()
+        """Step 4: the queued states written to RocksDB and taken out of the queue, to be sent to the changelog (by
+        ``send_taken``, holding ``changelog_lock`` from before they are taken: a user's states must reach the
+        changelog in the order they were written). They wait in memory for up to a commit interval: a worker that
+        was frozen meanwhile (and whose partitions another worker may own by now) must not write or send them, or
+        the store and the changelog would go back in time for those users (``before_write`` ends the worker then;
+        under at-least-once nothing else fences it)."""
         taken = {partition: states for partition, states in self.pending.items() if states}
-        for partition in taken:
+        if not taken:
+            return taken
+        if self.before_write is not None:
+            self.before_write()
+        for partition, states in taken.items():
+            compat.write_partition(self.table, partition, states.items())
             self.pending[partition] = {}
         return taken
 

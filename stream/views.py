@@ -4,6 +4,7 @@ the user's partition, by Faust's table routing)."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -23,7 +24,17 @@ def items_info(engine: Engine) -> dict[str, Any] | None:
     return None if items is None else items.describe()
 
 
-def register_views(app: faust.App, users: Any, engine: Engine, settings: Settings, device: torch.device) -> None:
+def register_views(
+    app: faust.App,
+    users: Any,
+    unwritten_state: Callable[[str], bytes | None],
+    engine: Engine,
+    settings: Settings,
+    device: torch.device,
+) -> None:
+    """``unwritten_state(user_id)``: the user's newest state not yet in the table's store (written at each commit),
+    or None."""
+
     def ready() -> bool:
         recovery: Any = app.tables.recovery  # type: ignore[attr-defined]  # the stub's TableManagerT lacks it
         return bool(recovery.completed.is_set() and not app.rebalancing)
@@ -55,7 +66,7 @@ def register_views(app: faust.App, users: Any, engine: Engine, settings: Setting
     @app.page("/users/{user_id}/score")
     @app.table_route(table=users, match_info="user_id")
     async def user_score(web: Any, request: Request, user_id: str) -> Response:
-        blob = users.get(user_id.encode())
+        blob = unwritten_state(user_id) or users.get(user_id.encode())
         if blob is None:
             return web.json({"user_id": user_id, "error": "unknown user"}, status=404)
         st = UserState.from_bytes(blob)

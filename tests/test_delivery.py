@@ -161,6 +161,48 @@ def test_commit_waits_for_its_changelog_without_the_batch_lock_and_covers_only_w
     asyncio.run(scenario())
 
 
+def test_states_are_written_to_the_store_once_a_commit_and_read_from_memory_until_then(monkeypatch):
+    """A user's states of several batches reach RocksDB once, at the commit, as its last state, before its changelog
+    record is sent; until then readers find the newest one in memory (the batch in flight's, then the queued one)."""
+    from stream import delivery as delivery_module
+
+    async def scenario() -> None:
+        settings, producer, delivery, offsets = _setup()
+        writes: list[tuple[int, dict[bytes, bytes], int]] = []  # partition, states, changelog batches sent before
+        monkeypatch.setattr(
+            delivery_module.compat,
+            "write_partition",
+            lambda _table, partition, items: writes.append(
+                (partition, dict(items), sum(t == "users-changelog" for t, *_ in producer.sent))
+            ),
+        )
+        lock = asyncio.Lock()
+        commit = Recorder(settings, offsets)
+        assert delivery.unwritten_state("u1", 0) is None
+        for offset in (3, 5):
+            await delivery.start_batch(_batch(settings, offset, "u1"), {0: offset})
+            assert delivery.unwritten_state("u1", 0) == f"state of u1 at {offset}".encode()  # in flight
+            producer.acknowledge(settings.topic_intent)
+        await delivery.start_batch(_batch(settings, 6, "u2"), {0: 6})
+        producer.acknowledge(settings.topic_intent)
+        await delivery.complete()
+        assert writes == []  # queued, not written
+        assert delivery.unwritten_state("u1", 0) == b"state of u1 at 5"  # queued, the last state only
+        assert delivery.unwritten_state("u1") == b"state of u1 at 5"  # any partition
+        assert delivery.unwritten_state("u1", 1) is None  # not that partition's
+
+        task = asyncio.ensure_future(commit_at_least_once(delivery, offsets, lock, commit))
+        await _until_changelog_sent(producer)
+        # one write of each user's last state, before any changelog record was sent
+        assert writes == [(0, {b"u1": b"state of u1 at 5", b"u2": b"state of u2 at 6"}, 0)]
+        assert delivery.unwritten_state("u1", 0) is None  # in the store now
+        producer.acknowledge("users-changelog")
+        assert await asyncio.wait_for(task, 10) is True
+        assert commit.committed == [{TopicPartition(settings.topic_clickstream, 0): 7}]
+
+    asyncio.run(scenario())
+
+
 def test_a_changelog_record_that_fails_commits_nothing():
     async def scenario() -> None:
         settings, producer, delivery, offsets = _setup()
