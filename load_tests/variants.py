@@ -124,9 +124,8 @@ def store_wal() -> None:
 
 
 def state_per_batch() -> None:
-    """Each batch's user states written to RocksDB as the batch completes (before the fifteenth pass of
-    docs/performance.md), not once a commit:
-    the states a commit takes are then in the store already."""
+    """Each batch's user states written to RocksDB as the batch completes, not once a commit (the worker before the
+    fifteenth pass of docs/performance.md): the states a commit takes are then in the store already."""
     from stream import compat, delivery
 
     complete = delivery.Delivery.complete
