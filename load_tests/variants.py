@@ -125,32 +125,18 @@ def store_wal() -> None:
 
 def state_per_batch() -> None:
     """Each batch's user states written to RocksDB as the batch completes, not once a commit (the worker before the
-    fifteenth pass of docs/performance.md): the states a commit takes are then in the store already."""
-    from stream import compat, delivery
+    fifteenth pass of docs/performance.md): nothing waits unwritten between batches, so readers go to the store for
+    every state but the batch in flight's, as they did."""
+    from stream import delivery
 
     complete = delivery.Delivery.complete
 
     async def complete_and_write(self: delivery.Delivery) -> dict[int, int]:
-        batch = self.inflight
         offsets = await complete(self)
-        if batch is not None:
-            by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
-            for user_id, (blob, rec) in batch.result.states.items():
-                by_partition.setdefault(rec.partition, []).append((user_id.encode(), blob))
-            for partition, items in by_partition.items():
-                compat.write_partition(self.table, partition, items)
+        self.write_states()
         return offsets
 
-    def take_written(self: delivery.Delivery) -> dict[int, dict[bytes, bytes]]:
-        if self.before_write is not None and any(self.pending.values()):
-            self.before_write()
-        taken = {partition: states for partition, states in self.pending.items() if states}
-        for partition in taken:
-            self.pending[partition] = {}
-        return taken
-
     delivery.Delivery.complete = complete_and_write  # type: ignore[method-assign]
-    delivery.Delivery.take_changelog = take_written  # type: ignore[method-assign]
 
 
 def before_batch_ingest() -> None:

@@ -3,14 +3,17 @@
 The checkpoint of a batch, step by step (docs/reliability.md):
 1. Outputs (intent events, churn alerts, DLQ records) go to the broker as whole record batches per topic and
    partition, each to the partition of the input record it answers, and are acknowledged.
-2. The batch's user states are queued in memory, one per user (``pending``): a user touched by several batches
-   within a commit interval keeps only its last state. Later batches read them from there.
+2. The batch's user states are queued in memory, one per user (``unwritten`` for the store, ``pending`` for the
+   changelog): a user touched by several batches within a commit interval keeps only its last state. Later batches
+   read them from there.
 3. The batch's input offsets become committable (``stream.offsets``).
 Steps 2 and 3 of a batch run once its outputs are acknowledged, which is after the next batch has been scored
 (``start_batch``): the broker's round trip overlaps the next batch's work. Meanwhile the next batch reads the
 states of the batch in flight from memory (``inflight_states``), never from RocksDB.
 And the commit (every ``broker_commit_interval``, at a revocation, at the stop):
-4. The queued states are written to the partitions' RocksDB, one WriteBatch per partition.
+4. The queued states are written to the partitions' RocksDB, one WriteBatch per partition (also between commits
+   once ``MAX_UNWRITTEN`` users wait: with a million users few repeat within a commit, and one write of them all
+   would stall the scoring loop).
 5. Their changelog records are sent and acknowledged.
 6. The offsets are committed: at-least-once by the consumer, exactly-once in the partitions' transactions.
 Writing a state once a commit rather than once a batch is what Quix Streams' transactions do: a paced worker's
@@ -41,8 +44,12 @@ from stream.engine import BatchResult, Output
 from stream.offsets import InputOffsets
 from stream.settings import Settings
 
-# States held back for the next commit; past this many users they are written and sent at once (memory bound).
+# Changelog records held back for the next commit; past this many users they go out at once (memory bound).
 MAX_PENDING_CHANGELOG = 50_000
+# States held back from the store; past this many users they are written at once. A write costs about 3 us a state
+# (docs/performance.md), so this bounds a write's pause of the scoring loop to about 25 ms; with 1,000 users a
+# commit's states never reach it.
+MAX_UNWRITTEN = 8_192
 
 
 async def _send_closed(producer: Any, batch: Any, topic: str, partition: int) -> asyncio.Future:
@@ -73,8 +80,9 @@ class Delivery:
     settings: Settings
     exactly_once: bool
     changelog_topic: str = ""
-    # partition -> user key -> state: step 2's states, not yet written to RocksDB nor sent to the changelog
+    # partition -> user key -> state: step 2's states not yet sent to the changelog, and those not yet in RocksDB
     pending: dict[int, dict[bytes, bytes]] = field(default_factory=lambda: defaultdict(dict))
+    unwritten: dict[int, dict[bytes, bytes]] = field(default_factory=lambda: defaultdict(dict))
     unacked: set[asyncio.Future] = field(default_factory=set)  # at-least-once: changelog sent, not acknowledged
     inflight: InFlight | None = None
     inflight_states: dict[str, bytes] = field(default_factory=dict)  # user -> state of the batch in flight
@@ -153,11 +161,14 @@ class Delivery:
                 await asyncio.gather(*batch.sent)
         except Exception as exc:  # a fenced transactional producer, a broker gone for longer than the timeouts
             raise DeliveryError(str(exc)) from exc
-        pending, inflight_states = self.pending, self.inflight_states
+        pending, unwritten, inflight_states = self.pending, self.unwritten, self.inflight_states
         for user_id, (blob, rec) in batch.result.states.items():
-            pending[rec.partition][user_id.encode()] = blob
+            key = user_id.encode()
+            pending[rec.partition][key] = unwritten[rec.partition][key] = blob
             if inflight_states.get(user_id) is blob:  # not superseded by a later batch in flight
                 del inflight_states[user_id]
+        if sum(map(len, unwritten.values())) > MAX_UNWRITTEN:
+            self.write_states()
         if sum(map(len, pending.values())) > MAX_PENDING_CHANGELOG:
             await self.send_changelog()
         if self.on_written is not None:
@@ -171,30 +182,45 @@ class Delivery:
         blob = self.inflight_states.get(user_id)
         if blob is None:
             key = user_id.encode()
-            for queued in self.pending.values() if partition is None else [self.pending.get(partition)]:
+            for queued in self.unwritten.values() if partition is None else [self.unwritten.get(partition)]:
                 if queued and (blob := queued.get(key)) is not None:
                     break
         return blob
 
     async def send_changelog(self) -> list[Any]:
-        """Step 5, first half: send the queued changelog records; returns their delivery futures."""
+        """Steps 4 and 5, first half: write the queued states, send the queued changelog records; returns their
+        delivery futures."""
         async with self.changelog_lock:
             return await self.send_taken(self.take_changelog())
 
-    def take_changelog(self) -> dict[int, dict[bytes, bytes]]:
-        """Step 4: the queued states written to RocksDB and taken out of the queue, to be sent to the changelog (by
-        ``send_taken``, holding ``changelog_lock`` from before they are taken: a user's states must reach the
-        changelog in the order they were written). They wait in memory for up to a commit interval: a worker that
-        was frozen meanwhile (and whose partitions another worker may own by now) must not write or send them, or
-        the store and the changelog would go back in time for those users (``before_write`` ends the worker then;
-        under at-least-once nothing else fences it)."""
-        taken = {partition: states for partition, states in self.pending.items() if states}
-        if not taken:
-            return taken
+    def write_states(self) -> None:
+        """Step 4: the queued states written to RocksDB, one WriteBatch per partition. A write that fails raises
+        DeliveryError with nothing taken out of the queue: no offset may be committed past those states then."""
+        todo = {partition: states for partition, states in self.unwritten.items() if states}
+        if not todo:
+            return
         if self.before_write is not None:
             self.before_write()
-        for partition, states in taken.items():
-            compat.write_partition(self.table, partition, states.items())
+        try:
+            for partition, states in todo.items():
+                compat.write_partition(self.table, partition, states.items())
+        except Exception as exc:
+            raise DeliveryError(f"a state write to RocksDB failed: {exc!r}") from exc
+        for partition in todo:
+            self.unwritten[partition] = {}
+
+    def take_changelog(self) -> dict[int, dict[bytes, bytes]]:
+        """Step 4 and the changelog records taken out of the queue, to be sent (by ``send_taken``, holding
+        ``changelog_lock`` from before they are taken: a user's states must reach the changelog in the order they
+        were written). They wait in memory for up to a commit interval: a worker that was frozen meanwhile (and
+        whose partitions another worker may own by now) must not write or send them, or the store and the changelog
+        would go back in time for those users (``before_write`` ends the worker then; under at-least-once nothing
+        else fences it)."""
+        self.write_states()  # the states before their changelog records: a persisted changelog offset covers them
+        taken = {partition: states for partition, states in self.pending.items() if states}
+        if taken and self.before_write is not None:
+            self.before_write()
+        for partition in taken:
             self.pending[partition] = {}
         return taken
 
@@ -229,8 +255,8 @@ class Delivery:
         self.table.data.set_persisted_offset(meta.topic_partition, meta.offset + n_records - 1)
 
     async def flush(self) -> None:
-        """Step 5: the batch in flight completed, every queued changelog record sent and acknowledged (and every
-        one sent earlier)."""
+        """Steps 4 and 5: the batch in flight completed, every queued state written, every queued changelog record
+        sent and acknowledged (and every one sent earlier)."""
         await self.complete()
         await self.send_changelog()
         if self.unacked:
@@ -244,21 +270,23 @@ class Delivery:
             raise DeliveryError(f"a changelog record was not acknowledged: {self.changelog_failure!r}")
 
     def forget(self, partitions: Iterable[int]) -> None:
-        """Revoked partitions: their queued changelog records are not ours to send any more."""
+        """Revoked partitions: their queued states and changelog records are not ours to write or send any more
+        (a revocation flushes first: there are none left then)."""
         for partition in partitions:
             self.pending.pop(partition, None)
+            self.unwritten.pop(partition, None)
 
 
 async def commit_at_least_once(
     delivery: Delivery, offsets: InputOffsets, batch_lock: asyncio.Lock, commit: Callable[[], Awaitable[bool]]
 ) -> bool:
-    """Steps 5 and 6 under at-least-once. ``batch_lock`` is held only to take the queued changelog records and fix
-    the offsets the commit covers (those of the batches written so far, whose states are among the records taken or
-    were sent before; the batch in flight too when its outputs are acknowledged already); sending them, their
-    acknowledgements and the commit are awaited with it released, so batches are scored meanwhile (holding it
-    stalled the scoring loop 30-80 ms every second: docs/performance.md), and a batch written meanwhile is left to
-    the next commit. Callers serialise commits. Raises DeliveryError when a changelog record is not acknowledged
-    (nothing is committed then)."""
+    """Steps 4 to 6 under at-least-once. ``batch_lock`` is held only to write the queued states, take the queued
+    changelog records and fix the offsets the commit covers (those of the batches queued so far, whose states are
+    among the records taken or were sent before; the batch in flight too when its outputs are acknowledged already);
+    sending them, their acknowledgements and the commit are awaited with it released, so batches are scored meanwhile
+    (holding it stalled the scoring loop 30-80 ms every second: docs/performance.md), and a batch queued meanwhile is
+    left to the next commit. Callers serialise commits. Raises DeliveryError when a state write fails or a changelog
+    record is not acknowledged (nothing is committed then)."""
     async with batch_lock:
         batch = delivery.inflight
         if batch is not None and all(f.done() for f in batch.sent):  # acknowledged already: written with no wait

@@ -203,6 +203,55 @@ def test_states_are_written_to_the_store_once_a_commit_and_read_from_memory_unti
     asyncio.run(scenario())
 
 
+def test_a_state_write_that_fails_commits_nothing_and_keeps_the_states_queued(monkeypatch):
+    from stream import delivery as delivery_module
+
+    async def scenario() -> None:
+        settings, producer, delivery, offsets = _setup()
+        commit = Recorder(settings, offsets)
+
+        def failing_write(_table: Any, partition: int, _items: Any) -> None:
+            raise OSError("disk full")
+
+        monkeypatch.setattr(delivery_module.compat, "write_partition", failing_write)
+        await delivery.start_batch(_batch(settings, 4, "u1"), {0: 4})
+        producer.acknowledge(settings.topic_intent)
+        await delivery.complete()
+        with pytest.raises(DeliveryError, match="disk full"):
+            await asyncio.wait_for(commit_at_least_once(delivery, offsets, asyncio.Lock(), commit), 10)
+        assert commit.committed == [] and not [t for t, *_ in producer.sent if t == "users-changelog"]
+        assert delivery.unwritten[0] == delivery.pending[0] == {b"u1": b"state of u1 at 4"}  # nothing taken
+        assert delivery.unwritten_state("u1", 0) == b"state of u1 at 4"
+
+    asyncio.run(scenario())
+
+
+def test_past_the_bound_states_are_written_between_commits_and_their_changelog_waits(monkeypatch):
+    """With a million users few repeat within a commit: the store takes the states before the commit (one write of
+    them all would stall the scoring loop), and their changelog records still wait for it."""
+    from stream import delivery as delivery_module
+
+    async def scenario() -> None:
+        settings, producer, delivery, _offsets = _setup()
+        writes: list[dict[bytes, bytes]] = []
+        monkeypatch.setattr(delivery_module, "MAX_UNWRITTEN", 1)
+        monkeypatch.setattr(
+            delivery_module.compat, "write_partition", lambda _table, _partition, items: writes.append(dict(items))
+        )
+        await delivery.start_batch(_batch(settings, 4, "u1"), {0: 4})
+        producer.acknowledge(settings.topic_intent)
+        await delivery.start_batch(_batch(settings, 5, "u2"), {0: 5})  # completes u1's batch: one queued, not past
+        producer.acknowledge(settings.topic_intent)
+        assert writes == []
+        await delivery.complete()  # two queued: past the bound
+        assert writes == [{b"u1": b"state of u1 at 4", b"u2": b"state of u2 at 5"}]
+        assert delivery.unwritten_state("u2", 0) is None  # in the store now
+        assert delivery.pending[0] == {b"u1": b"state of u1 at 4", b"u2": b"state of u2 at 5"}
+        assert not [t for t, *_ in producer.sent if t == "users-changelog"]
+
+    asyncio.run(scenario())
+
+
 def test_a_changelog_record_that_fails_commits_nothing():
     async def scenario() -> None:
         settings, producer, delivery, offsets = _setup()
