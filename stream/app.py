@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -125,6 +126,29 @@ def exit_stalled(seconds: float) -> NoReturn:
 
 
 RECOVERY_CHECK_S = 5.0  # how often the stores' upkeep runs: a recovery's progress checked, a flush when due
+
+
+@dataclass
+class RecoveryWatch:
+    """Whether a table recovery has stalled: no changelog record for ``limit_s`` from a partition still behind, counted
+    from the latest of the recovery's start, its last record and the last change of consumer generation (a rebalance
+    restarts the recovery). Not from Faust's ``app.rebalancing``, which stays true until the recovery completes: a
+    stalled recovery then never counted as stalled (a CI chaos run waited four minutes for one)."""
+
+    limit_s: float
+    since: float  # when the clock last started over (monotonic)
+    generation: int | None = None
+
+    def stalled_for(self, now: float, generation: int, progress: compat.RecoveryProgress | None) -> float | None:
+        """Seconds without a record when past the limit, else None."""
+        if generation != self.generation:
+            self.generation, self.since = generation, now
+        if progress is None:
+            return None
+        stalled = now - max(progress.last_at, self.since)
+        return stalled if stalled > self.limit_s else None
+
+
 GC_YOUNG_THRESHOLD = 50_000  # net container allocations between two collections of the youngest generation
 
 
@@ -392,25 +416,21 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         - a flush every ``state_flush_s`` (they have no write-ahead log: this bounds what a crash makes the restart
           read back from the changelog, the first recovery's progress included);
         - leaving a table recovery that stalled: no changelog record for ``recovery_stall_s`` from a partition still
-          behind, rebalances not counted. Seen once in the chaos test, after two rebalances 11 s apart: the
+          behind, rebalances not counted (``RecoveryWatch``). Seen in the chaos test, after two rebalances 11 s apart: the
           recovery of two partitions a worker had just taken over received nothing for four minutes, its fetches
           going out; a restarted worker recovers them (docs/reliability.md, section 3). The stores are flushed
           first, so the restart keeps what was restored."""
-        flushed_at = quiet_from = time.monotonic()
+        flushed_at = time.monotonic()
+        watch = RecoveryWatch(settings.recovery_stall_s, since=flushed_at)
         while True:
             await asyncio.sleep(RECOVERY_CHECK_S)
             now = time.monotonic()
             if now - flushed_at >= settings.state_flush_s:
                 compat.flush_table(users, wait=False)
                 flushed_at = now
-            if app.rebalancing:  # no record is due while the group rebalances
-                quiet_from = now
-                continue
             progress = compat.recovery_progress(app)
-            if progress is None:
-                continue
-            stalled = now - max(progress.last_at, quiet_from)
-            if stalled > settings.recovery_stall_s:
+            stalled = watch.stalled_for(now, app.consumer_generation_id, progress)
+            if stalled is not None and progress is not None:
                 compat.flush_table(users)
                 exit_without_commit(
                     "recovery_stalled", TimeoutError(f"no record for {stalled:.0f} s of {', '.join(progress.behind)}")

@@ -241,3 +241,21 @@ def test_a_recovery_progresses_with_the_changelog_records_of_partitions_still_be
     assert compat.recovery_progress(app).last_at == started + 20  # type: ignore[union-attr]
     recovery.active_offsets[behind] = 100  # caught up: nothing to wait for
     assert compat.recovery_progress(app) is None
+
+
+def test_a_recovery_that_receives_nothing_stalls_while_faust_still_says_rebalancing():
+    """The stall clock starts over at a new consumer generation (a rebalance restarts the recovery) and otherwise runs
+    from the recovery's last record: Faust's ``app.rebalancing`` stays true until a recovery completes, so a clock
+    held back by it never ran out for a recovery that received nothing (a CI chaos run waited four minutes)."""
+    from stream.app import RecoveryWatch
+
+    watch = RecoveryWatch(limit_s=60.0, since=0.0)
+    stuck = compat.RecoveryProgress(last_at=10.0, behind=["users-changelog[2] -1/248"])
+    assert watch.stalled_for(10.0, 6, stuck) is None  # generation 6 assigned: the clock starts at 10
+    assert watch.stalled_for(65.0, 6, stuck) is None  # 55 s without a record
+    assert watch.stalled_for(75.0, 6, stuck) == 65.0  # the same generation all along: stalled
+    assert watch.stalled_for(80.0, 7, stuck) is None  # a rebalance since: counted from it
+    assert watch.stalled_for(141.0, 7, stuck) == 61.0
+    moving = compat.RecoveryProgress(last_at=130.0, behind=["users-changelog[2] 120/248"])
+    assert watch.stalled_for(141.0, 7, moving) is None  # a record 11 s ago
+    assert watch.stalled_for(141.0, 7, None) is None  # no recovery waiting for records
