@@ -416,9 +416,9 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         - a flush every ``state_flush_s`` (they have no write-ahead log: this bounds what a crash makes the restart
           read back from the changelog, the first recovery's progress included);
         - leaving a table recovery that stalled: no changelog record for ``recovery_stall_s`` from a partition still
-          behind, rebalances not counted (``RecoveryWatch``). Seen in the chaos test, after two rebalances 11 s apart: the
-          recovery of two partitions a worker had just taken over received nothing for four minutes, its fetches
-          going out; a restarted worker recovers them (docs/reliability.md, section 3). The stores are flushed
+          behind, counted from the group's last assignment at the earliest (``RecoveryWatch``). Seen in the chaos
+          test, after two rebalances 11 s apart: the recovery of two partitions a worker had just taken over received
+          nothing for four minutes, its fetches going out; a restarted worker recovers them (docs/reliability.md, section 3). The stores are flushed
           first, so the restart keeps what was restored."""
         flushed_at = time.monotonic()
         watch = RecoveryWatch(settings.recovery_stall_s, since=flushed_at)

@@ -152,9 +152,10 @@ class Settings:
     )
     recovery_stall_s: float = _f(
         120.0,
-        "A table recovery that receives no changelog record for this long while it is behind (rebalances not counted) "
-        "ends the worker, for its supervisor to restart it (Faust's recovery stalled once so in the chaos test, waiting minutes for records of "
-        "partitions it had just taken over; a fresh worker recovered them).",
+        "A table recovery that receives no changelog record for this long while it is behind (counted from its last "
+        "record, its start or the group's last assignment, whichever is latest) ends the worker, for its supervisor to "
+        "restart it (Faust's recovery stalled so in the chaos test, waiting minutes for records of partitions it had "
+        "just taken over; a fresh worker recovered them).",
         minimum=5,
     )
     emit_policy: str = _f("on_change", "When to emit intent events.", choices=("on_change", "every_event"))

@@ -243,7 +243,7 @@ def test_a_recovery_progresses_with_the_changelog_records_of_partitions_still_be
     assert compat.recovery_progress(app) is None
 
 
-def test_a_recovery_that_receives_nothing_stalls_while_faust_still_says_rebalancing():
+def test_the_recovery_stall_clock_starts_over_only_at_a_new_consumer_generation():
     """The stall clock starts over at a new consumer generation (a rebalance restarts the recovery) and otherwise runs
     from the recovery's last record: Faust's ``app.rebalancing`` stays true until a recovery completes, so a clock
     held back by it never ran out for a recovery that received nothing (a CI chaos run waited four minutes)."""
