@@ -29,7 +29,7 @@ import torch
 from aiokafka import TopicPartition
 
 from models.artifact import resolve_device
-from stream import compat, hot_swap, metrics
+from stream import compat, hot_swap, memory, metrics
 from stream.delivery import Delivery, DeliveryError, commit_at_least_once
 from stream.engine import Engine, Record
 from stream.hot_swap import NoModelError, load_model
@@ -443,12 +443,14 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         compat.consumer_commit_hooks(app.consumer, offsets.committable, wrap_commit, wrap_revoke)
         loop = exit_when_done(score_batches(), "scoring_loop_ended")
         upkeep = exit_when_done(maintain_stores(), "store_upkeep_ended")
+        trims = asyncio.ensure_future(memory.trim_after_bursts(settings.memory_trim_mb))  # ends only if off
         try:
             async for _event in stream:
                 exit_without_commit("record_on_faust_stream_path", None)
         finally:
             loop.cancel()
             upkeep.cancel()
+            trims.cancel()
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # Faust's stub wants a ``signal`` keyword
     async def on_revoked(app: faust.App, revoked: set, **kwargs: Any) -> None:

@@ -158,6 +158,13 @@ class Settings:
         "just taken over; a fresh worker recovered them).",
         minimum=5,
     )
+    memory_trim_mb: int = _f(
+        64,
+        "While the worker's resident memory is this many MB or more above the lowest it has been, glibc's "
+        "malloc_trim gives the heaps' free memory back to the system, at most once a second (a burst of records near "
+        "the size limit left 74-324 MB behind in the allocator, 21-29 MB after a trim; stream/memory.py). 0: never.",
+        minimum=0,
+    )
     emit_policy: str = _f("on_change", "When to emit intent events.", choices=("on_change", "every_event"))
     emit_delta: float = _f(0.15, "on_change: emit when the score moved at least this much ...", minimum=0)
     emit_cooldown_s: float = _f(300.0, "... but at most once per user per this many seconds of event time.", minimum=0)
