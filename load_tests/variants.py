@@ -161,12 +161,18 @@ SCORING_THREAD = "be04d70"
 
 def setting(name: str, value: float) -> Callable[[], None]:
     """The worker with another value of one setting (``INTENTSTREAM_<NAME>``), e.g. ``fetch-wait-1500``: Faust's own
-    fetch wait (stream/app.py bounds it, default 100 ms); ``commit-5s``: Quix Streams' commit interval (default 1 s);
-    ``batch-wait-5``: a batch waits 5 ms for more fetches (default 20), part of every event's latency under paced
+    fetch wait (stream/app.py bounds it, default 20 ms); ``commit-5s``: Quix Streams' commit interval (default 1 s);
+    ``batch-wait-20``: a batch waits 20 ms for more fetches (default 5), part of every event's latency under paced
     traffic, while a backlog fills batches at once."""
+    return settings_of(**{name: value})
+
+
+def settings_of(**values: float) -> Callable[[], None]:
+    """The worker with other values of several settings at once."""
 
     def patch() -> None:
-        os.environ[f"INTENTSTREAM_{name.upper()}"] = str(value)
+        for name, value in values.items():
+            os.environ[f"INTENTSTREAM_{name.upper()}"] = str(value)
 
     return patch
 
@@ -177,24 +183,6 @@ def padded_rows() -> None:
     from models.artifact import LoadedModel
 
     LoadedModel.scores_rows = property(lambda self: False)  # type: ignore[method-assign,assignment]
-
-
-def fetch_min_bytes(min_bytes: int) -> Callable[[], None]:
-    """The broker holds a fetch until it has ``min_bytes`` for us (or the fetch wait has passed) instead of
-    answering with whatever single records arrived: under paced traffic each fetch, and each hand-over to the
-    scoring loop, then carries tens of records rather than a few."""
-
-    def patch() -> None:
-        from stream import compat
-
-        bound, wanted = compat.bound_fetch_wait, min_bytes
-
-        def bound_fetch_wait(ms: int, min_bytes: int | None = None) -> None:
-            bound(ms, wanted)  # the worker's one call (stream/app.py) sets both, the variant's min bytes winning
-
-        compat.bound_fetch_wait = bound_fetch_wait
-
-    return patch
 
 
 def reasons_lists() -> None:
@@ -567,10 +555,15 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "fetch-wait-100": setting("fetch_max_wait_ms", 100),
     "fetch-wait-1500": setting("fetch_max_wait_ms", 1500),
     "fetch-wait-10": setting("fetch_max_wait_ms", 10),
-    "fetch-min-16k": fetch_min_bytes(16_384),
-    "fetch-min-64k": fetch_min_bytes(65_536),
+    "fetch-min-1": setting("fetch_min_bytes", 1),
+    "fetch-min-16k": setting("fetch_min_bytes", 16_384),
+    "fetch-min-64k": setting("fetch_min_bytes", 65_536),
+    "fetch-min-128k": setting("fetch_min_bytes", 131_072),
+    # the worker before the broker held its fetches: whatever had come, a fetch wait of 100 ms, a batch wait of 20
+    "before-fetch-min": settings_of(fetch_min_bytes=1, fetch_max_wait_ms=100, batch_max_ms=20.0),
     "commit-5s": setting("commit_interval_s", 5.0),
     "batch-wait-5": setting("batch_max_ms", 5.0),
+    "batch-wait-20": setting("batch_max_ms", 20.0),
     "batch-512": setting("batch_max_events", 512),
     "batch-1024": setting("batch_max_events", 1024),
     "batch-4096": setting("batch_max_events", 4096),

@@ -186,7 +186,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         await init_group_offsets(settings, settings.app_id, settings.topic_clickstream)
 
     asyncio.run(prepare())
-    compat.bound_fetch_wait(settings.fetch_max_wait_ms)
+    compat.bound_fetch_wait(settings.fetch_max_wait_ms, settings.fetch_min_bytes)
     datadir = datadir or settings.state_dir / f"worker-{settings.web_port}"
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(

@@ -97,7 +97,12 @@ class Settings:
         "Score a batch once its whole fetches hold this many events ...",
         minimum=1,
     )
-    batch_max_ms: float = _f(20.0, "... or once its first fetch has waited this long (ms).", minimum=0)
+    batch_max_ms: float = _f(
+        5.0,
+        "... or once its first fetch has waited this long (ms) in the worker (the broker has held it already: "
+        "fetch_min_bytes).",
+        minimum=0,
+    )
     batch_backlog_events: int = _f(
         4096,
         "... then also the fetches queued already, with no wait, up to this many events (fetches are whole; a fetch "
@@ -114,8 +119,19 @@ class Settings:
     torch_threads: int = _f(
         1, "CPU threads for model scoring, torch's or ONNX Runtime's (the event loop keeps the other cores).", minimum=1
     )
+    fetch_min_bytes: int = _f(
+        65_536,
+        "The broker holds a worker's fetch until it has this many bytes for it (or fetch_max_wait_ms has passed): "
+        "under paced traffic a fetch, and its hand-over from Faust's consumer thread to the scoring loop, then "
+        "carries a few hundred records instead of a few dozen (the worker spent 10 points of a core less at 24,000 "
+        "events/s, the same p99; docs/performance.md). 1: answer with whatever has come.",
+        minimum=1,
+    )
     fetch_max_wait_ms: int = _f(
-        100, "Longest wait of a worker's fetch at the broker (Faust's fixed 1500 ms stalls paced traffic).", minimum=1
+        20,
+        "Longest wait of a worker's fetch at the broker for fetch_min_bytes: at low rates, part of every event's "
+        "latency (Faust's fixed 1500 ms stalls paced traffic).",
+        minimum=1,
     )
     producer_compression: str = _f(
         "none",

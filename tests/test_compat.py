@@ -74,16 +74,6 @@ def test_the_worker_consumer_gets_the_fetch_wait_and_min_bytes(monkeypatch: pyte
     assert asyncio.run(built()) == [(100, 16_384), (20, 1), (10, 65_536)]
 
 
-def test_the_fetch_min_variant_sets_min_bytes_through_the_worker_call(monkeypatch: pytest.MonkeyPatch):
-    from load_tests.variants import fetch_min_bytes
-
-    calls: list[tuple[int, int | None]] = []
-    monkeypatch.setattr(compat, "bound_fetch_wait", lambda ms, min_bytes=None: calls.append((ms, min_bytes)))
-    fetch_min_bytes(16_384)()
-    compat.bound_fetch_wait(100)  # as stream/app.py calls it
-    assert calls == [(100, 16_384)]
-
-
 def record(partition: int, offset: int) -> SimpleNamespace:
     return SimpleNamespace(key=b"u", value=b"{}", topic="clickstream", partition=partition, offset=offset, timestamp=7)
 

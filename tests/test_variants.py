@@ -69,3 +69,18 @@ print("ok")
         [sys.executable, "-c", script, variant], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_the_before_fetch_min_variant_is_the_worker_before_the_broker_held_its_fetches(monkeypatch: pytest.MonkeyPatch):
+    from load_tests.variants import VARIANTS
+    from stream.settings import Settings
+
+    for name in ("FETCH_MIN_BYTES", "FETCH_MAX_WAIT_MS", "BATCH_MAX_MS"):
+        monkeypatch.delenv(f"INTENTSTREAM_{name}", raising=False)
+    now = Settings.from_env()
+    assert (now.fetch_min_bytes, now.fetch_max_wait_ms, now.batch_max_ms) == (65_536, 20, 5.0)
+    for name in ("FETCH_MIN_BYTES", "FETCH_MAX_WAIT_MS", "BATCH_MAX_MS"):
+        monkeypatch.setenv(f"INTENTSTREAM_{name}", "")  # restored by monkeypatch after the variant sets it
+    VARIANTS["before-fetch-min"]()
+    before = Settings.from_env()
+    assert (before.fetch_min_bytes, before.fetch_max_wait_ms, before.batch_max_ms) == (1, 100, 20.0)
