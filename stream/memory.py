@@ -8,8 +8,9 @@ only the allocator does.
 
 A trim walks every heap (about 5 ms on a worker's with nothing to give back, 40 ms when it returns hundreds of MB),
 so it runs only while the resident memory is ``memory_trim_mb`` or more above the lowest it has been, at most once a
-second and less often while trims give back little (``TrimPolicy``), and on a thread of its own: ctypes releases the
-GIL, so the scoring loop goes on meanwhile. Under steady traffic the memory is flat and no trim runs at all; after a
+second and every ``MAX_BACKOFF_S`` while trims give back less than that (``TrimPolicy``), and on a thread of its
+own: ctypes releases the GIL, so the scoring loop goes on meanwhile. A loaded worker's memory (its batches, queues
+and buffers in use) sits 70-110 MB above its idle start: trims every 4 s then give back 10-20 MB each; after a
 burst the memory comes back within ``MAX_BACKOFF_S`` of its end.
 """
 
@@ -60,9 +61,9 @@ def glibc_trim() -> Callable[[], object] | None:
 @dataclass
 class TrimPolicy:
     """When to trim: the resident memory is ``threshold`` bytes or more above the lowest it has been, and the last
-    trim is at least ``backoff_s`` ago. A trim that gave back little (the memory is live: a burst still being
-    scored, more users' states) doubles the wait up to ``MAX_BACKOFF_S``; one that gave back a quarter of the
-    threshold or more makes it ``CHECK_S`` again."""
+    trim is at least ``backoff_s`` ago. A trim that gave back less than the threshold (the memory is live: a burst
+    still being scored, a loaded worker's batches and queues, more users' states) doubles the wait up to
+    ``MAX_BACKOFF_S``; one that gave back the threshold or more (a burst's leftovers) makes it ``CHECK_S`` again."""
 
     threshold: int
     floor: int | None = None
@@ -76,7 +77,7 @@ class TrimPolicy:
 
     def trimmed(self, before: int, after: int, now: float) -> None:
         self.floor = after if self.floor is None else min(self.floor, after)
-        gave_back = before - after >= self.threshold // 4
+        gave_back = before - after >= self.threshold
         self.backoff_s = CHECK_S if gave_back else min(2 * self.backoff_s, MAX_BACKOFF_S)
         self.next_at = now + self.backoff_s
 

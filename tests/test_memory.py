@@ -19,7 +19,7 @@ def test_policy_trims_while_memory_is_the_threshold_above_its_lowest():
     assert not policy.due(500 * MB, now=0)  # the first reading is the floor
     assert not policy.due(563 * MB, now=1)
     assert policy.due(564 * MB, now=2)
-    policy.trimmed(564 * MB, 510 * MB, now=2)  # gave back 54 MB, over a quarter of the threshold: next in 1 s
+    policy.trimmed(580 * MB, 510 * MB, now=2)  # gave back 70 MB, the threshold or more: next in 1 s
     assert not policy.due(600 * MB, now=2.5)
     assert policy.due(600 * MB, now=3)
     assert not policy.due(563 * MB, now=10)
@@ -32,10 +32,10 @@ def test_policy_backs_off_while_trims_give_back_little_and_resets_after_one_that
     policy.due(500 * MB, now=0)
     waits = []
     now = 0.0
-    for _ in range(5):  # live memory: each trim gives back 1 MB
+    for _ in range(5):  # live memory: each trim gives back 20 MB
         while not policy.due(700 * MB, now):
             now += 0.5
-        policy.trimmed(700 * MB, 699 * MB, now)
+        policy.trimmed(700 * MB, 680 * MB, now)
         waits.append(policy.backoff_s)
     assert waits == [2.0, 4.0, 4.0, 4.0, 4.0]
     policy.trimmed(700 * MB, 520 * MB, now)  # the burst is over: the memory came back
