@@ -118,6 +118,12 @@ def exit_when_done(coro: Any, event: str) -> asyncio.Future:
     return task
 
 
+def log_if_failed(task: asyncio.Future) -> None:
+    """A task the worker goes on without ended: say why if it failed."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("event=task_failed", exc_info=task.exception())
+
+
 def exit_stalled(seconds: float) -> NoReturn:
     """The watchdog's exit: one line written straight to stderr and out, without the logging machinery (whose locks
     and flushes would give the event loop more time to write after the stall)."""
@@ -443,7 +449,9 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         compat.consumer_commit_hooks(app.consumer, offsets.committable, wrap_commit, wrap_revoke)
         loop = exit_when_done(score_batches(), "scoring_loop_ended")
         upkeep = exit_when_done(maintain_stores(), "store_upkeep_ended")
-        trims = asyncio.ensure_future(memory.trim_after_bursts(settings.memory_trim_mb))  # ends only if off
+        # Not exit_when_done: the trims are upkeep the worker can go on without (off, not glibc, a failed trim).
+        trims = asyncio.ensure_future(memory.trim_after_bursts(settings.memory_trim_mb))
+        trims.add_done_callback(log_if_failed)
         try:
             async for _event in stream:
                 exit_without_commit("record_on_faust_stream_path", None)

@@ -8,7 +8,7 @@ repeated records, not an error. Instance attributes are checked where they are f
 What is patched, and why (docs/reliability.md, docs/performance.md):
 1. Ingest by record batch: Faust's ``Consumer.getmany`` hands records of the input topic over as whole fetched
    batches (``IngestHook``), raw aiokafka records, not one ``Message``, ``Event``, queue hop and sensor call each.
-2. The worker consumer's fetch wait (Faust hard-codes 1500 ms), and for load-test variants its fetch min bytes.
+2. The worker consumer's fetch wait (Faust hard-codes 1500 ms) and fetch min bytes (the broker fills the fetches).
 3. Exactly-once table recovery reads the changelogs' end offsets from the broker.
 4. The consumer's commit asks ``stream.offsets`` which offsets to commit (records are never acked to Faust).
 5. Outputs go out with aiokafka's producers: the transactional producer of the source partition under

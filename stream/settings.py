@@ -176,9 +176,10 @@ class Settings:
     )
     memory_trim_mb: int = _f(
         64,
-        "While the worker's resident memory is this many MB or more above the lowest it has been, glibc's "
-        "malloc_trim gives the heaps' free memory back to the system, at most once a second (a burst of records near "
-        "the size limit left 74-324 MB behind in the allocator, 21-29 MB after a trim; stream/memory.py). 0: never.",
+        "While the worker's memory is this many MB or more above the lowest it has been, glibc's malloc_trim gives "
+        "the heaps' free memory back to the system: at most once a second, every 4 s while trims give back less, and "
+        "after a minute of those the memory in use is the new lowest (a burst of records near the size limit left "
+        "74-324 MB behind in the allocator, 21-29 MB after a trim; stream/memory.py). 0: never.",
         minimum=0,
     )
     emit_policy: str = _f("on_change", "When to emit intent events.", choices=("on_change", "every_event"))
