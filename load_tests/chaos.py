@@ -59,7 +59,7 @@ import orjson
 
 from load_tests.procs import free_port, read_to_end
 from stream.settings import Settings
-from stream.topics import kafka_client_kwargs
+from stream.topics import changelog_topic, kafka_client_kwargs
 
 # Faust reads these from the environment (no INTENTSTREAM_ prefix): a dead or paused member leaves the group
 # after 10 s instead of 60 s, so a fault costs seconds, not minutes.
@@ -682,7 +682,7 @@ def measure_recovery(out: Path, n_users: int, guarantee: str, seed: int = 7) -> 
     )
     logs = base / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    changelog = f"{settings.app_id}-users-changelog"
+    changelog = changelog_topic(settings)
     isolation = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
     broker.start(settings)
     worker = ChaosWorker("worker", settings, logs, guarantee)

@@ -185,10 +185,10 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
     hot_swap.announce(engine.model)
     log.info("event=model_loaded name=%s version=%s device=%s", engine.model.name, engine.model.version, device)
 
-    from stream.topics import ensure_topics_async, init_group_offsets
+    from stream.topics import USERS_TABLE, ensure_topics_async, init_group_offsets
 
     async def prepare() -> None:
-        await ensure_topics_async(settings)
+        await ensure_topics_async(settings, changelog=True)  # the changelog before Faust subscribes to it
         await init_group_offsets(settings, settings.app_id, settings.topic_clickstream)
 
     asyncio.run(prepare())
@@ -250,7 +250,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     clickstream = app.topic(settings.topic_clickstream, partitions=settings.partitions, **raw)
     users = app.Table(
-        "users",
+        USERS_TABLE,
         partitions=settings.partitions,
         key_type=bytes,
         value_type=bytes,

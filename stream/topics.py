@@ -137,19 +137,52 @@ async def check_access_async(settings: Settings, timeout_s: float = 15.0) -> Non
 OUTPUT_TOPIC_CONFIG = {"message.timestamp.type": "LogAppendTime"}
 
 
+USERS_TABLE = "users"  # the worker's table of user states (stream/app.py)
+# A table's changelog as Faust creates it (faust.tables.base.Collection._new_changelog_topic): compacted, the newest
+# state of each user kept.
+CHANGELOG_TOPIC_CONFIG = {"cleanup.policy": "compact"}
+
+
+def changelog_topic(settings: Settings) -> str:
+    """The users table's changelog topic, as Faust names it (``{app id}-{table}-changelog``)."""
+    return f"{settings.app_id}-{USERS_TABLE}-changelog"
+
+
+class TopicLayoutError(RuntimeError):
+    """A topic the worker needs exists with a layout it cannot work with, or its partitions have no leader: one line
+    that says what to do."""
+
+
 def new_topic(settings: Settings, name: str, partitions: int) -> Any:
-    """The aiokafka NewTopic for ``name``: an output topic of ``settings`` gets ``OUTPUT_TOPIC_CONFIG``."""
+    """The aiokafka NewTopic for ``name``: an output topic of ``settings`` gets ``OUTPUT_TOPIC_CONFIG``, the users
+    table's changelog ``CHANGELOG_TOPIC_CONFIG``."""
     from aiokafka.admin import NewTopic
 
     configs = OUTPUT_TOPIC_CONFIG if name in settings.output_topics else {}
+    if name == changelog_topic(settings):
+        configs = CHANGELOG_TOPIC_CONFIG
     return NewTopic(name, partitions, settings.replication_factor, topic_configs=dict(configs))
 
 
-async def ensure_topics_async(settings: Settings, extra: dict[str, int] | None = None) -> list[str]:
-    """Create the input and output topics (and ``extra`` name -> partitions) that do not exist yet."""
+async def ensure_topics_async(
+    settings: Settings, extra: dict[str, int] | None = None, *, changelog: bool = False, leaders_within_s: float = 30.0
+) -> list[str]:
+    """Create the input and output topics (and ``extra`` name -> partitions) that do not exist yet; returns the names
+    created.
+
+    ``changelog`` (the worker, before Faust starts): the users table's changelog too, and then wait until every
+    partition of these topics has a leader. Left to Faust, the changelog was created as the consumer subscribed: a
+    consumer whose first metadata came before the broker had the new topic left the changelog out of its assignment
+    ("Ignoring missing topic"), and the worker's first changelog send then asked for the topic's metadata, which
+    the broker answered by creating it with its default partition count (``auto.create.topics.enable``): the
+    worker left at its first commit ("Unrecognized partition"), or hung in it with its batches unacknowledged
+    (docs/reliability.md, section 2). A changelog whose partition count is not ``settings.partitions`` is refused: its
+    partitions are the input's, one for one."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     wanted = {t: settings.partitions for t in (settings.topic_clickstream, *settings.output_topics)}
+    if changelog:
+        wanted[changelog_topic(settings)] = settings.partitions
     wanted.update(extra or {})
     admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
     await admin.start()
@@ -158,9 +191,44 @@ async def ensure_topics_async(settings: Settings, extra: dict[str, int] | None =
         missing = [new_topic(settings, name, n) for name, n in wanted.items() if name not in existing]
         if missing:
             await admin.create_topics(missing)
+        if changelog:
+            await _wait_for_leaders(admin, settings, wanted, leaders_within_s)
         return [t.name for t in missing]
     finally:
         await admin.close()
+
+
+async def _wait_for_leaders(admin: Any, settings: Settings, wanted: dict[str, int], within_s: float) -> None:
+    """Until every partition of ``wanted`` has a leader; TopicLayoutError when the changelog has another partition
+    count than the input, or when leaders are still missing after ``within_s``."""
+    name = changelog_topic(settings)
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        described = {t["topic"]: t for t in await admin.describe_topics(list(wanted))}
+        n = len(described.get(name, {}).get("partitions", []))
+        if n and n != settings.partitions:
+            raise TopicLayoutError(
+                f"kafka: topic {name} (the users table's changelog) has {n} partitions, the input "
+                f"{settings.partitions} (INTENTSTREAM_PARTITIONS): the two must match, one for one. Delete the "
+                "changelog topic (its states are rebuilt from the input only by a replay) or use another "
+                "INTENTSTREAM_APP_ID"
+            )
+        waiting = sorted(
+            topic
+            for topic in wanted
+            if (t := described.get(topic)) is None
+            or t["error_code"]
+            or not t["partitions"]
+            or any(p["leader"] < 0 for p in t["partitions"])
+        )
+        if not waiting:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TopicLayoutError(
+                f"kafka: topics without a leader for every partition after {within_s:g} s: {', '.join(waiting)}: "
+                "check the brokers (`intentstream kafka status`) and try again"
+            )
+        await asyncio.sleep(0.1)
 
 
 def ensure_topics(settings: Settings, extra: dict[str, int] | None = None) -> list[str]:

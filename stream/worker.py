@@ -39,13 +39,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from faust.worker import Worker
 
     from stream.app import NoModelError, create_app
+    from stream.topics import TopicLayoutError
 
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
     )
     try:
         app = create_app(settings)
-    except (NoModelError, CompatError) as exc:
+    except (NoModelError, CompatError, TopicLayoutError) as exc:
         print(f"intentstream: {exc}", file=sys.stderr)
         return 2
     worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True)

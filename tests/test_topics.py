@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream.settings import Settings
-from stream.topics import ensure_topics_async, kafka_client_kwargs
+from stream.topics import TopicLayoutError, changelog_topic, ensure_topics_async, kafka_client_kwargs
 
 pytestmark = pytest.mark.kafka
 
@@ -56,3 +56,40 @@ def test_output_records_are_timed_by_the_broker_and_inputs_by_their_producer(fre
     for topic in fresh.output_topics:
         ts, kind = got[topic]
         assert kind == LOG_APPEND_TIME and ts >= sent_after - 5_000, topic  # the broker's time of the append
+
+
+async def _describe(settings: Settings, name: str) -> tuple[list[dict], dict[str, str]]:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+    await admin.start()
+    try:
+        (topic,) = await admin.describe_topics([name])
+        (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
+        configs = {entry[0]: entry[1] for entry in response.resources[0][4]}
+        return topic["partitions"], configs
+    finally:
+        await admin.close()
+
+
+def test_the_worker_creates_its_changelog_before_faust_subscribes_and_waits_for_its_leaders(fresh: Settings):
+    """A worker whose consumer subscribed before the broker had the changelog (Faust creates it then) left it out of
+    the assignment, and its first changelog send had the broker create it with its default partition count: the
+    worker left at its first commit, or hung there. create_app now creates it first, compacted, with the input's
+    partitions, and returns once each partition has a leader."""
+    name = changelog_topic(fresh)
+    created = asyncio.run(ensure_topics_async(fresh, changelog=True))
+    assert name in created and fresh.topic_clickstream in created
+    partitions, configs = asyncio.run(_describe(fresh, name))
+    assert sorted(p["partition"] for p in partitions) == list(range(fresh.partitions))
+    assert all(p["leader"] >= 0 for p in partitions)
+    assert configs["cleanup.policy"] == "compact"
+    assert asyncio.run(ensure_topics_async(fresh, changelog=True)) == []  # idempotent: nothing created again
+
+
+def test_a_changelog_with_another_partition_count_than_the_input_is_refused(fresh: Settings):
+    name = changelog_topic(fresh)
+    asyncio.run(ensure_topics_async(fresh, {name: 1}))  # as the broker's auto-creation made it
+    with pytest.raises(TopicLayoutError, match=f"{name} .* has 1 partitions, the input {fresh.partitions}"):
+        asyncio.run(ensure_topics_async(fresh, changelog=True))
