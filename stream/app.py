@@ -263,6 +263,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
     offsets = InputOffsets(settings, read_committed=exactly_once)  # ours, not Faust's (stream/offsets.py)
     inputs = InputQueue(max_events=settings.queue_max_events)
     compat.divert_input_topic(app, settings.topic_clickstream, inputs.put)
+    compat.lean_input_records(settings.topic_clickstream)
     # A batch holds this from its admission to its last state write, and so does every offset commit: a commit
     # sees a batch whole or not at all. Under exactly-once a transaction never commits part of a batch.
     batch_lock = asyncio.Lock()

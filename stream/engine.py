@@ -33,8 +33,8 @@ MAX_FUTURE_MS = 86_400_000  # event times more than a day ahead of the wall cloc
 
 
 class Record(Protocol):
-    """An input record as the engine reads it: the worker passes aiokafka's ConsumerRecords as fetched (one object
-    less per record), tests and benchmarks build ``InRecord``s."""
+    """An input record as the engine reads it: the worker passes the records as its consumer fetched them
+    (``stream.compat.InputRecord`` tuples: no object more per record), tests and benchmarks build ``InRecord``s."""
 
     key: bytes | None
     value: bytes | None

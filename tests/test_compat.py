@@ -249,3 +249,39 @@ def test_the_recovery_stall_clock_starts_over_only_at_a_new_consumer_generation(
     moving = compat.RecoveryProgress(last_at=130.0, behind=["users-changelog[2] 120/248"])
     assert watch.stalled_for(141.0, 7, moving) is None  # a record 11 s ago
     assert watch.stalled_for(141.0, 7, None) is None  # no recovery waiting for records
+
+
+def _fetched(topic: str, rows: list[tuple[bytes | None, bytes | None, int]]) -> list:
+    """The records aiokafka's fetcher unpacks from one real record batch of ``rows`` (key, value, timestamp)."""
+    from aiokafka.consumer.fetcher import PartitionRecords
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+    from aiokafka.record.memory_records import MemoryRecords
+    from aiokafka.structs import TopicPartition
+
+    builder = DefaultRecordBatchBuilder(
+        magic=2, compression_type=0, is_transactional=0, producer_id=-1, producer_epoch=-1, base_sequence=-1,
+        batch_size=1 << 20,
+    )  # fmt: skip
+    for i, (key, value, ts) in enumerate(rows):
+        builder.append(i, timestamp=ts, key=key, value=value, headers=[])
+    data = builder.build()
+    data[0:8] = (100).to_bytes(8, "big")  # the batch's base offset
+    return list(PartitionRecords(TopicPartition(topic, 3), MemoryRecords(bytes(data)), [], 100, None, None, True, 0))
+
+
+def test_the_input_topic_is_unpacked_into_lean_records_and_other_topics_into_consumer_records():
+    from aiokafka.structs import ConsumerRecord
+
+    rows = [(b"u1", b'{"a":1}', 1_700_000_000_000), (None, b"x", 1_700_000_000_001), (b"u2", None, 5)]
+    before = _fetched("clicks-lean", rows)
+    compat.lean_input_records("clicks-lean")
+    compat.lean_input_records("clicks-lean")  # idempotent: one wrapper
+    lean, other = _fetched("clicks-lean", rows), _fetched("users-changelog", rows)
+    assert [type(r) for r in lean] == [compat.InputRecord] * 3
+    assert [type(r) for r in other] == [ConsumerRecord] * 3
+    fields = ("topic", "partition", "offset", "timestamp", "key", "value")
+    assert (
+        [tuple(getattr(r, f) for f in fields) for r in lean]
+        == [tuple(getattr(r, f) for f in fields) for r in before]
+        == [("clicks-lean", 3, 100 + i, ts, key, value) for i, (key, value, ts) in enumerate(rows)]
+    )
