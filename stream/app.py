@@ -228,6 +228,8 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         # intent events, 425 KB a partition of four, which batches of 256 KB cut in two, one more round trip a
         # batch, and a commit's changelog in three.
         producer_max_batch_size=settings.producer_max_batch_bytes,
+        # also when aiokafka gives up on a batch (Faust's default: 20 minutes); a batch that fails ends the worker
+        producer_request_timeout=settings.producer_request_timeout_s,
         table_key_index_size=100_000,
         # No standby replicas. A standby's first changelog records can be fetched between its partitions' resume and
         # the end of the rebalance, when Faust clears its changelog queue (flow_control.resume: clear_on_resume);

@@ -150,6 +150,14 @@ class Settings:
         "and the worker exits.",
         minimum=16_384,
     )
+    producer_request_timeout_s: float = _f(
+        120.0,
+        "How long a record batch the worker produces (outputs, changelog) may wait for its acknowledgement, retries "
+        "included, before it fails and the worker leaves without committing, for its supervisor to restart it and "
+        "replay: a partition without a leader, a broker gone for good. Kafka's delivery.timeout.ms is 2 minutes; "
+        "Faust's 20 (a worker hung that long, its batches unacknowledged; docs/reliability.md).",
+        minimum=5,
+    )
     processing_guarantee: str = _f(
         "at_least_once", "Faust processing guarantee.", choices=("at_least_once", "exactly_once")
     )

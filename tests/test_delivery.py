@@ -420,3 +420,18 @@ def test_the_worker_keeps_no_standby_replicas(tmp_path, monkeypatch):
     app = create_app_offline(s, monkeypatch)
     assert app.conf.table_standby_replicas == 0
     assert app.assignor.replicas == 0
+
+
+def test_a_produced_batch_gives_up_after_the_producer_request_timeout(tmp_path, monkeypatch):
+    """Faust's producers expire an unacknowledged record batch after 20 minutes (its producer_request_timeout): a
+    worker whose batches had no partition leader hung that long with a live event loop (docs/reliability.md). The
+    worker's producers take INTENTSTREAM_PRODUCER_REQUEST_TIMEOUT_S (2 minutes, Kafka's delivery.timeout.ms): the
+    batch then fails, and a failed batch ends the worker without a commit (tests above)."""
+    from tests.helpers import create_app_offline
+
+    s = Settings.from_env(
+        {}, producer_request_timeout_s=45.0, state_dir=str(tmp_path / "state"), model_dir=str(tmp_path / "models")
+    )
+    app = create_app_offline(s, monkeypatch)
+    assert app.producer._settings_default()["request_timeout_ms"] == 45_000  # every producer Faust builds
+    assert Settings.from_env({}).producer_request_timeout_s == 120.0
