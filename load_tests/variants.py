@@ -159,6 +159,21 @@ def scoring_thread() -> None:
 SCORING_THREAD = "be04d70"
 
 
+def before_lean_records() -> None:
+    """The input topic's records unpacked into aiokafka's ConsumerRecords, as before fccee1b
+    (``stream.compat.lean_input_records`` made a no-op)."""
+    from stream import compat
+
+    compat.lean_input_records = lambda topic: None
+
+
+def before_s13() -> None:
+    """The worker as of fd5318d: stream/app.py and stream/compat.py of that revision (Faust creates the changelog,
+    ConsumerRecords, Faust's 20-minute producer timeout)."""
+    for name in ("stream.compat", "stream.app"):
+        _module_from_git(name, name.replace(".", "/") + ".py", "fd5318d")
+
+
 def setting(name: str, value: float) -> Callable[[], None]:
     """The worker with another value of one setting (``INTENTSTREAM_<NAME>``), e.g. ``fetch-wait-1500``: Faust's own
     fetch wait (stream/app.py bounds it, default 20 ms); ``commit-5s``: Quix Streams' commit interval (default 1 s);
@@ -552,6 +567,8 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "store-wal": store_wal,
     "state-per-batch": state_per_batch,
     "scoring-thread": scoring_thread,
+    "before-lean-records": before_lean_records,
+    "before-s13": before_s13,
     "fetch-wait-20": setting("fetch_max_wait_ms", 20),
     "fetch-wait-100": setting("fetch_max_wait_ms", 100),
     "fetch-wait-1500": setting("fetch_max_wait_ms", 1500),

@@ -7,7 +7,7 @@ first fetch has waited ``batch_max_ms``, then, without waiting, whatever more is
 one that keeps up never waits for them. A queue holding ``queue_max_events`` records holds the fetcher back
 (back-pressure, bounded memory).
 Admission (``admit``) keeps, per partition, the next records in offset order, once (``stream.offsets``); the
-records stay aiokafka ConsumerRecords, bytes, until the engine decodes them.
+records stay as the fetcher unpacked them (``stream.compat.InputRecord``), bytes, until the engine decodes them.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class InputQueue:
 class Admission:
     """What a batch's records came to: the records to process, and the partitions to seek back."""
 
-    records: list[Record] = field(default_factory=list)  # aiokafka's ConsumerRecords, as fetched
+    records: list[Record] = field(default_factory=list)  # as fetched (stream.compat.InputRecord)
     last_offsets: dict[int, int] = field(default_factory=dict)  # partition -> offset of its last admitted record
     seeks: dict[int, int] = field(default_factory=dict)  # partition -> offset
     skipped: dict[str, int] = field(default_factory=lambda: {"stale": 0, "repeat": 0, "refetch": 0})
