@@ -42,7 +42,7 @@ def _module_from_git(name: str, path: str, rev: str = "HEAD") -> None:
 
 def _given_in_records(engine: types.ModuleType) -> None:
     """The engines of earlier revisions read ``InRecord.timestamp_ms``, and their worker's ingest built an InRecord per
-    record; today's ingest passes aiokafka's ConsumerRecords (``timestamp``) as they are. Such an engine is given
+    record; today's ingest passes the records as fetched (``stream.compat.InputRecord``: ``timestamp``). Such an engine is given
     InRecords built as that ingest built them, so that an A/B against it still costs what it cost."""
     in_record = engine.InRecord
     if "timestamp_ms" not in getattr(in_record, "__dataclass_fields__", {}):

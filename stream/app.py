@@ -197,6 +197,10 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
+        # Faust's app id (the group's, the changelog's prefix) is exactly INTENTSTREAM_APP_ID: APP_VERSION above 1 in
+        # the environment would make it "{id}-v{version}", and the worker would create, wait for and commit to names
+        # Faust does not use (stream.topics.changelog_topic, init_group_offsets)
+        version=1,
         broker=[f"kafka://{addr.strip()}" for addr in settings.kafka_bootstrap.split(",")],
         broker_credentials=_broker_credentials(settings),
         store="rocksdb://",

@@ -116,29 +116,34 @@ def lean_input_records(topic: str) -> None:
     aiokafka builds a ConsumerRecord per record in Faust's consumer thread (``PartitionRecords._consumer_record``):
     a dataclass with a ``__dict__`` and eleven fields, its headers copied into a tuple, and the scoring loop frees it
     with the batch. The engine reads six of them. The tuple costs the consumer thread, which holds the GIL the
-    scoring loop needs, about a third less per record (0.69 against 1.06 us unpacking a fetch, in process;
-    docs/performance.md). The records of other topics (the changelog a recovery reads) stay ConsumerRecords, and so
-    do the input's when the consumer has deserializers (Faust's worker consumer has none: raw bytes)."""
+    scoring loop needs, about a third less per record (0.69 against 1.06 us unpacking a fetch, in process; not
+    shown end to end: docs/performance.md, seventeenth pass). Only the per-record constructor is swapped, on each
+    fetched partition's records object before it unpacks anything: transactions, control batches and offsets are
+    aiokafka's as ever. The records of other topics (the changelog a recovery reads) stay ConsumerRecords, and so do
+    the input's when the consumer has deserializers (Faust's worker consumer has none: raw bytes). The patch is
+    process-wide: any consumer of this process reading ``topic`` without deserializers gets the tuples."""
     from aiokafka.consumer.fetcher import PartitionRecords
 
     _LEAN_TOPICS.add(topic)
     if getattr(PartitionRecords, "_intentstream_init", None) is not None:
         return
-    aiokafka_init = require(PartitionRecords, "__init__")
     require(PartitionRecords, "_consumer_record")
+    aiokafka_init = PartitionRecords.__init__
     PartitionRecords._intentstream_init = aiokafka_init
-    make = tuple.__new__
+    tuple_new = tuple.__new__
 
-    def lean(tp: Any, record: Any) -> InputRecord:
-        return make(InputRecord, (tp.topic, tp.partition, record.offset, record.timestamp, record.key, record.value))
+    def input_record(tp: Any, record: Any) -> InputRecord:
+        return tuple_new(
+            InputRecord, (tp.topic, tp.partition, record.offset, record.timestamp, record.key, record.value)
+        )
 
-    def init(self: Any, tp: Any, records: Any, aborted: Any, fetch_offset: int, key_des: Any, value_des: Any,
-             *args: Any, **kwargs: Any) -> None:  # fmt: skip
-        aiokafka_init(self, tp, records, aborted, fetch_offset, key_des, value_des, *args, **kwargs)
-        if tp.topic in _LEAN_TOPICS and key_des is None and value_des is None:
-            self._consumer_record = lean  # read by _unpack_records per record, before the class's method
+    def init_with_input_records(self: Any, *args: Any, **kwargs: Any) -> None:
+        aiokafka_init(self, *args, **kwargs)
+        raw = require(self, "_key_deserializer") is None and require(self, "_value_deserializer") is None
+        if raw and require(self, "_tp").topic in _LEAN_TOPICS:
+            self._consumer_record = input_record  # read by _unpack_records per record, before the class's method
 
-    PartitionRecords.__init__ = init
+    PartitionRecords.__init__ = init_with_input_records
 
 
 _LEAN_TOPICS: set[str] = set()

@@ -152,10 +152,10 @@ class Settings:
     )
     producer_request_timeout_s: float = _f(
         120.0,
-        "How long a record batch the worker produces (outputs, changelog) may wait for its acknowledgement, retries "
-        "included, before it fails and the worker leaves without committing, for its supervisor to restart it and "
-        "replay: a partition without a leader, a broker gone for good. Kafka's delivery.timeout.ms is 2 minutes; "
-        "Faust's 20 (a worker hung that long, its batches unacknowledged; docs/reliability.md).",
+        "How long a record batch the worker produces (outputs, changelog) may wait for a partition leader, and under "
+        "at_least_once for its acknowledgement, retries included (exactly_once retries until its transaction ends), "
+        "before it fails and the worker leaves without committing, for its supervisor to restart it and replay. "
+        "Kafka's delivery.timeout.ms is 2 minutes; Faust's default 20 (a worker hung that long; docs/reliability.md).",
         minimum=5,
     )
     processing_guarantee: str = _f(

@@ -149,8 +149,24 @@ def changelog_topic(settings: Settings) -> str:
 
 
 class TopicLayoutError(RuntimeError):
-    """A topic the worker needs exists with a layout it cannot work with, or its partitions have no leader: one line
-    that says what to do."""
+    """A topic the worker needs cannot be created, or exists with a layout it cannot work with: one line that says
+    what to do (a configuration to fix: the worker exits with code 2)."""
+
+
+class TopicsNotReadyError(RuntimeError):
+    """The worker's topics still lack a leader for some partition: transient (the worker exits with code 1, for its
+    supervisor to start it again)."""
+
+
+# Describe errors that a topic created a moment ago may still answer with; any other is final.
+_NOT_YET = {3, 5}  # UNKNOWN_TOPIC_OR_PARTITION, LEADER_NOT_AVAILABLE
+_TOPIC_ALREADY_EXISTS = 36
+
+
+def _error_name(code: int) -> str:
+    from aiokafka.errors import for_code
+
+    return f"{for_code(code).__name__} ({code})"
 
 
 def new_topic(settings: Settings, name: str, partitions: int) -> Any:
@@ -168,16 +184,18 @@ async def ensure_topics_async(
     settings: Settings, extra: dict[str, int] | None = None, *, changelog: bool = False, leaders_within_s: float = 30.0
 ) -> list[str]:
     """Create the input and output topics (and ``extra`` name -> partitions) that do not exist yet; returns the names
-    created.
+    created. A topic the broker refuses to create (a replication factor above the brokers', a policy) raises
+    TopicLayoutError: left alone, the first client to ask for its metadata would have the broker create it with its
+    defaults (``auto.create.topics.enable``: one partition, no LogAppendTime).
 
     ``changelog`` (the worker, before Faust starts): the users table's changelog too, and then wait until every
     partition of these topics has a leader. Left to Faust, the changelog was created as the consumer subscribed: a
     consumer whose first metadata came before the broker had the new topic left the changelog out of its assignment
     ("Ignoring missing topic"), and the worker's first changelog send then asked for the topic's metadata, which
-    the broker answered by creating it with its default partition count (``auto.create.topics.enable``): the
-    worker left at its first commit ("Unrecognized partition"), or hung in it with its batches unacknowledged
-    (docs/reliability.md, section 2). A changelog whose partition count is not ``settings.partitions`` is refused: its
-    partitions are the input's, one for one."""
+    the broker answered by creating it with its default partition count: the worker left at its first commit
+    ("Unrecognized partition"), or hung in it with its batches unacknowledged (docs/reliability.md, section 2). A
+    changelog whose partition count is not ``settings.partitions`` is refused: its partitions are the input's, one
+    for one."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     wanted = {t: settings.partitions for t in (settings.topic_clickstream, *settings.output_topics)}
@@ -190,17 +208,28 @@ async def ensure_topics_async(
         existing = set(await admin.list_topics())
         missing = [new_topic(settings, name, n) for name, n in wanted.items() if name not in existing]
         if missing:
-            await admin.create_topics(missing)
+            response = await admin.create_topics(missing)
+            refused = [
+                f"{topic}: {_error_name(code)}"
+                for topic, code, *_ in getattr(response, "topic_errors", [])
+                if code not in (0, _TOPIC_ALREADY_EXISTS)  # created meanwhile by another worker: fine
+            ]
+            if refused:
+                raise TopicLayoutError(
+                    f"kafka: the broker refused to create {'; '.join(refused)}: check INTENTSTREAM_REPLICATION_FACTOR "
+                    "against the brokers, and the broker's topic policy"
+                )
         if changelog:
-            await _wait_for_leaders(admin, settings, wanted, leaders_within_s)
+            await wait_for_leaders(admin, settings, wanted, leaders_within_s)
         return [t.name for t in missing]
     finally:
         await admin.close()
 
 
-async def _wait_for_leaders(admin: Any, settings: Settings, wanted: dict[str, int], within_s: float) -> None:
-    """Until every partition of ``wanted`` has a leader; TopicLayoutError when the changelog has another partition
-    count than the input, or when leaders are still missing after ``within_s``."""
+async def wait_for_leaders(admin: Any, settings: Settings, wanted: dict[str, int], within_s: float) -> None:
+    """Until every partition of ``wanted`` (topics that exist, or were just created) has a leader. TopicLayoutError
+    when the changelog has another partition count than the input, or a topic answers with an error other than not
+    yet being known or led; TopicsNotReadyError when leaders are still missing after ``within_s``."""
     name = changelog_topic(settings)
     deadline = asyncio.get_running_loop().time() + within_s
     while True:
@@ -209,10 +238,18 @@ async def _wait_for_leaders(admin: Any, settings: Settings, wanted: dict[str, in
         if n and n != settings.partitions:
             raise TopicLayoutError(
                 f"kafka: topic {name} (the users table's changelog) has {n} partitions, the input "
-                f"{settings.partitions} (INTENTSTREAM_PARTITIONS): the two must match, one for one. Delete the "
-                "changelog topic (its states are rebuilt from the input only by a replay) or use another "
-                "INTENTSTREAM_APP_ID"
+                f"{settings.partitions} (INTENTSTREAM_PARTITIONS): the two must match, one for one. Either use "
+                "another INTENTSTREAM_APP_ID (a new group and changelog: the states start empty), or delete this "
+                "changelog together with the workers' state folders (INTENTSTREAM_STATE_DIR) and the group's "
+                "committed offsets, so that the input is replayed from its start"
             )
+        failed = sorted(
+            f"{topic}: {_error_name(t['error_code'])}"
+            for topic, t in described.items()
+            if topic in wanted and t["error_code"] and t["error_code"] not in _NOT_YET
+        )
+        if failed:
+            raise TopicLayoutError(f"kafka: cannot use {'; '.join(failed)}")
         waiting = sorted(
             topic
             for topic in wanted
@@ -224,9 +261,9 @@ async def _wait_for_leaders(admin: Any, settings: Settings, wanted: dict[str, in
         if not waiting:
             return
         if asyncio.get_running_loop().time() > deadline:
-            raise TopicLayoutError(
+            raise TopicsNotReadyError(
                 f"kafka: topics without a leader for every partition after {within_s:g} s: {', '.join(waiting)}: "
-                "check the brokers (`intentstream kafka status`) and try again"
+                "check the brokers (`intentstream kafka status`) and start the worker again"
             )
         await asyncio.sleep(0.1)
 

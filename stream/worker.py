@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from faust.worker import Worker
 
     from stream.app import NoModelError, create_app
-    from stream.topics import TopicLayoutError
+    from stream.topics import TopicLayoutError, TopicsNotReadyError
 
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
@@ -49,6 +49,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except (NoModelError, CompatError, TopicLayoutError) as exc:
         print(f"intentstream: {exc}", file=sys.stderr)
         return 2
+    except TopicsNotReadyError as exc:  # transient: a supervisor starts the worker again
+        print(f"intentstream: {exc}", file=sys.stderr)
+        return 1
     worker = Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()  # blocks; SIGTERM/SIGINT stop it cleanly
     return 0

@@ -237,16 +237,21 @@ def read_to_end(settings: Settings, topics: list[str]) -> dict[str, list]:
     return asyncio.run(procs.read_to_end(settings, topics))
 
 
-def create_app_offline(settings: Settings, monkeypatch: Any) -> Any:
+def create_app_offline(settings: Settings, monkeypatch: Any, topic_calls: list | None = None) -> Any:
     """``stream.app.create_app`` without a broker: topic creation and the group's offset preparation stubbed out,
-    an untrained model in ``settings.model_dir``. For tests of what the app is built with."""
+    an untrained model in ``settings.model_dir``. For tests of what the app is built with; ``topic_calls`` receives
+    the keyword arguments of each call of ``ensure_topics_async``."""
     import stream.topics
     from stream.app import create_app
 
     async def nothing(*args: object, **kwargs: object) -> None:
         return None
 
-    monkeypatch.setattr(stream.topics, "ensure_topics_async", nothing)
+    async def topics(*args: object, **kwargs: object) -> None:
+        if topic_calls is not None:
+            topic_calls.append(kwargs)
+
+    monkeypatch.setattr(stream.topics, "ensure_topics_async", topics)
     monkeypatch.setattr(stream.topics, "init_group_offsets", nothing)
     write_model(Path(settings.model_dir))
     return create_app(settings)

@@ -53,11 +53,14 @@ def test_the_worker_consumer_gets_the_fetch_wait_and_min_bytes(monkeypatch: pyte
     import faust
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    # monkeypatch undoes the class patches (and the stash of Faust's method) after the test
-    monkeypatch.setattr(AIOKafkaConsumerThread, "_faust_create_worker_consumer", None, raising=False)
-    monkeypatch.setattr(
-        AIOKafkaConsumerThread, "_create_worker_consumer", AIOKafkaConsumerThread._create_worker_consumer
+    # Faust's own method (a create_app earlier in this process has wrapped it already and stashed it); monkeypatch
+    # undoes the class patches (and the stash) after the test
+    faust_own = (
+        getattr(AIOKafkaConsumerThread, "_faust_create_worker_consumer", None)
+        or AIOKafkaConsumerThread._create_worker_consumer
     )
+    monkeypatch.setattr(AIOKafkaConsumerThread, "_faust_create_worker_consumer", None, raising=False)
+    monkeypatch.setattr(AIOKafkaConsumerThread, "_create_worker_consumer", faust_own)
 
     async def built() -> list[tuple[int, int]]:
         app = faust.App("compat-test", broker="kafka://localhost:9")
@@ -269,13 +272,24 @@ def _fetched(topic: str, rows: list[tuple[bytes | None, bytes | None, int]]) -> 
     return list(PartitionRecords(TopicPartition(topic, 3), MemoryRecords(bytes(data)), [], 100, None, None, True, 0))
 
 
-def test_the_input_topic_is_unpacked_into_lean_records_and_other_topics_into_consumer_records():
+def test_the_input_topic_is_unpacked_into_lean_records_and_other_topics_into_consumer_records(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from aiokafka.consumer.fetcher import PartitionRecords
     from aiokafka.structs import ConsumerRecord
 
+    # aiokafka's own constructor (a create_app earlier in this process has wrapped it already), put back afterwards
+    # (the patch is process-wide)
+    aiokafka_own = getattr(PartitionRecords, "_intentstream_init", None) or PartitionRecords.__init__
+    monkeypatch.setattr(PartitionRecords, "__init__", aiokafka_own)
+    monkeypatch.setattr(PartitionRecords, "_intentstream_init", None, raising=False)
+    monkeypatch.setattr(compat, "_LEAN_TOPICS", set())
     rows = [(b"u1", b'{"a":1}', 1_700_000_000_000), (None, b"x", 1_700_000_000_001), (b"u2", None, 5)]
     before = _fetched("clicks-lean", rows)
     compat.lean_input_records("clicks-lean")
-    compat.lean_input_records("clicks-lean")  # idempotent: one wrapper
+    wrapped = PartitionRecords.__init__
+    compat.lean_input_records("clicks-lean")
+    assert PartitionRecords.__init__ is wrapped  # idempotent: one wrapper
     lean, other = _fetched("clicks-lean", rows), _fetched("users-changelog", rows)
     assert [type(r) for r in lean] == [compat.InputRecord] * 3
     assert [type(r) for r in other] == [ConsumerRecord] * 3

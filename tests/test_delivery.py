@@ -422,7 +422,7 @@ def test_the_worker_keeps_no_standby_replicas(tmp_path, monkeypatch):
     assert app.assignor.replicas == 0
 
 
-def test_a_produced_batch_gives_up_after_the_producer_request_timeout(tmp_path, monkeypatch):
+def test_the_worker_producers_take_the_producer_request_timeout(tmp_path, monkeypatch):
     """Faust's producers expire an unacknowledged record batch after 20 minutes (its producer_request_timeout): a
     worker whose batches had no partition leader hung that long with a live event loop (docs/reliability.md). The
     worker's producers take INTENTSTREAM_PRODUCER_REQUEST_TIMEOUT_S (2 minutes, Kafka's delivery.timeout.ms): the

@@ -9,6 +9,7 @@ LogAppendTime: their records carry the time the broker appended them. Input topi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -93,3 +94,23 @@ def test_a_changelog_with_another_partition_count_than_the_input_is_refused(fres
     asyncio.run(ensure_topics_async(fresh, {name: 1}))  # as the broker's auto-creation made it
     with pytest.raises(TopicLayoutError, match=f"{name} .* has 1 partitions, the input {fresh.partitions}"):
         asyncio.run(ensure_topics_async(fresh, changelog=True))
+
+
+def test_a_topic_the_broker_refuses_to_create_stops_the_worker_instead_of_being_auto_created(fresh: Settings):
+    """Three replicas on a one-broker cluster: the broker refuses the topics. Nothing may then ask for their
+    metadata, or the broker would create them with its defaults (one partition, CreateTime)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    three = dataclasses.replace(fresh, replication_factor=3)
+    with pytest.raises(TopicLayoutError, match="InvalidReplicationFactorError"):
+        asyncio.run(ensure_topics_async(three, changelog=True))
+
+    async def listed() -> set[str]:
+        admin = AIOKafkaAdminClient(**kafka_client_kwargs(fresh))
+        await admin.start()
+        try:
+            return set(await admin.list_topics())
+        finally:
+            await admin.close()
+
+    assert not {fresh.topic_clickstream, changelog_topic(fresh)} & asyncio.run(listed())

@@ -40,8 +40,8 @@ def test_a_combined_variant_gives_legal_kafka_names():
 @pytest.mark.parametrize("variant", ["before-batch-records", "before-emission-keys"])
 def test_an_engine_of_an_earlier_revision_runs_in_todays_worker(variant: str):
     """``before-batch-records`` loads stream/engine.py and stream/emit.py of c3a8712 in a fresh interpreter: today's
-    app and ingest import beside it, and it processes records as the ingest hands them over (aiokafka's
-    ConsumerRecords: ``timestamp``, not the ``timestamp_ms`` it reads), given as InRecords. ``before-emission-keys``
+    app and ingest import beside it, and it processes records as the ingest hands them over (as fetched,
+    stream.compat.InputRecord: ``timestamp``, not the ``timestamp_ms`` it reads), given as InRecords. ``before-emission-keys``
     loads f4793c3's engine with the contract it wrote its records with."""
     script = """
 import itertools, sys, tempfile, time, torch
