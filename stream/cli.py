@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     from stream.broker import BrokerError
-    from stream.topics import KafkaAccessError
+    from stream.topics import KafkaAccessError, TopicLayoutError
 
     try:
         settings = Settings.from_env()
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"intentstream: bad setting: {exc}", file=sys.stderr)
         return 2
-    except (BrokerError, KafkaAccessError, FileNotFoundError) as exc:  # users fix these: one line, no traceback
+    except (BrokerError, KafkaAccessError, TopicLayoutError, FileNotFoundError) as exc:  # users fix these: one line
         print(f"intentstream: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
