@@ -158,11 +158,6 @@ class TopicsNotReadyError(RuntimeError):
     supervisor to start it again)."""
 
 
-# Describe errors that a topic created a moment ago may still answer with; any other is final.
-_NOT_YET = {3, 5}  # UNKNOWN_TOPIC_OR_PARTITION, LEADER_NOT_AVAILABLE
-_TOPIC_ALREADY_EXISTS = 36
-
-
 def _error_name(code: int) -> str:
     from aiokafka.errors import for_code
 
@@ -197,6 +192,7 @@ async def ensure_topics_async(
     changelog whose partition count is not ``settings.partitions`` is refused: its partitions are the input's, one
     for one."""
     from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import TopicAlreadyExistsError
 
     wanted = {t: settings.partitions for t in (settings.topic_clickstream, *settings.output_topics)}
     if changelog:
@@ -212,7 +208,7 @@ async def ensure_topics_async(
             refused = [
                 f"{topic}: {_error_name(code)}"
                 for topic, code, *_ in getattr(response, "topic_errors", [])
-                if code not in (0, _TOPIC_ALREADY_EXISTS)  # created meanwhile by another worker: fine
+                if code not in (0, TopicAlreadyExistsError.errno)  # created meanwhile by another worker: fine
             ]
             if refused:
                 raise TopicLayoutError(
@@ -230,6 +226,9 @@ async def wait_for_leaders(admin: Any, settings: Settings, wanted: dict[str, int
     """Until every partition of ``wanted`` (topics that exist, or were just created) has a leader. TopicLayoutError
     when the changelog has another partition count than the input, or a topic answers with an error other than not
     yet being known or led; TopicsNotReadyError when leaders are still missing after ``within_s``."""
+    from aiokafka.errors import LeaderNotAvailableError, UnknownTopicOrPartitionError
+
+    not_yet = {UnknownTopicOrPartitionError.errno, LeaderNotAvailableError.errno}  # a topic created a moment ago
     name = changelog_topic(settings)
     deadline = asyncio.get_running_loop().time() + within_s
     while True:
@@ -246,7 +245,7 @@ async def wait_for_leaders(admin: Any, settings: Settings, wanted: dict[str, int
         failed = sorted(
             f"{topic}: {_error_name(t['error_code'])}"
             for topic, t in described.items()
-            if topic in wanted and t["error_code"] and t["error_code"] not in _NOT_YET
+            if topic in wanted and t["error_code"] and t["error_code"] not in not_yet
         )
         if failed:
             raise TopicLayoutError(f"kafka: cannot use {'; '.join(failed)}")
