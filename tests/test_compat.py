@@ -299,3 +299,66 @@ def test_the_input_topic_is_unpacked_into_lean_records_and_other_topics_into_con
         == [tuple(getattr(r, f) for f in fields) for r in before]
         == [("clicks-lean", 3, 100 + i, ts, key, value) for i, (key, value, ts) in enumerate(rows)]
     )
+
+
+@pytest.mark.kafka
+def test_lean_records_under_read_committed_skip_an_aborted_transaction(
+    fresh: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    """The real broker: a transaction aborted between two committed ones, and a plain record after them, read with
+    read_committed (the worker's isolation under exactly-once) through the patched fetcher. Only the committed and
+    plain records come, as InputRecords with the offsets the broker gave them (the aborted records and the
+    transactions' markers hold offsets between them), and nothing of the aborted transaction."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.consumer.fetcher import PartitionRecords
+    from aiokafka.structs import TopicPartition
+
+    from stream.topics import ensure_topics, kafka_client_kwargs
+
+    ensure_topics(fresh)  # the input topic as the worker makes it (the producer would have the broker auto-create it)
+    aiokafka_own = getattr(PartitionRecords, "_intentstream_init", None) or PartitionRecords.__init__
+    monkeypatch.setattr(PartitionRecords, "__init__", aiokafka_own)
+    monkeypatch.setattr(PartitionRecords, "_intentstream_init", None, raising=False)
+    monkeypatch.setattr(compat, "_LEAN_TOPICS", set())
+    topic = fresh.topic_clickstream
+    tp = TopicPartition(topic, 0)
+
+    async def run() -> tuple[dict[bytes, int], list]:
+        kwargs = kafka_client_kwargs(fresh)
+        txn = AIOKafkaProducer(**kwargs, transactional_id=f"{fresh.app_id}-txn", acks="all", enable_idempotence=True)
+        plain = AIOKafkaProducer(**kwargs, acks="all", enable_idempotence=True)
+        await txn.start()
+        await plain.start()
+        offsets: dict[bytes, int] = {}
+        try:
+            for outcome, values in (("commit", [b"c1", b"c2"]), ("abort", [b"a1", b"a2", b"a3"]), ("commit", [b"c3"])):
+                await txn.begin_transaction()
+                for v in values:
+                    offsets[v] = (await txn.send_and_wait(topic, key=b"u", value=v, partition=0)).offset
+                await (txn.commit_transaction() if outcome == "commit" else txn.abort_transaction())
+            offsets[b"p1"] = (await plain.send_and_wait(topic, key=b"u", value=b"p1", partition=0)).offset
+        finally:
+            await txn.stop()
+            await plain.stop()
+        compat.lean_input_records(topic)
+        consumer = AIOKafkaConsumer(
+            **kwargs, isolation_level="read_committed", enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            got: list = []
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(got) < 4 and asyncio.get_running_loop().time() < deadline:
+                got += (await consumer.getmany(tp, timeout_ms=500)).get(tp, [])
+            got += (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])  # nothing more may come
+            return offsets, got
+        finally:
+            await consumer.stop()
+
+    offsets, got = asyncio.run(run())
+    assert offsets[b"a1"] > offsets[b"c2"] + 1  # the first transaction's commit marker lies between
+    assert [type(r) for r in got] == [compat.InputRecord] * 4
+    assert [(r.topic, r.partition, r.offset, r.key, r.value) for r in got] == [
+        (topic, 0, offsets[v], b"u", v) for v in (b"c1", b"c2", b"c3", b"p1")
+    ]
