@@ -1,5 +1,5 @@
-"""The compat module's start check, and the ingest path's queue and admission (unit tests: the worker tests run the
-same code on the real broker)."""
+"""The compat module's start check, its patches, and the ingest path's queue and admission (unit tests: the worker tests
+run the same code on the real broker; the fetcher patch under read_committed is read here from the real broker too)."""
 
 from __future__ import annotations
 
@@ -272,18 +272,23 @@ def _fetched(topic: str, rows: list[tuple[bytes | None, bytes | None, int]]) -> 
     return list(PartitionRecords(TopicPartition(topic, 3), MemoryRecords(bytes(data)), [], 100, None, None, True, 0))
 
 
-def test_the_input_topic_is_unpacked_into_lean_records_and_other_topics_into_consumer_records(
-    monkeypatch: pytest.MonkeyPatch,
-):
+@pytest.fixture
+def unpatched_partition_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiokafka's own PartitionRecords constructor and no lean topic, put back afterwards: a create_app earlier in this
+    process has wrapped the constructor already, and the patch is process-wide."""
     from aiokafka.consumer.fetcher import PartitionRecords
-    from aiokafka.structs import ConsumerRecord
 
-    # aiokafka's own constructor (a create_app earlier in this process has wrapped it already), put back afterwards
-    # (the patch is process-wide)
     aiokafka_own = getattr(PartitionRecords, "_intentstream_init", None) or PartitionRecords.__init__
     monkeypatch.setattr(PartitionRecords, "__init__", aiokafka_own)
     monkeypatch.setattr(PartitionRecords, "_intentstream_init", None, raising=False)
     monkeypatch.setattr(compat, "_LEAN_TOPICS", set())
+
+
+@pytest.mark.usefixtures("unpatched_partition_records")
+def test_the_input_topic_is_unpacked_into_lean_records_and_other_topics_into_consumer_records():
+    from aiokafka.consumer.fetcher import PartitionRecords
+    from aiokafka.structs import ConsumerRecord
+
     rows = [(b"u1", b'{"a":1}', 1_700_000_000_000), (None, b"x", 1_700_000_000_001), (b"u2", None, 5)]
     before = _fetched("clicks-lean", rows)
     compat.lean_input_records("clicks-lean")
@@ -302,24 +307,18 @@ def test_the_input_topic_is_unpacked_into_lean_records_and_other_topics_into_con
 
 
 @pytest.mark.kafka
-def test_lean_records_under_read_committed_skip_an_aborted_transaction(
-    fresh: Settings, monkeypatch: pytest.MonkeyPatch
-):
+@pytest.mark.usefixtures("unpatched_partition_records")
+def test_lean_records_under_read_committed_skip_an_aborted_transaction(fresh: Settings):
     """The real broker: a transaction aborted between two committed ones, and a plain record after them, read with
     read_committed (the worker's isolation under exactly-once) through the patched fetcher. Only the committed and
     plain records come, as InputRecords with the offsets the broker gave them (the aborted records and the
     transactions' markers hold offsets between them), and nothing of the aborted transaction."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-    from aiokafka.consumer.fetcher import PartitionRecords
     from aiokafka.structs import TopicPartition
 
     from stream.topics import ensure_topics, kafka_client_kwargs
 
     ensure_topics(fresh)  # the input topic as the worker makes it (the producer would have the broker auto-create it)
-    aiokafka_own = getattr(PartitionRecords, "_intentstream_init", None) or PartitionRecords.__init__
-    monkeypatch.setattr(PartitionRecords, "__init__", aiokafka_own)
-    monkeypatch.setattr(PartitionRecords, "_intentstream_init", None, raising=False)
-    monkeypatch.setattr(compat, "_LEAN_TOPICS", set())
     topic = fresh.topic_clickstream
     tp = TopicPartition(topic, 0)
 
@@ -327,18 +326,20 @@ def test_lean_records_under_read_committed_skip_an_aborted_transaction(
         kwargs = kafka_client_kwargs(fresh)
         txn = AIOKafkaProducer(**kwargs, transactional_id=f"{fresh.app_id}-txn", acks="all", enable_idempotence=True)
         plain = AIOKafkaProducer(**kwargs, acks="all", enable_idempotence=True)
-        await txn.start()
-        await plain.start()
         offsets: dict[bytes, int] = {}
+        await txn.start()
         try:
             for outcome, values in (("commit", [b"c1", b"c2"]), ("abort", [b"a1", b"a2", b"a3"]), ("commit", [b"c3"])):
                 await txn.begin_transaction()
                 for v in values:
                     offsets[v] = (await txn.send_and_wait(topic, key=b"u", value=v, partition=0)).offset
                 await (txn.commit_transaction() if outcome == "commit" else txn.abort_transaction())
-            offsets[b"p1"] = (await plain.send_and_wait(topic, key=b"u", value=b"p1", partition=0)).offset
         finally:
             await txn.stop()
+        await plain.start()
+        try:
+            offsets[b"p1"] = (await plain.send_and_wait(topic, key=b"u", value=b"p1", partition=0)).offset
+        finally:
             await plain.stop()
         compat.lean_input_records(topic)
         consumer = AIOKafkaConsumer(
