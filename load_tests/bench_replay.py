@@ -32,7 +32,7 @@ import orjson
 
 from stream.contract import EVENT_TYPES, Event
 from stream.settings import Settings
-from stream.topics import kafka_client_kwargs
+from stream.topics import admin_client, kafka_client_kwargs
 from stream.traffic.replay import replay
 
 TARGET_EVENTS_PER_S = 50_000
@@ -80,14 +80,8 @@ async def topic_record_count(settings: Settings, topic: str) -> int:
 
 
 async def delete_topics(settings: Settings, topics: list[str]) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
-    await admin.start()
-    try:
+    async with admin_client(settings) as admin:
         await admin.delete_topics(topics)
-    finally:
-        await admin.close()
 
 
 async def one_run(settings: Settings, name: str, records: list, bad_fraction: float) -> dict:

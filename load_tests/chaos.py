@@ -59,7 +59,7 @@ import orjson
 
 from load_tests.procs import free_port, read_to_end
 from stream.settings import Settings
-from stream.topics import changelog_topic, kafka_client_kwargs
+from stream.topics import admin_client, changelog_topic, kafka_client_kwargs
 
 # Faust reads these from the environment (no INTENTSTREAM_ prefix): a dead or paused member leaves the group
 # after 10 s instead of 60 s, so a fault costs seconds, not minutes.
@@ -659,7 +659,7 @@ def measure_recovery(out: Path, n_users: int, guarantee: str, seed: int = 7) -> 
     import logging
     import re
 
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin import NewTopic
 
     from stream import broker
     from stream.topics import ensure_topics
@@ -693,14 +693,10 @@ def measure_recovery(out: Path, n_users: int, guarantee: str, seed: int = 7) -> 
         write_model(settings.model_dir, seed=0)
 
         async def create_changelog() -> None:  # as Faust declares it: compacted, co-partitioned with the input
-            admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
-            await admin.start()
-            try:
+            async with admin_client(settings) as admin:
                 await admin.create_topics(
                     [NewTopic(changelog, settings.partitions, 1, topic_configs={"cleanup.policy": "compact"})]
                 )
-            finally:
-                await admin.close()
 
         asyncio.run(create_changelog())
         started = time.monotonic()

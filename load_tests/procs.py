@@ -259,34 +259,24 @@ class Offsets:
 async def create_topics(settings: Settings, topics: dict[str, int]) -> None:
     """Create the topics (name -> partitions) that do not exist; the settings' output topics with the broker's
     clock as their records' timestamps (stream.topics.new_topic)."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    from stream.topics import admin_client, new_topic
 
-    from stream.topics import new_topic
-
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
-    await admin.start()
-    try:
+    async with admin_client(settings) as admin:
         existing = set(await admin.list_topics())
         new = [new_topic(settings, t, n) for t, n in topics.items() if t not in existing]
         if new:
             await admin.create_topics(new)
-    finally:
-        await admin.close()
 
 
 async def delete_topics(settings: Settings, prefix: str) -> list[str]:
     """Delete every topic whose name starts with ``prefix`` (ours: inputs, outputs, changelogs)."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    from stream.topics import admin_client
 
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
-    await admin.start()
-    try:
+    async with admin_client(settings) as admin:
         ours = [t for t in await admin.list_topics() if t.startswith(prefix)]
         if ours:
             await admin.delete_topics(ours)
         return ours
-    finally:
-        await admin.close()
 
 
 def broker_process(settings: Settings) -> psutil.Process | None:
@@ -332,14 +322,10 @@ async def read_to_end(
 
 async def partitions(settings: Settings, topics: list[str]) -> dict[str, int]:
     """Partitions of each topic, from the broker (a topic that does not exist: an error naming it)."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    from stream.topics import admin_client
 
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
-    await admin.start()
-    try:
+    async with admin_client(settings) as admin:
         described = await admin.describe_topics(topics)
-    finally:
-        await admin.close()
     out = {d["topic"]: len(d["partitions"]) for d in described}
     missing = [t for t in topics if not out.get(t)]
     if missing:

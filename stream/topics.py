@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from stream.settings import Settings
@@ -164,6 +164,19 @@ def _error_name(code: int) -> str:
     return f"{for_code(code).__name__} ({code})"
 
 
+@contextlib.asynccontextmanager
+async def admin_client(settings: Settings) -> AsyncIterator[Any]:
+    """An aiokafka admin client on the settings' brokers, started, and closed on the way out."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+    await admin.start()
+    try:
+        yield admin
+    finally:
+        await admin.close()
+
+
 def new_topic(settings: Settings, name: str, partitions: int) -> Any:
     """The aiokafka NewTopic for ``name``: an output topic of ``settings`` gets ``OUTPUT_TOPIC_CONFIG``, the users
     table's changelog ``CHANGELOG_TOPIC_CONFIG``."""
@@ -191,16 +204,13 @@ async def ensure_topics_async(
     ("Unrecognized partition"), or hung in it with its batches unacknowledged (docs/reliability.md, section 2). A
     changelog whose partition count is not ``settings.partitions`` is refused: its partitions are the input's, one
     for one."""
-    from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import TopicAlreadyExistsError
 
     wanted = {t: settings.partitions for t in (settings.topic_clickstream, *settings.output_topics)}
     if changelog:
         wanted[changelog_topic(settings)] = settings.partitions
     wanted.update(extra or {})
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
-    await admin.start()
-    try:
+    async with admin_client(settings) as admin:
         existing = set(await admin.list_topics())
         missing = [new_topic(settings, name, n) for name, n in wanted.items() if name not in existing]
         if missing:
@@ -218,8 +228,6 @@ async def ensure_topics_async(
         if changelog:
             await wait_for_leaders(admin, settings, wanted, leaders_within_s)
         return [t.name for t in missing]
-    finally:
-        await admin.close()
 
 
 async def wait_for_leaders(admin: Any, settings: Settings, wanted: dict[str, int], within_s: float) -> None:

@@ -11,7 +11,7 @@ from faust.types import TP
 
 from stream.offsets import InputOffsets, Verdict
 from stream.settings import Settings
-from stream.topics import ensure_topics_async, kafka_client_kwargs
+from stream.topics import admin_client, ensure_topics_async, kafka_client_kwargs
 
 pytestmark = pytest.mark.kafka
 
@@ -148,18 +148,14 @@ def test_real_gaps_are_stepped_over(fresh: Settings, read_committed: bool):
 def test_records_removed_by_retention_are_stepped_over(fresh: Settings):
     """The group's committed offset is below the log start (records deleted by retention): the first record
     that still exists is the next one, as with auto_offset_reset=earliest."""
-    from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+    from aiokafka.admin import RecordsToDelete
 
     async def run() -> None:
         await ensure_topics_async(fresh)
         await _produce(fresh, [b"r%d" % i for i in range(10)])
         await _commit(fresh, 2)
-        admin = AIOKafkaAdminClient(**kafka_client_kwargs(fresh))
-        await admin.start()
-        try:
+        async with admin_client(fresh) as admin:
             await admin.delete_records({TopicPartition(fresh.topic_clickstream, 0): RecordsToDelete(6)})
-        finally:
-            await admin.close()
         offsets = InputOffsets(fresh, read_committed=False)
         try:
             assert await offsets.judge(0, 6) == (Verdict.PROCESS, None)

@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream.settings import Settings
-from stream.topics import TopicLayoutError, changelog_topic, ensure_topics_async, kafka_client_kwargs
+from stream.topics import TopicLayoutError, admin_client, changelog_topic, ensure_topics_async, kafka_client_kwargs
 
 pytestmark = pytest.mark.kafka
 
@@ -60,18 +60,13 @@ def test_output_records_are_timed_by_the_broker_and_inputs_by_their_producer(fre
 
 
 async def _describe(settings: Settings, name: str) -> tuple[list[dict], dict[str, str]]:
-    from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
-    await admin.start()
-    try:
+    async with admin_client(settings) as admin:
         (topic,) = await admin.describe_topics([name])
         (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
         configs = {entry[0]: entry[1] for entry in response.resources[0][4]}
         return topic["partitions"], configs
-    finally:
-        await admin.close()
 
 
 def test_the_worker_creates_its_changelog_before_faust_subscribes_and_waits_for_its_leaders(fresh: Settings):
@@ -99,18 +94,12 @@ def test_a_changelog_with_another_partition_count_than_the_input_is_refused(fres
 def test_a_topic_the_broker_refuses_to_create_stops_the_worker_instead_of_being_auto_created(fresh: Settings):
     """Three replicas on a one-broker cluster: the broker refuses the topics. Nothing may then ask for their
     metadata, or the broker would create them with its defaults (one partition, CreateTime)."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
     three = dataclasses.replace(fresh, replication_factor=3)
     with pytest.raises(TopicLayoutError, match="InvalidReplicationFactorError"):
         asyncio.run(ensure_topics_async(three, changelog=True))
 
     async def listed() -> set[str]:
-        admin = AIOKafkaAdminClient(**kafka_client_kwargs(fresh))
-        await admin.start()
-        try:
+        async with admin_client(fresh) as admin:
             return set(await admin.list_topics())
-        finally:
-            await admin.close()
 
     assert not {fresh.topic_clickstream, changelog_topic(fresh)} & asyncio.run(listed())

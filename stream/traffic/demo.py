@@ -210,19 +210,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _remove_run(own: Settings, settings: Settings) -> None:
     """The run's topics (its changelog included) and worker state; a broker already gone is left alone."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    from stream.topics import kafka_client_kwargs
+    from stream.topics import admin_client
 
     async def delete_topics() -> None:
-        admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
-        await admin.start()
-        try:
+        async with admin_client(settings) as admin:
             names = [t for t in await admin.list_topics() if t.startswith(f"{own.app_id}-")]
             if names:
                 await admin.delete_topics(names)
-        finally:
-            await admin.close()
 
     try:
         asyncio.run(delete_topics())
