@@ -309,8 +309,9 @@ def step_times() -> None:
 def wait_times() -> None:
     """Log, every 5 s, where the scoring loop's wall time goes per batch (``event=wait_times``): waiting for
     input (``InputQueue.take``), handing the outputs over and completing the batch before (``Delivery.start_batch``,
-    acknowledgements included), the rest (admission and the engine), and the thread's CPU time: a loop that waits
-    while records are queued leaves capacity unused."""
+    acknowledgements included, and within it ``send_outputs``, ``complete`` and ``let_requests_out``), the rest
+    (admission and the engine), and the thread's CPU time: a loop that waits while records are queued leaves
+    capacity unused."""
     import logging
     import time
 
@@ -365,7 +366,7 @@ def wait_times() -> None:
                             seen["events"] / n,
                             seen["first_age"] / n * 1e3,
                             per,
-                            (wall - sum(spent.values())) / n * 1e3,
+                            (wall - spent["take"] - spent["start_batch"]) / n * 1e3,
                             100 * cpu / wall,
                         )
                         spent.update(dict.fromkeys(spent, 0.0))
@@ -377,6 +378,25 @@ def wait_times() -> None:
 
     ingest.InputQueue.take = timed("take", aged_take)  # type: ignore[method-assign]
     delivery.Delivery.start_batch = timed("start_batch", delivery.Delivery.start_batch)  # type: ignore[method-assign]
+    # within start_batch: handing the outputs over, completing the batch before (its acknowledgements awaited), the
+    # turns given to the producer's sender (``complete`` also counts its calls before an idle wait for input)
+    for name in ("send_outputs", "complete"):
+        spent[name] = 0.0
+        setattr(delivery.Delivery, name, timed(name, getattr(delivery.Delivery, name)))
+    spent["let_requests_out"] = 0.0
+    delivery.let_requests_out = timed("let_requests_out", delivery.let_requests_out)
+
+
+def before_send_turns() -> None:
+    """stream/delivery.py without ``let_requests_out`` (as before the nineteenth pass of docs/performance.md): a
+    batch's produce requests go out only when the event loop next gives aiokafka's sender a turn, which a scoring
+    loop with input waiting gives only when the next batch awaits their acknowledgements."""
+    from stream import delivery
+
+    async def no_turns(producers: Any) -> None:
+        return None
+
+    delivery.let_requests_out = no_turns
 
 
 def fetch_sizes() -> None:
@@ -601,6 +621,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "step-times": step_times,
     "wait-times": wait_times,
     "fetch-sizes": fetch_sizes,
+    "before-send-turns": before_send_turns,
     "gc-freeze": gc_freeze,
     "switch-1ms": switch_interval(0.001),
     "gc-young-700": gc_young(700),

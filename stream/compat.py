@@ -13,7 +13,8 @@ What is patched, and why (docs/reliability.md, docs/performance.md):
 3. Exactly-once table recovery reads the changelogs' end offsets from the broker.
 4. The consumer's commit asks ``stream.offsets`` which offsets to commit (records are never acked to Faust).
 5. Outputs go out with aiokafka's producers: the transactional producer of the source partition under
-   exactly-once (faust-streaming issue #177), the plain one otherwise.
+   exactly-once (faust-streaming issue #177), the plain one otherwise; the scoring loop gives their senders turns
+   until the accumulator has no batch left to send (``has_unsent_batches``).
 6. State writes go to the partition's RocksDB as one WriteBatch, and the table's key index learns each key; the
    table's RocksDB has no write-ahead log (the changelog is the durable copy, as in Kafka Streams), and a store is
    flushed before Faust lets go of it (a revocation, the stop).
@@ -308,6 +309,12 @@ async def commit_transaction(app: Any, offsets: dict[Any, int]) -> None:
 def plain_producer(app: Any) -> Any:
     """The app's aiokafka producer (at-least-once)."""
     return require(app.producer, "_ensure_producer")()
+
+
+def has_unsent_batches(producer: Any) -> bool:
+    """Whether an aiokafka producer holds record batches its sender has not yet taken into a produce request
+    (aiokafka's accumulator drops a partition's queue once it is empty)."""
+    return bool(require(require(producer, "_message_accumulator"), "_batches"))
 
 
 def transactional_producers(app: Any) -> dict[str, Any]:

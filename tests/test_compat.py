@@ -363,3 +363,36 @@ def test_lean_records_under_read_committed_skip_an_aborted_transaction(fresh: Se
     assert [(r.topic, r.partition, r.offset, r.key, r.value) for r in got] == [
         (topic, 0, offsets[v], b"u", v) for v in (b"c1", b"c2", b"c3", b"p1")
     ]
+
+
+@pytest.mark.kafka
+def test_a_closed_batch_waits_in_the_producer_until_the_loop_gives_its_sender_turns(fresh: Settings):
+    """The real broker and aiokafka's producer: a record batch handed over stays in the producer's accumulator
+    (``has_unsent_batches``) until the event loop gives its sender a turn; ``let_requests_out`` gives it turns until
+    the sender has taken it into a request, which the broker then acknowledges."""
+    from aiokafka import AIOKafkaProducer
+
+    from stream.delivery import let_requests_out
+    from stream.topics import ensure_topics, kafka_client_kwargs
+
+    ensure_topics(fresh)
+
+    async def run() -> tuple[bool, bool, int]:
+        producer = AIOKafkaProducer(**kafka_client_kwargs(fresh), acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(fresh.topic_intent, b"warm", partition=0)  # metadata and connection ready
+            batch = producer.create_batch()
+            batch.append(key=b"u", value=b"v", timestamp=None)
+            batch.close()
+            acked = await producer.send_batch(batch, fresh.topic_intent, partition=0)
+            before = compat.has_unsent_batches(producer)  # handed over, no turn given yet
+            await let_requests_out([producer])
+            after = compat.has_unsent_batches(producer)
+            return before, after, (await acked).offset
+        finally:
+            await producer.stop()
+
+    before, after, offset = asyncio.run(run())
+    assert before and not after
+    assert offset == 1

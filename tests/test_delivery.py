@@ -6,13 +6,14 @@ included: tests/test_worker.py and tests/test_chaos.py.)"""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
 from faust.types import TP
 
-from stream.delivery import Delivery, DeliveryError, commit_at_least_once
+from stream.delivery import SEND_TURNS, Delivery, DeliveryError, commit_at_least_once
 from stream.engine import BatchResult, InRecord, Output
 from stream.offsets import InputOffsets
 from stream.settings import Settings
@@ -36,6 +37,10 @@ class FakeProducer:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, int, list[tuple[bytes | None, bytes]], asyncio.Future]] = []
+        # aiokafka's accumulator: record batches its sender has not taken into a request (``hold``: they stay there
+        # until the test takes them; otherwise they are taken at once)
+        self._message_accumulator = SimpleNamespace(_batches={})
+        self.hold = False
 
     def _ensure_producer(self) -> FakeProducer:
         return self
@@ -47,6 +52,8 @@ class FakeProducer:
         assert batch.closed, "a batch handed over open lingers in aiokafka's accumulator"
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self.sent.append((topic, partition, batch.records, fut))
+        if self.hold:
+            self._message_accumulator._batches.setdefault((topic, partition), []).append(batch)
         return fut
 
     def acknowledge(self, topic: str) -> int:
@@ -435,3 +442,39 @@ def test_the_worker_producers_take_the_producer_request_timeout(tmp_path, monkey
     app = create_app_offline(s, monkeypatch)
     assert app.producer._settings_default()["request_timeout_ms"] == 45_000  # every producer Faust builds
     assert Settings.from_env({}).producer_request_timeout_s == 120.0
+
+
+def test_a_batch_handed_over_returns_once_its_record_batches_are_taken_into_a_request():
+    """start_batch gives the producer's sender turns of the event loop until it has taken the batch's record batches
+    (aiokafka's needs a few; a scoring loop that never waits for input would give it none until the next batch), and
+    no more than SEND_TURNS when they cannot go (its acknowledgements are then awaited at the next batch, as before)."""
+
+    async def scenario() -> None:
+        settings, producer, delivery, _offsets = _setup()
+        producer.hold = True
+        queued = producer._message_accumulator._batches
+        turns = {"sender": 0, "taken_at": None}
+
+        async def sender(take_after: int | None) -> None:  # one check a turn, as long as the test runs
+            while True:
+                await asyncio.sleep(0)
+                turns["sender"] += 1
+                if take_after is not None and turns["sender"] == take_after and queued:
+                    queued.clear()
+                    turns["taken_at"] = turns["sender"]
+
+        task = asyncio.ensure_future(sender(take_after=5))
+        await delivery.start_batch(_batch(settings, 4, "u1"), {0: 4})
+        assert turns["taken_at"] == 5 and not queued  # it waited for the sender
+        assert turns["sender"] <= 7  # and returned soon after: one turn to see it, one for the request to be written
+        task.cancel()
+
+        producer.acknowledge(settings.topic_intent)  # the batch before, completed by the next start_batch
+        turns.update(sender=0, taken_at=None)
+        task = asyncio.ensure_future(sender(take_after=None))  # a sender that cannot send (its broker busy)
+        await delivery.start_batch(_batch(settings, 5, "u2"), {0: 5})
+        assert queued and turns["taken_at"] is None
+        assert SEND_TURNS <= turns["sender"] <= SEND_TURNS + 2  # bounded: the batch is scored on regardless
+        task.cancel()
+
+    asyncio.run(scenario())
