@@ -379,7 +379,8 @@ def wait_times() -> None:
     ingest.InputQueue.take = timed("take", aged_take)  # type: ignore[method-assign]
     delivery.Delivery.start_batch = timed("start_batch", delivery.Delivery.start_batch)  # type: ignore[method-assign]
     # within start_batch: handing the outputs over, completing the batch before (its acknowledgements awaited), the
-    # turns given to the producer's sender (``complete`` also counts its calls before an idle wait for input)
+    # turns given to the producer's sender (``complete`` also counts its calls outside start_batch: before an idle
+    # wait for input, and a commit's flush)
     for name in ("send_outputs", "complete"):
         spent[name] = 0.0
         setattr(delivery.Delivery, name, timed(name, getattr(delivery.Delivery, name)))
@@ -393,7 +394,7 @@ def before_send_turns() -> None:
     loop with input waiting gives only when the next batch awaits their acknowledgements."""
     from stream import delivery
 
-    async def no_turns(producers: Any) -> None:
+    async def no_turns(sent: Any) -> None:
         return None
 
     delivery.let_requests_out = no_turns

@@ -311,10 +311,13 @@ def plain_producer(app: Any) -> Any:
     return require(app.producer, "_ensure_producer")()
 
 
-def has_unsent_batches(producer: Any) -> bool:
-    """Whether an aiokafka producer holds record batches its sender has not yet taken into a produce request
-    (aiokafka's accumulator drops a partition's queue once it is empty)."""
-    return bool(require(require(producer, "_message_accumulator"), "_batches"))
+def has_unsent_batches(producer: Any, topic_partitions: Iterable[tuple[str, int]]) -> bool:
+    """Whether an aiokafka producer holds a record batch of these topic-partitions that its sender has not yet taken
+    into a produce request (its accumulator's queues, keyed by TopicPartition, a NamedTuple equal to the plain
+    tuple; a partition's queue is dropped once empty). An instance attribute: a renamed one fails the first batch,
+    with the name, as ``require`` does."""
+    queued = require(require(producer, "_message_accumulator"), "_batches")
+    return any(tp in queued for tp in topic_partitions)
 
 
 def transactional_producers(app: Any) -> dict[str, Any]:

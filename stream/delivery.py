@@ -54,20 +54,34 @@ MAX_PENDING_CHANGELOG = 50_000
 MAX_UNWRITTEN = 8_192
 
 
-# Event loop turns a batch yields at most for its produce requests to go out (``let_requests_out``).
+# Turns of the event loop a batch gives the producers' senders at most (``let_requests_out``): the sender takes a
+# handed-over batch in about three (the accumulator's waiter, asyncio.wait's callback, the sender's step); the rest
+# is room for a response to be read first.
 SEND_TURNS = 16
 
 
-async def let_requests_out(producers: Sequence[Any]) -> None:
-    """Turns of the event loop until the producers' senders have taken every handed-over record batch into a
-    request, and that request is written (at most ``SEND_TURNS``). aiokafka's sender task sends only when the loop
-    gives it a turn, one request per broker at a time, once the one before is answered. A scoring loop with input
-    always waiting gives it no turn while it scores: a batch's requests went out only when the next batch awaited
-    their acknowledgements, which then waited a whole round trip (4 to 12 ms a batch at 38,000 events/s) instead of
-    overlapping the scoring (docs/performance.md, nineteenth pass). A batch that cannot go within the bound (its
-    broker busy with a commit's changelog, a leader unknown) goes at a later turn, as before."""
+@dataclass(slots=True)
+class Sent:
+    """A producer and the topic-partitions a batch's outputs were handed to it for."""
+
+    producer: Any
+    topic_partitions: list[tuple[str, int]]
+
+
+async def let_requests_out(sent: Sequence[Sent]) -> None:
+    """Turns of the event loop until the producers' senders have taken the batch's record batches into requests,
+    then one more, in which the send task the sender created writes its request (at most ``SEND_TURNS``).
+    aiokafka's sender task sends only when the loop gives it a turn, one request per broker at a time, once the one
+    before is answered. A scoring loop with input always waiting gives it no turn while it scores, so a batch's
+    requests went out only when the next batch handed over its own or awaited these acknowledgements, which then
+    waited a whole round trip instead of overlapping the scoring (``complete`` took 4-12 ms a batch at 38,000
+    events/s, 1-3 ms with the turns: docs/performance.md, nineteenth pass). Not every request leaves within the
+    bound: the first batch of a partition in an exactly-once transaction waits for AddPartitionsToTxn's answer, and
+    a reconnection or a request larger than the socket's buffer finishes in later turns; those go as before."""
+    if not sent:
+        return
     for _ in range(SEND_TURNS):
-        if not any(map(compat.has_unsent_batches, producers)):
+        if not any(compat.has_unsent_batches(s.producer, s.topic_partitions) for s in sent):
             break
         await asyncio.sleep(0)
     await asyncio.sleep(0)  # the send task the sender has just created writes its request at its first step
@@ -130,11 +144,13 @@ class Delivery:
         return producer
 
     async def send(
-        self, topic: str, partition: int, records: Iterable[tuple[bytes | None, bytes]]
+        self, topic: str, partition: int, records: Iterable[tuple[bytes | None, bytes]], producer: Any = None
     ) -> list[tuple[asyncio.Future, int]]:
-        """Hand records to the producer as whole record batches; returns each batch's delivery future (it resolves
-        to the RecordMetadata of the batch: the offset of its first record) and number of records."""
-        producer = self.producer(partition)
+        """Hand records to the producer (``self.producer(partition)`` unless given) as whole record batches; returns
+        each batch's delivery future (it resolves to the RecordMetadata of the batch: the offset of its first record)
+        and number of records."""
+        if producer is None:
+            producer = self.producer(partition)
         futures = []
         batch, n = producer.create_batch(), 0
         for key, value in records:
@@ -148,31 +164,35 @@ class Delivery:
             futures.append((await _send_closed(producer, batch, topic, partition), n))
         return futures
 
-    async def send_outputs(self, outs: list[Output]) -> tuple[list[Any], list[Any]]:
+    async def send_outputs(self, outs: list[Output]) -> tuple[list[Any], list[Sent]]:
         """Step 1: every output to the partition of the input record it answers (co-partitioned; a DLQ record
-        without a key too), in the batch's order. Returns the delivery futures and the producers they went to."""
+        without a key too), in the batch's order. Returns the delivery futures, and the topic-partitions each
+        producer was handed."""
         groups: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = defaultdict(list)
         for out in outs:
             groups[(out.topic, out.source.partition)].append((out.key, out.value))
         futures = []
+        sent: dict[int, Sent] = {}  # id(producer) -> what it was handed
         for (topic, partition), records in groups.items():
-            futures += [f for f, _ in await self.send(topic, partition, records)]
-        producers = {id(p): p for p in map(self.producer, {partition for _, partition in groups})}
-        return futures, list(producers.values())
+            producer = self.producer(partition)
+            futures += [f for f, _ in await self.send(topic, partition, records, producer)]
+            sent.setdefault(id(producer), Sent(producer, [])).topic_partitions.append((topic, partition))
+        return futures, list(sent.values())
 
     async def start_batch(self, result: BatchResult, offsets: dict[int, int]) -> None:
         """Step 1 begun: the batch's outputs handed to the producer. The previous batch is completed now (its acks
         have usually come back while this one was scored), so a batch is scored while the one before it is in
         flight; until it is completed, its users' states are read from ``inflight_states``. Returns once the
-        outputs' produce requests are on their way (``let_requests_out``)."""
+        outputs' produce requests are on their way, or ``SEND_TURNS`` turns of the event loop later
+        (``let_requests_out``)."""
         try:
-            sent, producers = await self.send_outputs(result.outputs)
+            futures, sent = await self.send_outputs(result.outputs)
         except Exception as exc:
             raise DeliveryError(str(exc)) from exc
         await self.complete()
-        self.inflight = InFlight(result, sent, offsets)
+        self.inflight = InFlight(result, futures, offsets)
         self.inflight_states.update((uid, blob) for uid, (blob, _rec) in result.states.items())
-        await let_requests_out(producers)
+        await let_requests_out(sent)
 
     async def complete(self) -> dict[int, int]:
         """Steps 1 to 3 finished for the batch in flight, if any: its outputs acknowledged, its states queued.

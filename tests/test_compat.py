@@ -372,7 +372,7 @@ def test_a_closed_batch_waits_in_the_producer_until_the_loop_gives_its_sender_tu
     the sender has taken it into a request, which the broker then acknowledges."""
     from aiokafka import AIOKafkaProducer
 
-    from stream.delivery import let_requests_out
+    from stream.delivery import Sent, let_requests_out
     from stream.topics import ensure_topics, kafka_client_kwargs
 
     ensure_topics(fresh)
@@ -386,9 +386,10 @@ def test_a_closed_batch_waits_in_the_producer_until_the_loop_gives_its_sender_tu
             batch.append(key=b"u", value=b"v", timestamp=None)
             batch.close()
             acked = await producer.send_batch(batch, fresh.topic_intent, partition=0)
-            before = compat.has_unsent_batches(producer)  # handed over, no turn given yet
-            await let_requests_out([producer])
-            after = compat.has_unsent_batches(producer)
+            handed = [(fresh.topic_intent, 0)]
+            before = compat.has_unsent_batches(producer, handed)  # handed over, no turn given yet
+            await let_requests_out([Sent(producer, handed)])
+            after = compat.has_unsent_batches(producer, handed)
             return before, after, (await acked).offset
         finally:
             await producer.stop()

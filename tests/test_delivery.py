@@ -446,7 +446,7 @@ def test_the_worker_producers_take_the_producer_request_timeout(tmp_path, monkey
 
 def test_a_batch_handed_over_returns_once_its_record_batches_are_taken_into_a_request():
     """start_batch gives the producer's sender turns of the event loop until it has taken the batch's record batches
-    (aiokafka's needs a few; a scoring loop that never waits for input would give it none until the next batch), and
+    (aiokafka's sender needs a few; a scoring loop that never waits for input would give it none until the next batch), and
     no more than SEND_TURNS when they cannot go (its acknowledgements are then awaited at the next batch, as before)."""
 
     async def scenario() -> None:
