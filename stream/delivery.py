@@ -74,8 +74,8 @@ async def let_requests_out(sent: Sequence[Sent]) -> None:
     aiokafka's sender task sends only when the loop gives it a turn, one request per broker at a time, once the one
     before is answered. A scoring loop with input always waiting gives it no turn while it scores, so a batch's
     requests went out only when the next batch handed over its own or awaited these acknowledgements, which then
-    waited a whole round trip instead of overlapping the scoring (``complete`` took 4-12 ms a batch at 38,000
-    events/s, 1-3 ms with the turns: docs/performance.md, nineteenth pass). Not every request leaves within the
+    waited a whole round trip instead of overlapping the scoring (``complete`` took 4-20 ms a batch at 38,000
+    events/s, 0.8-4 ms with the turns: docs/performance.md, nineteenth pass). Not every request leaves within the
     bound: the first batch of a partition in an exactly-once transaction waits for AddPartitionsToTxn's answer, and
     a reconnection or a request larger than the socket's buffer finishes in later turns; those go as before."""
     if not sent:
