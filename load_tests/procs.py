@@ -257,15 +257,13 @@ class Offsets:
 
 
 async def create_topics(settings: Settings, topics: dict[str, int]) -> None:
-    """Create the topics (name -> partitions) that do not exist; the settings' output topics with the broker's
-    clock as their records' timestamps (stream.topics.new_topic)."""
-    from stream.topics import admin_client, new_topic
+    """Create the topics (name -> partitions) that do not exist, as the worker creates its own
+    (stream.topics.create_missing_topics: the settings' output topics with the broker's clock as their records'
+    timestamps; a topic the broker refuses raises)."""
+    from stream.topics import admin_client, create_missing_topics
 
     async with admin_client(settings) as admin:
-        existing = set(await admin.list_topics())
-        new = [new_topic(settings, t, n) for t, n in topics.items() if t not in existing]
-        if new:
-            await admin.create_topics(new)
+        await create_missing_topics(admin, settings, topics)
 
 
 async def delete_topics(settings: Settings, prefix: str) -> list[str]:

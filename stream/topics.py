@@ -204,30 +204,37 @@ async def ensure_topics_async(
     ("Unrecognized partition"), or hung in it with its batches unacknowledged (docs/reliability.md, section 2). A
     changelog whose partition count is not ``settings.partitions`` is refused: its partitions are the input's, one
     for one."""
-    from aiokafka.errors import TopicAlreadyExistsError
-
     wanted = {t: settings.partitions for t in (settings.topic_clickstream, *settings.output_topics)}
     if changelog:
         wanted[changelog_topic(settings)] = settings.partitions
     wanted.update(extra or {})
     async with admin_client(settings) as admin:
-        existing = set(await admin.list_topics())
-        missing = [new_topic(settings, name, n) for name, n in wanted.items() if name not in existing]
-        if missing:
-            response = await admin.create_topics(missing)
-            refused = [
-                f"{topic}: {_error_name(code)}"
-                for topic, code, *_ in getattr(response, "topic_errors", [])
-                if code not in (0, TopicAlreadyExistsError.errno)  # created meanwhile by another worker: fine
-            ]
-            if refused:
-                raise TopicLayoutError(
-                    f"kafka: the broker refused to create {'; '.join(refused)}: check INTENTSTREAM_REPLICATION_FACTOR "
-                    "against the brokers, and the broker's topic policy"
-                )
+        created = await create_missing_topics(admin, settings, wanted)
         if changelog:
             await wait_for_leaders(admin, settings, wanted, leaders_within_s)
-        return [t.name for t in missing]
+        return created
+
+
+async def create_missing_topics(admin: Any, settings: Settings, wanted: dict[str, int]) -> list[str]:
+    """Create the topics of ``wanted`` (name -> partitions) that do not exist yet, each as ``new_topic`` makes it;
+    returns the names created. A topic the broker refuses to create raises TopicLayoutError."""
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    existing = set(await admin.list_topics())
+    missing = [new_topic(settings, name, n) for name, n in wanted.items() if name not in existing]
+    if missing:
+        response = await admin.create_topics(missing)
+        refused = [
+            f"{topic}: {_error_name(code)}"
+            for topic, code, *_ in getattr(response, "topic_errors", [])
+            if code not in (0, TopicAlreadyExistsError.errno)  # created meanwhile by another worker: fine
+        ]
+        if refused:
+            raise TopicLayoutError(
+                f"kafka: the broker refused to create {'; '.join(refused)}: check INTENTSTREAM_REPLICATION_FACTOR "
+                "against the brokers, and the broker's topic policy"
+            )
+    return [t.name for t in missing]
 
 
 async def wait_for_leaders(admin: Any, settings: Settings, wanted: dict[str, int], within_s: float) -> None:
