@@ -465,7 +465,9 @@ def _threads_cpu() -> dict[str, float]:
 def switch_interval(seconds: float) -> Callable[[], None]:
     """Python's GIL switch interval (default 5 ms): how long the scoring loop may hold the GIL while Faust's consumer
     thread, which needs it for every step of a fetch, waits. Measured 1 ms on 4 December: capacity unchanged in two
-    side-by-side runs of three turns, p99 worse at 12,000 events/s (docs/performance.md, ninth pass)."""
+    side-by-side runs of three turns, p99 worse at 12,000 events/s (docs/performance.md, ninth pass). 20 and 50 ms on 6
+    December: the lower p50 in seven A/Bs of seven near 75% of capacity, the lower median slice p99 in six, the threads'
+    CPU, run-queue wait and switches unchanged: no mechanism found, not adopted (twentieth pass)."""
 
     def patch() -> None:
         sys.setswitchinterval(seconds)
@@ -625,6 +627,8 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "before-send-turns": before_send_turns,
     "gc-freeze": gc_freeze,
     "switch-1ms": switch_interval(0.001),
+    "switch-20ms": switch_interval(0.02),
+    "switch-50ms": switch_interval(0.05),
     "gc-young-700": gc_young(700),
     "gc-young-10k": gc_young(10_000),
     "items-before": items_before,
