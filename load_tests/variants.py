@@ -466,7 +466,7 @@ def switch_interval(seconds: float) -> Callable[[], None]:
     """Python's GIL switch interval (default 5 ms): how long the scoring loop may hold the GIL while Faust's consumer
     thread, which needs it for every step of a fetch, waits. Measured 1 ms on 4 December: capacity unchanged in two
     side-by-side runs of three turns, p99 worse at 12,000 events/s (docs/performance.md, ninth pass). 20 and 50 ms on 6
-    December: the lower p50 in seven A/Bs of seven near 75% of capacity, the lower median slice p99 in six, the threads'
+    December: the lower p50 in seven A/Bs near 75% of capacity, then the higher in an eighth, longer one; the threads'
     CPU, run-queue wait and switches unchanged: no mechanism found, not adopted (twentieth pass)."""
 
     def patch() -> None:
