@@ -64,3 +64,19 @@ def test_an_event_holding_the_marker_is_encoded_whole():
     assert value == record_value(
         odd, user, f"{odd.event_id}-2", f"{odd.session_id}-2", odd.ts + 2 * traffic.template.period_ms
     )
+
+
+def test_a_long_run_of_few_users_stays_behind_the_wall_clock():
+    """The template is laid a day a tile from PAST_DAYS back: with 1,000 users a tile is about 3,000 events, and the
+    three years it started from ran out after about 3,270,000 events, whose later records the worker sent to the DLQ
+    as too far in the future (a 10 x 15 s A/B at 30,000/s passed it). 9,000 tiles in (27 million events), event time is
+    still in the past."""
+    import time
+
+    from stream.contract import MAX_TS_MS, MIN_TS_MS
+
+    traffic = Traffic(users=1000)
+    first = orjson.loads(next(iter(traffic.records(track=False)))[1])
+    later = orjson.loads(next(iter(traffic.records(first_tile=9_000, track=False)))[1])
+    assert MIN_TS_MS <= first["ts"] < later["ts"] < time.time() * 1000 < MAX_TS_MS
+    assert later["ts"] - first["ts"] >= 9_000 * 86_400_000 - 86_400_000
