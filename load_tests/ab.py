@@ -82,6 +82,8 @@ async def ab(run: Run, variants: list[str], rate: float, slices: int, slice_s: f
                 )
         out: dict[str, Any] = {}
         for name, g in groups.items():
+            # The traffic is all valid: a record in the DLQ is one the latencies miss (a slice then has fewer of them)
+            dlq = await run.offsets.end([g["settings"].topic_dlq])
             lat = await read_latencies(run.base, g["settings"].topic_intent)
             warm = min(2.0, 0.1 * slice_s)
             for sl in g["slices"]:
@@ -95,6 +97,7 @@ async def ab(run: Run, variants: list[str], rate: float, slices: int, slice_s: f
                 "pooled_latency_ms": percentiles(pooled, -np.inf, np.inf),
                 "median_slice_p99_ms": float(np.median(p99s)) if p99s else None,
                 "slice_p99_ms": p99s,
+                "dlq_records": dlq,
                 "cpu_pct_mean": round(
                     float(np.mean([sl["cpu_pct_mean"] for sl in g["slices"] if sl["cpu_pct_mean"]])), 1
                 ),
@@ -117,16 +120,24 @@ def markdown(report: dict[str, Any]) -> str:
         f"Load average {report['load_avg_start']} at the start, {report['load_avg_end']} at the end; "
         f"engine files {report['code']['engine_sha256']}.",
         "",
-        "| system | p50 ms | p95 ms | p99 ms | max ms | median of slice p99 | slice p99s | CPU % |",
-        "|---|---:|---:|---:|---:|---:|---|---:|",
+        "| system | p50 ms | p95 ms | p99 ms | max ms | median of slice p99 | slice p99s | CPU % | DLQ |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
+    notes: list[str] = []
     for name, r in report["systems"].items():
         p = r["pooled_latency_ms"]
         lines.append(
             f"| {name} | {p.get('p50')} | {p.get('p95')} | {p.get('p99')} | {p.get('max')} | "
-            f"{r['median_slice_p99_ms']} | {', '.join(f'{x:.0f}' for x in r['slice_p99_ms'])} | {r['cpu_pct_mean']} |"
+            f"{r['median_slice_p99_ms']} | {', '.join(f'{x:.0f}' for x in r['slice_p99_ms'])} | {r['cpu_pct_mean']} | "
+            f"{r.get('dlq_records', 0):,} |"
         )
-    return "\n".join(lines) + "\n"
+        if len(r["slice_p99_ms"]) < report["slices"] or r.get("dlq_records"):
+            notes.append(
+                f"**{name}: {len(r['slice_p99_ms'])} of {report['slices']} slices have latencies, "
+                f"{r.get('dlq_records', 0):,} records went to the DLQ** (the traffic is valid: read the worker's log "
+                "for the reasons before comparing)."
+            )
+    return "\n".join(lines + (["", *notes] if notes else [])) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

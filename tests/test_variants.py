@@ -84,3 +84,31 @@ def test_the_before_fetch_min_variant_is_the_worker_before_the_broker_held_its_f
     VARIANTS["before-fetch-min"]()
     before = Settings.from_env()
     assert (before.fetch_min_bytes, before.fetch_max_wait_ms, before.batch_max_ms) == (1, 100, 20.0)
+
+
+def test_an_ab_summary_says_when_a_system_lacks_latencies():
+    """A slice without latencies (its records in the DLQ, as when the traffic's event time once passed the wall
+    clock) is named under the table, not left to a shorter list of slice p99s."""
+    from load_tests.ab import markdown
+
+    def system(p99s: list[float], dlq: int) -> dict:
+        return {
+            "pooled_latency_ms": {"p50": 30.0, "p95": 80.0, "p99": 120.0, "max": 200},
+            "median_slice_p99_ms": 120.0,
+            "slice_p99_ms": p99s,
+            "cpu_pct_mean": 90.0,
+            "dlq_records": dlq,
+        }
+
+    report = {
+        "rate": 30000.0,
+        "slices": 3,
+        "slice_s": 15.0,
+        "load_avg_start": [0.5],
+        "load_avg_end": [0.6],
+        "code": {"engine_sha256": {}},
+        "systems": {"engine": system([100.0, 120.0, 130.0], 0), "v": system([100.0], 450_000)},
+    }
+    text = markdown(report)
+    assert "**v: 1 of 3 slices have latencies, 450,000 records went to the DLQ**" in text
+    assert "**engine:" not in text
