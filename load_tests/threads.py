@@ -3,28 +3,27 @@
     python -m load_tests.threads [--seconds S] [--interval S] [--json PATH]
 
 Run it beside a load test (``python -m load_tests ab ...``): every ``--interval`` seconds it reads
-``/proc/PID/task/TID/schedstat`` and ``status`` of every thread of every worker process (the engine's,
-``stream.cli worker``, and the variants', ``load_tests.variants``) and prints, per busy thread, the share of the
+``/proc/PID/task/TID/schedstat`` and ``status`` of every thread of every worker process (``-m stream.cli worker``,
+the engine's, and ``-m load_tests.variants NAME``, the variants') and prints, per busy thread, the share of the
 interval it ran on a CPU, the share it was runnable but waited for one (another thread or process had the CPU), and
 its voluntary (it blocked: the GIL, a socket, a lock) and involuntary (preempted) context switches per second. A
 scoring loop that is on a CPU 85% of the time and waits for one 8% of the time is short of CPU, not of input; one
-that blocks a thousand times a second waits for the GIL. At the end, the medians per thread over the intervals in
-which its process's busiest thread ran more than half of the time (the slices when it had traffic).
+that blocks a thousand times a second waits, for the GIL or for input. At the end, the medians per thread over the
+intervals in which its process's busiest thread ran more than half of the time (the slices when it had traffic, and a
+worker's first second or two: its imports and model load).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import orjson
-
-WORKERS = "stream.cli worker|load_tests.variants"
+import psutil
 
 
 @dataclass(slots=True)
@@ -38,9 +37,20 @@ class ThreadShare:
     involuntary_per_s: float
 
 
-def worker_pids(pattern: str = WORKERS) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in found]
+def worker_pids() -> list[int]:
+    """The processes whose arguments run a worker: ``-m stream.cli worker`` (``intentstream worker``'s module) or
+    ``-m load_tests.variants NAME`` (an A/B's variant), matched argument by argument (an editor or a shell naming
+    those files does not count)."""
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        args = proc.info["cmdline"] or []
+        for i, arg in enumerate(args[:-1]):
+            if arg == "-m" and (
+                args[i + 1 : i + 3] == ["stream.cli", "worker"] or args[i + 1] == "load_tests.variants"
+            ):
+                pids.append(proc.pid)
+                break
+    return pids
 
 
 def read_thread(pid: int, tid: int) -> tuple[str, int, int, int, int] | None:
@@ -61,7 +71,6 @@ def sample(seconds: float, interval: float) -> list[list[ThreadShare]]:
     out: list[list[ThreadShare]] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        now = time.monotonic()
         rows = []
         for pid in worker_pids():
             try:
@@ -69,6 +78,7 @@ def sample(seconds: float, interval: float) -> list[list[ThreadShare]]:
             except OSError:
                 continue
             for tid in tids:
+                now = time.monotonic()  # each thread's own instant: the shares do not count a slow walk of the others
                 got = read_thread(pid, tid)
                 if got is None:
                     continue
