@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import itertools
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ async def ab(run: Run, variants: list[str], rate: float, slices: int, slice_s: f
     await run.offsets.start()
     run.watcher = Watcher(run.offsets, run.http, run.progress, P.broker_process(run.base))
     systems: list[tuple[str, list[str] | None]] = [("engine", None)]
-    systems += [(v, [sys.executable, "-m", "load_tests.variants", v]) for v in variants]
+    systems += [(v, P.variant_argv(v)) for v in variants]
     groups: dict[str, dict[str, Any]] = {}
     try:
         for name, argv in systems:

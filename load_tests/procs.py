@@ -24,6 +24,12 @@ COMMANDS: dict[str, list[str]] = {
     "ceiling": [sys.executable, "-m", "load_tests.ceiling"],
 }
 HAS_WEB = {"engine", "naive"}
+VARIANT_MODULE = ["-m", "load_tests.variants"]  # a worker with a proposed change (load_tests/variants.py)
+
+
+def variant_argv(variant: str) -> list[str]:
+    """The command of a worker of ``variant`` (``a+b`` for several)."""
+    return [sys.executable, *VARIANT_MODULE, variant]
 
 
 def free_port() -> int:

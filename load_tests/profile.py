@@ -227,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
     worker = None
     try:
         sent = asyncio.run(_backlog(s, args.events, args.users))
-        argv = None if args.variant is None else [sys.executable, "-m", "load_tests.variants", args.variant]
+        argv = None if args.variant is None else P.variant_argv(args.variant)
         worker = P.start("engine", s, out / "logs", argv=argv)
 
         async def ready() -> None:

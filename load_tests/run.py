@@ -404,7 +404,7 @@ class Run:
         s = self.settings(name, f"{self.tag}-{kafka_name(name)}-in", runtime)
         await P.create_topics(s, {t: s.partitions for t in (s.topic_clickstream, *s.output_topics)})
         self.say(f"rate steps: starting {cfg.workers} {variant or 'engine'} worker(s)")
-        argv = None if variant is None else [sys.executable, "-m", "load_tests.variants", variant]
+        argv = None if variant is None else P.variant_argv(variant)
         procs = [P.start("engine", s, self.logs, argv=argv) for _ in range(cfg.workers)]
         self.procs += procs
         ready_s = await P.wait_ready(procs, self.http, s.partitions)
@@ -603,7 +603,7 @@ class Run:
                 for kind in (["ceiling", "naive", "engine"] if cfg.baselines else ["engine"])
             ]
             for variant in cfg.variants:  # proposed engine changes, measured beside the engine
-                variant_argv = [sys.executable, "-m", "load_tests.variants", variant]
+                variant_argv = P.variant_argv(variant)
                 systems.append((f"engine-{variant}", "engine", variant_argv, None, None))
             for other in self.other_runtimes:  # the engine with another scoring runtime
                 systems.append((f"engine-{other}", "engine", None, other, None))

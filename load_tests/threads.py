@@ -25,6 +25,8 @@ from pathlib import Path
 import orjson
 import psutil
 
+from load_tests.procs import COMMANDS, VARIANT_MODULE
+
 
 @dataclass(slots=True)
 class ThreadShare:
@@ -41,13 +43,12 @@ def worker_pids() -> list[int]:
     """The processes whose arguments run a worker: ``-m stream.cli worker`` (``intentstream worker``'s module) or
     ``-m load_tests.variants NAME`` (an A/B's variant), matched argument by argument (an editor or a shell naming
     those files does not count)."""
+    engine, variant = COMMANDS["engine"][1:], VARIANT_MODULE  # the load tests' own commands, less the interpreter
     pids = []
     for proc in psutil.process_iter(["cmdline"]):
         args = proc.info["cmdline"] or []
-        for i, arg in enumerate(args[:-1]):
-            if arg == "-m" and (
-                args[i + 1 : i + 3] == ["stream.cli", "worker"] or args[i + 1] == "load_tests.variants"
-            ):
+        for i in range(len(args)):
+            if args[i : i + len(engine)] == engine or args[i : i + len(variant)] == variant:
                 pids.append(proc.pid)
                 break
     return pids
