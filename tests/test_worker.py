@@ -145,8 +145,10 @@ def test_intents_dlq_and_state_that_survives_restart_and_sigkill(fresh: Settings
         assert "key: does not match user_id" in reasons and "key: not valid UTF-8" in reasons
         assert "record: 70000 bytes exceeds the 65536-byte limit" in reasons
         assert all(d["source"]["topic"] == fresh.topic_clickstream for d in dlq)
-        # once running, the startup objects are frozen and the youngest generation collected less often
-        assert f"young_threshold={GC_YOUNG_THRESHOLD}" in worker.log_path.read_text(errors="replace")
+        # once running, the startup objects are frozen and the youngest generation collected less often: logged after
+        # the first batch is handed over and a full collection, which may end after its outputs have been read here
+        frozen = f"young_threshold={GC_YOUNG_THRESHOLD}"
+        wait_for(lambda: frozen in worker.log_path.read_text(errors="replace"), 60, "the startup objects frozen")
 
         users = sorted({e["user_id"] for e in events})
         expected = expected_windows(events, fresh)
