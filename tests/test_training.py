@@ -14,11 +14,21 @@ import torch
 
 from models.artifact import load_artifact
 from models.features import N_TYPES
+from models.model import IntentModel
 from stream.cli import main as cli_main
 from stream.contract import TYPE_CODE, Event
 from training import metrics as M
 from training.data import TEST, TRAIN, VAL, DataConfig, build_dataset, make_chunks
-from training.train import Tensors, TrainConfig, multitask_loss, next_event_targets, predict, train_model
+from training.train import (
+    ExponentialAverage,
+    Tensors,
+    TrainConfig,
+    init_head_bias,
+    multitask_loss,
+    next_event_targets,
+    predict,
+    train_model,
+)
 
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00Z
 DAY_MS = 86_400_000
@@ -105,6 +115,49 @@ def test_split_has_no_user_overlap_and_respects_time(dataset):
     assert all(same[u] == s for u, s in zip(ds.user_ids, ds.user_split, strict=True))
     other = build_dataset(synthetic_events(), DataConfig(split_seed=1))
     assert not np.array_equal(other.user_split, ds.user_split)
+
+
+def test_training_on_every_users_past_learns_nothing_of_the_judged_period(dataset):
+    ds = build_dataset(synthetic_events(), DataConfig(train_users="all"))
+    ts, users = ds.records["ts"].astype(np.int64), ds.record_user
+    held_out = ds.record_split != TRAIN
+    for head, horizon in (("purchase", ds.config.horizon_ms), ("churn", ds.config.churn_ms)):
+        for s in (VAL, TEST):  # the judged positions are the same as with the train users only
+            assert np.array_equal(ds.head_mask(s, head), dataset.head_mask(s, head))
+        assert np.array_equal(ds.head_mask(TRAIN, head) & ~held_out, dataset.head_mask(TRAIN, head))
+        # A held-out user's training label ends before t_split: it says nothing of what is judged after it.
+        assert (ts[ds.head_mask(TRAIN, head) & held_out] + horizon < ds.t_split[head]).all()
+    assert (ds.head_mask(TRAIN, "purchase") & held_out).sum() > 100
+    chunks = make_chunks(ds, TRAIN, chunk_len=32, burn_in=64)
+    split_of_chunk = ds.user_split[users[chunks[:, 1]]]
+    assert set(split_of_chunk.tolist()) == {TRAIN, VAL, TEST}
+    # Every loss position of a held-out user's chunk, the next-move target included (the next event of the same
+    # session, under 30 minutes later), lies an hour or more before t_split.
+    last = chunks[split_of_chunk != TRAIN, 2] - 1
+    assert (ts[last] + ds.config.horizon_ms < ds.t_split["purchase"]).all()
+    assert ds.summary()["train"]["events_scored"] > dataset.summary()["train"]["events_scored"]
+    with pytest.raises(ValueError, match="train_users"):
+        DataConfig(train_users="everyone")
+
+
+def test_an_exponential_average_of_the_weights_is_what_training_ships(dataset):
+    layer = torch.nn.Linear(2, 1)
+    avg = ExponentialAverage(layer, 0.9)
+    before = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    avg.update(layer)
+    assert torch.allclose(avg.model.weight, before + 0.1)
+    # A decay of 1 never moves the average: the shipped weights are the seeded initial ones, not the trained ones.
+    cfg = TrainConfig(epochs=1, batch_size=16, d_model=16, gru_hidden=16, seed=3, device="cpu")
+    torch.manual_seed(cfg.seed)
+    start = IntentModel(cfg.model_config(dataset.config.featurizer.category_buckets))
+    init_head_bias(start, dataset)
+    frozen = train_model(dataset, TrainConfig(**{**cfg.__dict__, "ema_decay": 1.0}), progress=False).model
+    trained = train_model(dataset, cfg, progress=False).model
+    s0, sf, st = start.state_dict(), frozen.state_dict(), trained.state_dict()
+    assert all(torch.equal(s0[k], sf[k]) for k in s0)
+    assert not all(torch.equal(s0[k], st[k]) for k in s0)
 
 
 def test_split_proportions_are_about_70_15_15():

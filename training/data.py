@@ -31,6 +31,7 @@ TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "val", "test")
 DAY_MS = 86_400_000
 PURCHASE = TYPE_CODE["purchase"]
+TRAIN_USERS = ("train", "all")  # DataConfig.train_users
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,15 @@ class DataConfig:
     train_frac: float = 0.70
     val_frac: float = 0.15  # test gets the rest
     time_split: float = 2 / 3  # t_split as a fraction of each head's labellable period (see ``split_time``)
+    # "train": only the train users' events train (held-out users and held-out time); "all": the validation and
+    # test users' events train too where their label's horizon ends before the head's t_split, the engine's own
+    # situation (it scores users whose past it was trained on); validation and test positions are the same.
+    train_users: str = "train"
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
+
+    def __post_init__(self) -> None:
+        if self.train_users not in TRAIN_USERS:
+            raise ValueError(f"train_users: expected one of {TRAIN_USERS}, got {self.train_users!r}")
 
     @property
     def horizon_ms(self) -> int:
@@ -110,6 +119,9 @@ class Dataset:
         t_split = self.t_split["churn" if head == "churn" else "purchase"]
         in_time = ts < t_split if split == TRAIN else ts >= t_split
         mask = (self.record_split == split) & in_time
+        if split == TRAIN and self.config.train_users == "all":
+            horizon = self.config.churn_ms if head == "churn" else self.config.horizon_ms
+            mask |= (self.record_split != TRAIN) & (ts.astype(np.int64) + horizon < t_split)
         if head == "churn":
             return mask & self.session_end()
         if head == "order_value":
@@ -336,7 +348,8 @@ def make_chunks(ds: Dataset, split: int, chunk_len: int, burn_in: int) -> np.nda
     # Cumulative count of labelled positions: a chunk has labels iff the count grows across it.
     labelled_before = np.concatenate([[0], np.cumsum(labelled)])
     rows = []
-    for u in np.flatnonzero(ds.user_split == split):
+    users = np.arange(ds.n_users) if split == TRAIN and ds.config.train_users == "all" else ds.user_split == split
+    for u in np.flatnonzero(users):
         s, e = int(ds.user_start[u]), int(ds.user_start[u + 1])
         pos = np.flatnonzero(mask[s:e])
         if not len(pos):

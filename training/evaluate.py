@@ -71,6 +71,7 @@ def data_config_for(models: list[LoadedModel]) -> DataConfig:
         train_frac=float(d.get("train_frac", base.train_frac)),
         val_frac=float(d.get("val_frac", base.val_frac)),
         time_split=float(d.get("time_split", base.time_split)),
+        train_users=str(d.get("train_users", base.train_users)),
         featurizer=models[0].featurizer,
     )
 

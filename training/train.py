@@ -41,6 +41,7 @@ from training import metrics as M
 from training.data import (
     TEST,
     TRAIN,
+    TRAIN_USERS,
     VAL,
     DataConfig,
     Dataset,
@@ -76,6 +77,9 @@ class TrainConfig:
     w_next_move: float = 0.5
     w_next_gap: float = 0.1
     grad_clip: float = 1.0
+    # > 0: validation, early stopping and the artifact use an exponential moving average of the weights, updated
+    # after every step with this decay (0.999 averages about the last 1,000 steps)
+    ema_decay: float = 0.0
     d_model: int = 64
     gru_hidden: int = 64
     dropout: float = 0.1
@@ -385,6 +389,23 @@ class NextEventHead(nn.Module):
         self.features = None
 
 
+class ExponentialAverage:
+    """A copy of the model whose weights follow the trained ones as an exponential moving average: the average of
+    the last ~1 / (1 - decay) steps' weights, which sits nearer the loss's valley floor than the noisy last step."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for avg, new in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if avg.dtype.is_floating_point:
+                avg.lerp_(new, 1.0 - self.decay)
+            else:
+                avg.copy_(new)
+
+
 def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if cfg.ensemble > 1:
         return train_ensemble(ds, cfg, progress)
@@ -396,9 +417,10 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
     rng = np.random.default_rng(cfg.seed)
     model = IntentModel(cfg.model_config(ds.config.featurizer.category_buckets))
     init_head_bias(model, ds)
+    model.to(device)
+    ema = ExponentialAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None  # before the aux head's hook
     use_aux = cfg.w_next_move > 0 or cfg.w_next_gap > 0
     aux_head = NextEventHead(model) if use_aux else None
-    model.to(device)
     params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
     if aux_head:
         aux_head.to(device)
@@ -432,6 +454,8 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
+            if ema:
+                ema.update(model)
             for k, v in parts.items():
                 running[k] = running.get(k, 0.0) + v
             seen += 1
@@ -440,7 +464,8 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
             if time.perf_counter() > deadline:
                 out_of_time = True
                 break
-        raw = predict(model, ds, tensors, val_users, device)
+        judged = ema.model if ema else model
+        raw = predict(judged, ds, tensors, val_users, device)
         val_score, auc_purchase, auc_churn = validation_score(ds, raw)
         losses = {f"loss_{k}": v / max(seen, 1) for k, v in running.items()}
         history.append({"epoch": epoch, **losses, "val_pr_auc_purchase": auc_purchase, "val_pr_auc_churn": auc_churn,
@@ -453,7 +478,7 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
             )
         if val_score > best:
             best, best_epoch, stale = val_score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(judged.state_dict())
         else:
             stale += 1
         if stale >= cfg.patience or out_of_time:
@@ -590,6 +615,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument(
+        "--ema",
+        type=float,
+        default=d.ema_decay,
+        metavar="DECAY",
+        help="judge, keep and ship an exponential moving average of the weights with this decay per step "
+        "(e.g. 0.999); 0: the weights as trained",
+    )
+    parser.add_argument(
         "--rate-state",
         action="store_true",
         help="gru/hybrid: carry the visit-rate accumulators (days since the first event, sessions) in the hidden "
@@ -607,6 +640,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-seed", type=int, default=DataConfig().split_seed, help="salt of the user split")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: INTENTSTREAM_DEVICE)")
     parser.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0: no limit)")
+    parser.add_argument(
+        "--train-users",
+        choices=TRAIN_USERS,
+        default=DataConfig().train_users,
+        help="whose events train: 'train' (the train users only: validation and test users are never seen) or "
+        "'all' (validation and test users' events train too where their labels end before t_split, as the "
+        "engine scores users it was trained on; the validation and test positions are the same)",
+    )
     parser.add_argument("--horizon-s", type=float, default=DataConfig().horizon_s, help="purchase label horizon")
     parser.add_argument("--churn-days", type=float, default=DataConfig().churn_days, help="churn label horizon")
     parser.add_argument(
@@ -644,12 +685,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if not 0.0 <= args.ema < 1.0:
+        print(f"intentstream train: --ema {args.ema:g}: a decay is at least 0 (off) and below 1 (e.g. 0.999)")
+        return 2
     cfg = TrainConfig(
         arch=args.arch,
         epochs=args.epochs,
         patience=args.patience,
         batch_size=args.batch_size,
         lr=args.lr,
+        ema_decay=args.ema,
         ensemble=args.ensemble,
         rate_state=args.rate_state,
         seed=args.seed,
@@ -665,6 +710,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         horizon_s=args.horizon_s,
         churn_days=args.churn_days,
         split_seed=args.split_seed,
+        train_users=args.train_users,
         featurizer=FeaturizerConfig(session_gap_s=gap_s),
     )
     out = args.out or settings.model_dir
