@@ -136,6 +136,8 @@ def test_training_on_every_users_past_learns_nothing_of_the_judged_period(datase
     last = chunks[split_of_chunk != TRAIN, 2] - 1
     assert (ts[last] + ds.config.horizon_ms < ds.t_split["purchase"]).all()
     assert ds.summary()["train"]["events_scored"] > dataset.summary()["train"]["events_scored"]
+    trained = {d.config.train_users: d.summary()["train"]["users_trained_on"] for d in (ds, dataset)}
+    assert trained["train"] <= dataset.summary()["train"]["users"] < trained["all"]
     with pytest.raises(ValueError, match="train_users"):
         DataConfig(train_users="everyone")
 

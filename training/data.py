@@ -141,6 +141,7 @@ class Dataset:
             "t_end": self.t_end,
             "t_split": dict(self.t_split),
             "days": round((self.t_end - self.t_start) / DAY_MS, 3),
+            "train_users": self.config.train_users,
         }
         for s, name in enumerate(SPLIT_NAMES):
             p = self.purchase[self.head_mask(s, "purchase")]
@@ -155,6 +156,8 @@ class Dataset:
                 "churn_positives": int(np.nansum(c)),
                 "churn_base_rate": _rate(c),
             }
+        # Whose events train: the train users, or (train_users "all") every user with a position before t_split.
+        out["train"]["users_trained_on"] = int(np.unique(self.record_user[self.loss_mask(TRAIN)]).size)
         return out
 
 

@@ -720,7 +720,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     s = ds.summary()
     print(
         f"data: {s['events']} events, {s['users']} users, {s['days']} days; users train/val/test "
-        f"{s['train']['users']}/{s['val']['users']}/{s['test']['users']}; t_split at day "
+        f"{s['train']['users']}/{s['val']['users']}/{s['test']['users']} (the events of "
+        f"{s['train']['users_trained_on']} train); t_split at day "
         f"{(ds.t_split['purchase'] - ds.t_start) / 86_400_000:.1f} (purchase), "
         f"{(ds.t_split['churn'] - ds.t_start) / 86_400_000:.1f} (churn) ({load_s:.1f} s)"
     )
