@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models.artifact import load_artifact
-from models.features import N_TYPES
+from models.features import N_TYPES, FeaturizerConfig
 from models.model import IntentModel
 from stream.cli import main as cli_main
 from stream.contract import TYPE_CODE, Event
@@ -117,27 +117,34 @@ def test_split_has_no_user_overlap_and_respects_time(dataset):
     assert not np.array_equal(other.user_split, ds.user_split)
 
 
-def test_training_on_every_users_past_learns_nothing_of_the_judged_period(dataset):
-    ds = build_dataset(synthetic_events(), DataConfig(train_users="all"))
+@pytest.mark.parametrize("session_gap_s", [1800.0, 3 * 3600.0])  # shorter and longer than the purchase horizon
+def test_training_on_every_users_past_learns_nothing_of_the_judged_period(dataset, session_gap_s):
+    featurizer = FeaturizerConfig(session_gap_s=session_gap_s)
+    base = build_dataset(synthetic_events(), DataConfig(featurizer=featurizer))
+    ds = build_dataset(synthetic_events(), DataConfig(train_users="all", featurizer=featurizer))
     ts, users = ds.records["ts"].astype(np.int64), ds.record_user
     held_out = ds.record_split != TRAIN
-    for head, horizon in (("purchase", ds.config.horizon_ms), ("churn", ds.config.churn_ms)):
+    judged_from = min(ds.t_split.values())  # churn's period is judged from its t_split, before purchase's
+    reach = max(ds.config.horizon_ms, featurizer.session_gap_ms)  # a label, or the next event of the session
+    for head in ("purchase", "churn"):
         for s in (VAL, TEST):  # the judged positions are the same as with the train users only
-            assert np.array_equal(ds.head_mask(s, head), dataset.head_mask(s, head))
-        assert np.array_equal(ds.head_mask(TRAIN, head) & ~held_out, dataset.head_mask(TRAIN, head))
-        # A held-out user's training label ends before t_split: it says nothing of what is judged after it.
-        assert (ts[ds.head_mask(TRAIN, head) & held_out] + horizon < ds.t_split[head]).all()
-    assert (ds.head_mask(TRAIN, "purchase") & held_out).sum() > 100
+            assert np.array_equal(ds.head_mask(s, head), base.head_mask(s, head))
+        assert np.array_equal(ds.head_mask(TRAIN, head) & ~held_out, base.head_mask(TRAIN, head))
+    judged = ds.loss_mask(VAL) | ds.loss_mask(TEST)
+    assert not (ds.loss_mask(TRAIN) & judged).any()
+    assert (ds.loss_mask(TRAIN) & held_out).sum() > 100
     chunks = make_chunks(ds, TRAIN, chunk_len=32, burn_in=64)
     split_of_chunk = ds.user_split[users[chunks[:, 1]]]
     assert set(split_of_chunk.tolist()) == {TRAIN, VAL, TEST}
-    # Every loss position of a held-out user's chunk, the next-move target included (the next event of the same
-    # session, under 30 minutes later), lies an hour or more before t_split.
+    # Nothing a held-out user's chunk reads or is trained on (its labels, its next-move targets) reaches the first
+    # judged period: its last event, plus a label's horizon or the session gap, is still before it.
     last = chunks[split_of_chunk != TRAIN, 2] - 1
-    assert (ts[last] + ds.config.horizon_ms < ds.t_split["purchase"]).all()
-    assert ds.summary()["train"]["events_scored"] > dataset.summary()["train"]["events_scored"]
-    trained = {d.config.train_users: d.summary()["train"]["users_trained_on"] for d in (ds, dataset)}
-    assert trained["train"] <= dataset.summary()["train"]["users"] < trained["all"]
+    assert (ts[last] + reach < judged_from).all()
+    # Every user with a training position is in a chunk, and the summary counts exactly those.
+    in_chunks = set(users[chunks[:, 1]].tolist())
+    assert in_chunks == set(users[ds.loss_mask(TRAIN)].tolist())
+    assert len(in_chunks) == ds.summary()["train"]["users_trained_on"] > base.summary()["train"]["users_trained_on"]
+    assert 0 in in_chunks or not ds.loss_mask(TRAIN)[users == 0].any()
     with pytest.raises(ValueError, match="train_users"):
         DataConfig(train_users="everyone")
 
@@ -160,6 +167,10 @@ def test_an_exponential_average_of_the_weights_is_what_training_ships(dataset):
     s0, sf, st = start.state_dict(), frozen.state_dict(), trained.state_dict()
     assert all(torch.equal(s0[k], sf[k]) for k in s0)
     assert not all(torch.equal(s0[k], st[k]) for k in s0)
+    # With a decay below 1 the average moves after every step: between the initial and the trained weights.
+    moving = train_model(dataset, TrainConfig(**{**cfg.__dict__, "ema_decay": 0.5}), progress=False).model
+    sm = moving.state_dict()
+    assert not all(torch.equal(s0[k], sm[k]) for k in s0) and not all(torch.equal(st[k], sm[k]) for k in st)
 
 
 def test_split_proportions_are_about_70_15_15():

@@ -210,7 +210,7 @@ def baseline_features(ds: Dataset, kind: str, aggregates: np.ndarray) -> np.ndar
 @dataclass
 class AggregateBaseline:
     """Logistic regression or gradient-boosted trees, one classifier per head and a regressor of log order value,
-    fitted on the sequence models' training positions (train users, before t_split). ``kind``: logreg and
+    fitted on the sequence models' training positions (``Dataset.head_mask(TRAIN, ...)``). ``kind``: logreg and
     gbt_counts on aggregates, gbt on aggregates with order and timing (``baseline_features``)."""
 
     kind: str  # one of BASELINE_KINDS

@@ -8,7 +8,9 @@
 - The split is by user AND by time. Users are hashed (stable, seeded) into train/val/test 70/15/15. Time:
   train losses use only events before ``t_split``; val/test metrics only events at or after it. Every model
   still reads each user's earlier events as input context (the engine does too). ``t_split`` is per head
-  (``split_time``): churn labels need 14 days of future, so churn splits earlier than purchase.
+  (``split_time``): churn labels need 14 days of future, so churn splits earlier than purchase. With
+  ``DataConfig.train_users = "all"`` the val/test users' events train too, where nothing they are trained on
+  reaches the earliest t_split (``Dataset.head_mask``).
 - Censored labels (the horizon runs past the end of the data) are NaN and masked from losses and metrics.
 """
 
@@ -43,8 +45,9 @@ class DataConfig:
     val_frac: float = 0.15  # test gets the rest
     time_split: float = 2 / 3  # t_split as a fraction of each head's labellable period (see ``split_time``)
     # "train": only the train users' events train (held-out users and held-out time); "all": the validation and
-    # test users' events train too where their label's horizon ends before the head's t_split, the engine's own
-    # situation (it scores users whose past it was trained on); validation and test positions are the same.
+    # test users' events train too where nothing they are trained on reaches the earliest judged period (churn's
+    # t_split), the engine's own situation (it scores users whose past it was trained on); the judged positions
+    # are the same.
     train_users: str = "train"
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
 
@@ -120,8 +123,12 @@ class Dataset:
         in_time = ts < t_split if split == TRAIN else ts >= t_split
         mask = (self.record_split == split) & in_time
         if split == TRAIN and self.config.train_users == "all":
+            # A held-out user's event trains only where nothing it is trained on reaches the earliest judged period
+            # (churn's, which starts before purchase's): neither its label nor its next-move target (the next event
+            # of the session, within the session gap) nor the event itself, which the shared trunk learns from.
             horizon = self.config.churn_ms if head == "churn" else self.config.horizon_ms
-            mask |= (self.record_split != TRAIN) & (ts.astype(np.int64) + horizon < t_split)
+            reach = max(horizon, self.config.featurizer.session_gap_ms)
+            mask |= (self.record_split != TRAIN) & (ts.astype(np.int64) + reach < min(self.t_split.values()))
         if head == "churn":
             return mask & self.session_end()
         if head == "order_value":
@@ -351,7 +358,8 @@ def make_chunks(ds: Dataset, split: int, chunk_len: int, burn_in: int) -> np.nda
     # Cumulative count of labelled positions: a chunk has labels iff the count grows across it.
     labelled_before = np.concatenate([[0], np.cumsum(labelled)])
     rows = []
-    users = np.arange(ds.n_users) if split == TRAIN and ds.config.train_users == "all" else ds.user_split == split
+    every_user = split == TRAIN and ds.config.train_users == "all"
+    users = np.ones(ds.n_users, dtype=bool) if every_user else ds.user_split == split
     for u in np.flatnonzero(users):
         s, e = int(ds.user_start[u]), int(ds.user_start[u + 1])
         pos = np.flatnonzero(mask[s:e])

@@ -60,7 +60,8 @@ def select_artifacts(path: Path, device: str = "cpu") -> list[LoadedModel]:
 
 
 def data_config_for(models: list[LoadedModel]) -> DataConfig:
-    """The label horizons and user split the (first) model was trained with, so its test users stay unseen."""
+    """The label horizons and user split the (first) model was trained with, so its judged positions stay unseen
+    (and the baselines train on what it trained on: ``train_users``)."""
     m = models[0].manifest
     d = m.get("data_config", {})
     base = DataConfig()

@@ -4,7 +4,8 @@
 
 What happens, in order (docs/training.md explains the choices):
 1. events -> records, labels and the user x time split (training/data.py);
-2. training on chunks of the train users' events before t_split: masked BCE for purchase and churn plus MSE
+2. training on chunks of the train users' events before t_split (``--train-users all``: every user's, where
+   nothing trained on reaches the judged period): masked BCE for purchase and churn plus MSE
    of log order value where a purchase follows; AdamW; early stopping on the validation PR-AUCs;
 3. Platt calibration of both heads and the engine's band thresholds, both fitted on validation;
 4. test metrics, and ``models.artifact.save_artifact`` (the engine hot-swaps the new version).
@@ -418,7 +419,8 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
     model = IntentModel(cfg.model_config(ds.config.featurizer.category_buckets))
     init_head_bias(model, ds)
     model.to(device)
-    ema = ExponentialAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None  # before the aux head's hook
+    # Copied before the auxiliary head hooks itself on the model: the copy must not capture features for it.
+    ema = ExponentialAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     use_aux = cfg.w_next_move > 0 or cfg.w_next_gap > 0
     aux_head = NextEventHead(model) if use_aux else None
     params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
@@ -454,7 +456,7 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
-            if ema:
+            if ema is not None:
                 ema.update(model)
             for k, v in parts.items():
                 running[k] = running.get(k, 0.0) + v
@@ -464,7 +466,7 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
             if time.perf_counter() > deadline:
                 out_of_time = True
                 break
-        judged = ema.model if ema else model
+        judged = ema.model if ema is not None else model
         raw = predict(judged, ds, tensors, val_users, device)
         val_score, auc_purchase, auc_churn = validation_score(ds, raw)
         losses = {f"loss_{k}": v / max(seen, 1) for k, v in running.items()}
