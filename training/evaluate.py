@@ -437,8 +437,8 @@ def markdown(report: dict[str, Any]) -> str:
     train = report["split"].get("train", {})
     if "users_trained_on" in train and train["users_trained_on"] > train["users"]:
         lines += ["", f"The events of {train['users_trained_on']} users trained (`--train-users all`): the train users' "
-                  "and, where their labels end before t_split, the validation and test users'; the validation and "
-                  "test rows are the positions judged."]  # fmt: skip
+                  "and the validation and test users' where nothing trained on reaches the earliest judged period; the "
+                  "validation and test rows are the positions judged."]  # fmt: skip
     if report.get("served"):
         lines += ["", "## at the served thresholds (test users from t_split; what the CRM receives)", "",
                   "| model | churn alerts per 1k users/day | (validation) | alert precision | base rate | recall | "

@@ -647,8 +647,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=TRAIN_USERS,
         default=DataConfig().train_users,
         help="whose events train: 'train' (the train users only: validation and test users are never seen) or "
-        "'all' (validation and test users' events train too where their labels end before t_split, as the "
-        "engine scores users it was trained on; the validation and test positions are the same)",
+        "'all' (validation and test users' events train too where nothing trained on reaches the earliest judged "
+        "period, as the engine scores users it was trained on; the judged positions are the same)",
     )
     parser.add_argument("--horizon-s", type=float, default=DataConfig().horizon_s, help="purchase label horizon")
     parser.add_argument("--churn-days", type=float, default=DataConfig().churn_days, help="churn label horizon")
