@@ -358,13 +358,10 @@ def make_chunks(ds: Dataset, split: int, chunk_len: int, burn_in: int) -> np.nda
     # Cumulative count of labelled positions: a chunk has labels iff the count grows across it.
     labelled_before = np.concatenate([[0], np.cumsum(labelled)])
     rows = []
-    every_user = split == TRAIN and ds.config.train_users == "all"
-    users = np.ones(ds.n_users, dtype=bool) if every_user else ds.user_split == split
-    for u in np.flatnonzero(users):
+    # The users with a scored position: the mask already says whose events count (``DataConfig.train_users``).
+    for u in np.unique(ds.record_user[mask]).tolist():
         s, e = int(ds.user_start[u]), int(ds.user_start[u + 1])
         pos = np.flatnonzero(mask[s:e])
-        if not len(pos):
-            continue
         a, b = s + int(pos[0]), s + int(pos[-1]) + 1  # contiguous: the users' records are time-ordered
         for lo in range(a, b, chunk_len):
             hi = min(lo + chunk_len, b)

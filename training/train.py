@@ -397,10 +397,11 @@ class ExponentialAverage:
     def __init__(self, model: nn.Module, decay: float):
         self.model = copy.deepcopy(model)
         self.decay = decay
+        self._averaged = list(self.model.state_dict().values())  # the copy's own tensors, updated in place
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for avg, new in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+        for avg, new in zip(self._averaged, model.state_dict().values(), strict=True):
             if avg.dtype.is_floating_point:
                 avg.lerp_(new, 1.0 - self.decay)
             else:
