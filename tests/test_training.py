@@ -20,9 +20,12 @@ from stream.contract import TYPE_CODE, Event
 from training import metrics as M
 from training.data import TEST, TRAIN, VAL, DataConfig, build_dataset, make_chunks
 from training.train import (
+    N_MOVES,
     ExponentialAverage,
+    NextEventHead,
     Tensors,
     TrainConfig,
+    gap_bins,
     init_head_bias,
     multitask_loss,
     next_event_targets,
@@ -225,6 +228,41 @@ def test_next_event_targets_on_a_hand_made_sequence():
     # ub: b1 -> purchase after 60 s; b2 is the last event of the data: unknown.
     assert move.tolist() == [TYPE_CODE["add_to_cart"], ends, ends, TYPE_CODE["purchase"], -1]
     assert gap[[0, 3]] == pytest.approx([np.log1p(60.0)] * 2) and np.isnan(gap[[1, 2, 4]]).all()
+
+
+def test_the_next_gap_as_bins_of_the_training_gaps(dataset, tmp_path, capsys):
+    """--next-gap-bins K: each known gap's quantile bin among the gaps of the records that fit the edges (the train
+    users'), unknown stays unknown; training predicts the bins with K logits on the training-only head."""
+    log_gap = np.log1p(np.array([1.0, 2.0, 3.0, 4.0, np.nan, 100.0, 1000.0, 2.5]))
+    fit = np.array([True, True, True, True, True, False, False, False])
+    bins = gap_bins(log_gap, fit, 4)
+    assert np.isnan(bins[4]) and bins[~np.isnan(bins)].tolist() == [0, 1, 2, 3, 3, 3, 2]
+    _, gap = next_event_targets(dataset)
+    b = gap_bins(gap, dataset.user_split[dataset.record_user] == TRAIN, 8)
+    assert np.array_equal(np.isnan(b), np.isnan(gap)) and set(np.unique(b[~np.isnan(b)])) <= set(range(8))
+    order = np.argsort(gap[~np.isnan(gap)], kind="stable")
+    assert (np.diff(b[~np.isnan(b)][order]) >= 0).all()  # a longer gap never falls in a lower bin
+    tensors = Tensors(dataset, next_gap_bins=8)
+    assert np.array_equal(tensors.targets["next_gap"].numpy()[:-1], b, equal_nan=True)
+
+    cfg = TrainConfig(epochs=1, batch_size=16, d_model=16, gru_hidden=16, device="cpu", next_gap_bins=8, w_next_gap=1.0)
+    model = IntentModel(cfg.model_config(dataset.config.featurizer.category_buckets))
+    head = NextEventHead(model, cfg.next_gap_bins)
+    rows = np.array([[dataset.user_start[u], dataset.user_start[u], dataset.user_start[u + 1]] for u in range(20)])
+    t, c, x, idx, loss_mask = tensors.gather(rows)
+    out, _ = model(t, c, x)
+    aux = head()
+    assert aux.shape[-1] == N_MOVES + 8
+    y = tensors.gather_targets(idx, loss_mask, torch.device("cpu"))
+    total, parts = multitask_loss(out, aux, y, cfg)
+    assert math.isfinite(parts["next_gap"]) and parts["next_gap"] > 0 and torch.isfinite(total)
+    head.detach_from()
+    trained = train_model(dataset, cfg, progress=False)  # the artifact's model has no trace of the head
+    assert type(trained.model) is IntentModel and set(trained.model.state_dict()) == set(model.state_dict())
+
+    data = write_jsonl_gz(tmp_path / "events.jsonl.gz", synthetic_events(n_users=20, days=3))
+    rc = cli_main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--next-gap-bins", "1"])
+    assert rc == 2 and "--next-gap-bins 0 or 2 or more" in capsys.readouterr().out
 
 
 def test_metrics_thresholds_and_platt():

@@ -77,6 +77,10 @@ class TrainConfig:
     # this user behaves (the latent "persona" that purchase and churn depend on); the labels alone are sparse.
     w_next_move: float = 0.5
     w_next_gap: float = 0.1
+    # > 0: the next gap as a distribution over this many bins (quantiles of the training gaps; cross-entropy), the
+    # way temporal point-process models predict time, instead of an MSE of its log. The gaps within a session are
+    # bimodal (clicks seconds apart, pauses of minutes): a mean of the log says little of which one comes next.
+    next_gap_bins: int = 0
     grad_clip: float = 1.0
     # > 0: validation, early stopping and the artifact use an exponential moving average of the weights, updated
     # after every step with this decay (0.999 averages about the last 1,000 steps)
@@ -128,7 +132,7 @@ class Tensors:
     One padding row is appended at index N: right padding, which causal models never read for real positions.
     """
 
-    def __init__(self, ds: Dataset):
+    def __init__(self, ds: Dataset, next_gap_bins: int = 0):
         x = model_inputs(ds.records, ds.config.featurizer)
         self.n = len(ds)
         self.type = torch.cat([x["type"], torch.zeros(1, dtype=torch.int64)])
@@ -141,6 +145,8 @@ class Tensors:
         churn = np.where(ds.head_mask(TRAIN, "churn"), ds.churn, np.nan)
         value = np.where(ds.head_mask(TRAIN, "order_value"), ds.order_value, np.nan).astype(np.float64)
         next_move, next_gap = next_event_targets(ds)
+        if next_gap_bins > 0:
+            next_gap = gap_bins(next_gap, ds.user_split[ds.record_user] == TRAIN, next_gap_bins)
         self.targets = {
             "purchase": _with_pad(purchase, np.nan, torch.float32),
             "churn": _with_pad(churn, np.nan, torch.float32),
@@ -177,6 +183,10 @@ class Tensors:
         return {name: y[t].to(device) for name, y in self.targets.items()}
 
 
+def _cross_entropy_of_bins(logits: torch.Tensor, bins: torch.Tensor, reduction: str) -> torch.Tensor:
+    return F.cross_entropy(logits, bins.long(), reduction=reduction)
+
+
 def _with_pad(values: np.ndarray, pad, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.append(values, pad)).to(dtype)
 
@@ -196,6 +206,16 @@ def next_event_targets(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     move = np.where(ended, N_TYPES, np.where(has_next & ~session_end, next_type, -1))
     gap = np.where(has_next & ~session_end, np.log1p(np.append(rec["gap_s"][1:], 0).astype(np.float64)), np.nan)
     return move, gap
+
+
+def gap_bins(log_gap: np.ndarray, fit: np.ndarray, k: int) -> np.ndarray:
+    """Each known log gap's bin among ``k`` quantile bins of the known gaps where ``fit`` (the train users' records);
+    NaN stays NaN. Ties leave fewer, wider bins: the simulator's whole seconds repeat."""
+    known = ~np.isnan(log_gap)
+    edges = np.unique(np.quantile(log_gap[known & fit], np.linspace(0.0, 1.0, k + 1)[1:-1]))
+    out = np.full(log_gap.shape, np.nan)
+    out[known] = np.searchsorted(edges, log_gap[known], side="right")
+    return out
 
 
 def multitask_loss(
@@ -225,7 +245,10 @@ def multitask_loss(
     total = cfg.w_purchase * parts["purchase"] + cfg.w_churn * parts["churn"] + cfg.w_order_value * parts["log_value"]
     if aux is not None:
         parts["next_move"] = term("next_move", aux[..., :N_MOVES], F.cross_entropy)
-        parts["next_gap"] = term("next_gap", aux[..., N_MOVES], F.mse_loss)
+        if cfg.next_gap_bins > 0:
+            parts["next_gap"] = term("next_gap", aux[..., N_MOVES:], _cross_entropy_of_bins)
+        else:
+            parts["next_gap"] = term("next_gap", aux[..., N_MOVES], F.mse_loss)
         total = total + cfg.w_next_move * parts["next_move"] + cfg.w_next_gap * parts["next_gap"]
     return total, {k: v.item() for k, v in parts.items()}
 
@@ -369,12 +392,13 @@ def init_head_bias(model: IntentModel, ds: Dataset) -> None:
 
 class NextEventHead(nn.Module):
     """Training-only head on the representation the model's own heads read (captured with a forward pre-hook
-    on ``model.head``, so IntentModel stays exactly what the engine loads): next-move logits and next gap."""
+    on ``model.head``, so IntentModel stays exactly what the engine loads): next-move logits and next gap (its log,
+    or logits of its bins)."""
 
-    def __init__(self, model: IntentModel):
+    def __init__(self, model: IntentModel, next_gap_bins: int = 0):
         super().__init__()
         c = model.config
-        self.linear = nn.Linear(c.head_dim, N_MOVES + 1)
+        self.linear = nn.Linear(c.head_dim, N_MOVES + max(next_gap_bins, 1))
         self.features: torch.Tensor | None = None
         self.hook = model.head.register_forward_pre_hook(self._capture)
 
@@ -423,12 +447,12 @@ def train_model(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> TrainRe
     # Copied before the auxiliary head hooks itself on the model: the copy must not capture features for it.
     ema = ExponentialAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     use_aux = cfg.w_next_move > 0 or cfg.w_next_gap > 0
-    aux_head = NextEventHead(model) if use_aux else None
+    aux_head = NextEventHead(model, cfg.next_gap_bins) if use_aux else None
     params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
     if aux_head:
         aux_head.to(device)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tensors = Tensors(ds)
+    tensors = Tensors(ds, cfg.next_gap_bins)
     chunks = make_chunks(ds, TRAIN, cfg.chunk_len, cfg.burn_in)
     if not len(chunks):
         raise ValueError("no labelled training positions: the data is too short or has too few users")
@@ -626,6 +650,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(e.g. 0.999); 0: the weights as trained",
     )
     parser.add_argument(
+        "--next-move-weight",
+        type=float,
+        default=d.w_next_move,
+        metavar="W",
+        help="weight of the training-only target 'the user's next move' (an event type or the session's end) "
+        f"(default {d.w_next_move:g}; 0 with --next-gap-weight 0: no next-event targets)",
+    )
+    parser.add_argument(
+        "--next-gap-weight",
+        type=float,
+        default=d.w_next_gap,
+        metavar="W",
+        help=f"weight of the training-only target 'the time to the next event in the session' (default {d.w_next_gap:g})",
+    )
+    parser.add_argument(
+        "--next-gap-bins",
+        type=int,
+        default=d.next_gap_bins,
+        metavar="K",
+        help="predict that time as a distribution over K quantile bins of the training gaps (cross-entropy) instead "
+        "of its log (MSE); 0: the log (default)",
+    )
+    parser.add_argument(
         "--rate-state",
         action="store_true",
         help="gru/hybrid: carry the visit-rate accumulators (days since the first event, sessions) in the hidden "
@@ -691,6 +738,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not 0.0 <= args.ema < 1.0:
         print(f"intentstream train: --ema {args.ema:g}: a decay is at least 0 (off) and below 1 (e.g. 0.999)")
         return 2
+    if args.next_move_weight < 0 or args.next_gap_weight < 0 or args.next_gap_bins < 0 or args.next_gap_bins == 1:
+        print(
+            "intentstream train: --next-move-weight and --next-gap-weight are 0 or more, --next-gap-bins 0 or 2 or more"
+        )
+        return 2
     cfg = TrainConfig(
         arch=args.arch,
         epochs=args.epochs,
@@ -698,6 +750,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         ema_decay=args.ema,
+        w_next_move=args.next_move_weight,
+        w_next_gap=args.next_gap_weight,
+        next_gap_bins=args.next_gap_bins,
         ensemble=args.ensemble,
         rate_state=args.rate_state,
         seed=args.seed,
