@@ -255,14 +255,22 @@ def test_the_next_gap_as_bins_of_the_training_gaps(dataset, tmp_path, capsys):
     assert aux.shape[-1] == N_MOVES + 8
     y = tensors.gather_targets(idx, loss_mask, torch.device("cpu"))
     total, parts = multitask_loss(out, aux, y, cfg)
-    assert math.isfinite(parts["next_gap"]) and parts["next_gap"] > 0 and torch.isfinite(total)
+    known = ~y["next_gap"].isnan()
+    expected = torch.nn.functional.cross_entropy(aux[..., N_MOVES:][known], y["next_gap"][known].long())
+    assert parts["next_gap"] == pytest.approx(expected.item(), rel=1e-5) and torch.isfinite(total)
     head.detach_from()
-    trained = train_model(dataset, cfg, progress=False)  # the artifact's model has no trace of the head
+    # Two bins: raw log gaps (up to ~5.7 here) would be out of range for the loss, so this trains on the bins.
+    trained = train_model(dataset, TrainConfig(**{**cfg.__dict__, "next_gap_bins": 2}), progress=False)
+    # The artifact's model is what the engine loads: no trace of the training-only head, not even its hook.
     assert type(trained.model) is IntentModel and set(trained.model.state_dict()) == set(model.state_dict())
+    assert not trained.model.head._forward_pre_hooks
+    assert np.isnan(gap_bins(gap, np.zeros(len(gap), dtype=bool), 8)).all()  # nothing to fit: no target
 
     data = write_jsonl_gz(tmp_path / "events.jsonl.gz", synthetic_events(n_users=20, days=3))
-    rc = cli_main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--next-gap-bins", "1"])
-    assert rc == 2 and "--next-gap-bins 0 or 2 or more" in capsys.readouterr().out
+    for flag, value in (("--next-gap-bins", "1"), ("--next-gap-bins", "-2"), ("--next-move-weight", "nan"),
+                        ("--next-gap-weight", "-1")):  # fmt: skip
+        rc = cli_main(["train", "--data", str(data), "--out", str(tmp_path / "m"), flag, value])
+        assert rc == 2 and "--next-gap-bins 0 or 2 or more" in capsys.readouterr().out
 
 
 def test_metrics_thresholds_and_platt():

@@ -209,11 +209,14 @@ def next_event_targets(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 def gap_bins(log_gap: np.ndarray, fit: np.ndarray, k: int) -> np.ndarray:
-    """Each known log gap's bin among ``k`` quantile bins of the known gaps where ``fit`` (the train users' records);
-    NaN stays NaN. Ties leave fewer, wider bins: the simulator's whole seconds repeat."""
+    """Each known log gap's bin among ``k`` quantile bins of the known gaps where ``fit`` (the train users' records,
+    which no judged position is); NaN stays NaN. Ties leave fewer, wider bins: the simulator's whole seconds repeat.
+    No gap to fit (no train user's session has two events): no target, as the log gap would have none."""
     known = ~np.isnan(log_gap)
-    edges = np.unique(np.quantile(log_gap[known & fit], np.linspace(0.0, 1.0, k + 1)[1:-1]))
     out = np.full(log_gap.shape, np.nan)
+    if not (known & fit).any():
+        return out
+    edges = np.unique(np.quantile(log_gap[known & fit], np.linspace(0.0, 1.0, k + 1)[1:-1]))
     out[known] = np.searchsorted(edges, log_gap[known], side="right")
     return out
 
@@ -225,8 +228,8 @@ def multitask_loss(
     cfg: TrainConfig,
     per_batch: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Masked multi-task loss: BCE purchase, BCE churn, MSE log order value (+ next move CE, next gap MSE when
-    ``aux`` is given). Each term sums over the positions whose target is known and divides by ``per_batch``,
+    """Masked multi-task loss: BCE purchase, BCE churn, MSE log order value (+ next move CE, and next gap MSE of its
+    log or, with ``cfg.next_gap_bins``, CE of its bin, when ``aux`` is given). Each term sums over the positions whose target is known and divides by ``per_batch``,
     the target's average count per batch (default: this batch's count). A constant divisor weighs every label
     alike: batches are grouped by chunk length, and a batch of short chunks holds far fewer labels (with other
     base rates) than one of long chunks."""
@@ -738,9 +741,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not 0.0 <= args.ema < 1.0:
         print(f"intentstream train: --ema {args.ema:g}: a decay is at least 0 (off) and below 1 (e.g. 0.999)")
         return 2
-    if args.next_move_weight < 0 or args.next_gap_weight < 0 or args.next_gap_bins < 0 or args.next_gap_bins == 1:
+    weights = (args.next_move_weight, args.next_gap_weight)
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or args.next_gap_bins < 0 or args.next_gap_bins == 1:
         print(
-            "intentstream train: --next-move-weight and --next-gap-weight are 0 or more, --next-gap-bins 0 or 2 or more"
+            "intentstream train: --next-move-weight and --next-gap-weight are finite and 0 or more, --next-gap-bins 0 "
+            "or 2 or more"
         )
         return 2
     cfg = TrainConfig(
