@@ -229,10 +229,10 @@ def multitask_loss(
     per_batch: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Masked multi-task loss: BCE purchase, BCE churn, MSE log order value (+ next move CE, and next gap MSE of its
-    log or, with ``cfg.next_gap_bins``, CE of its bin, when ``aux`` is given). Each term sums over the positions whose target is known and divides by ``per_batch``,
-    the target's average count per batch (default: this batch's count). A constant divisor weighs every label
-    alike: batches are grouped by chunk length, and a batch of short chunks holds far fewer labels (with other
-    base rates) than one of long chunks."""
+    log or, with ``cfg.next_gap_bins``, CE of its bin, when ``aux`` is given). Each term sums over the positions whose
+    target is known and divides by ``per_batch``, the target's average count per batch (default: this batch's count).
+    A constant divisor weighs every label alike: batches are grouped by chunk length, and a batch of short chunks
+    holds far fewer labels (with other base rates) than one of long chunks."""
     known = {k: (v >= 0 if k == "next_move" else ~v.isnan()) for k, v in y.items()}
     norm = per_batch or {k: max(int(m.sum()), 1) for k, m in known.items()}
 
@@ -665,7 +665,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=d.w_next_gap,
         metavar="W",
-        help=f"weight of the training-only target 'the time to the next event in the session' (default {d.w_next_gap:g})",
+        help="weight of the training-only target 'the time to the next event in the session' "
+        f"(default {d.w_next_gap:g})",
     )
     parser.add_argument(
         "--next-gap-bins",
