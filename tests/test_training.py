@@ -18,7 +18,17 @@ from models.model import IntentModel
 from stream.cli import main as cli_main
 from stream.contract import TYPE_CODE, Event
 from training import metrics as M
-from training.data import TEST, TRAIN, VAL, DataConfig, build_dataset, make_chunks
+from training.data import (
+    TEST,
+    TRAIN,
+    TRAIN_ONLY_PREFIX,
+    VAL,
+    DataConfig,
+    as_train_only,
+    build_dataset,
+    load_dataset,
+    make_chunks,
+)
 from training.train import (
     N_MOVES,
     ExponentialAverage,
@@ -118,6 +128,50 @@ def test_split_has_no_user_overlap_and_respects_time(dataset):
     assert all(same[u] == s for u, s in zip(ds.user_ids, ds.user_split, strict=True))
     other = build_dataset(synthetic_events(), DataConfig(split_seed=1))
     assert not np.array_equal(other.user_split, ds.user_split)
+
+
+def test_train_only_users_train_and_leave_the_main_split_and_judged_positions_unchanged(tmp_path, capsys):
+    """--train-only-data: another simulation's users (the same ids, a period that runs two days further) train before
+    t_split and are never judged; the main data's users, period, split, labels and judged positions stay its own."""
+    main = write_jsonl_gz(tmp_path / "main.jsonl.gz", synthetic_events(n_users=120, seed=0))
+    later = [Event(**{**e.to_dict(), "ts": e.ts + 2 * DAY_MS}) for e in synthetic_events(n_users=90, seed=1)]
+    other = write_jsonl_gz(tmp_path / "other.jsonl.gz", later)
+    config = DataConfig(train_users="all")
+    base = load_dataset([main], config)
+    ds = load_dataset([main], config, train_only_paths=[other])
+    n_main, n_other = base.n_users, len({e.user_id for e in later})
+    assert {e.user_id for e in later} <= set(base.user_ids)  # the ids collide: user0, user1, ...
+    assert ds.n_users == n_main + n_other and ds.train_only_users == n_other
+    assert ds.user_ids[:n_main] == base.user_ids and np.array_equal(ds.user_split[:n_main], base.user_split)
+    assert (
+        all(u.startswith(TRAIN_ONLY_PREFIX) for u in ds.user_ids[n_main:]) and (ds.user_split[n_main:] == TRAIN).all()
+    )
+    assert (ds.t_start, ds.t_end, ds.t_split) == (base.t_start, base.t_end, base.t_split)
+    assert ds.records["ts"].max() > base.t_end  # the other users' events run on, the period does not
+    k = len(base)
+    assert ds.records[:k].tobytes() == base.records.tobytes() and not set(ds.event_ids[k:]) & set(base.event_ids)
+    for labels in ("purchase", "churn", "order_value"):
+        assert np.array_equal(getattr(ds, labels)[:k], getattr(base, labels), equal_nan=True)
+    extra = ds.record_split == TRAIN
+    extra[:k] = False
+    for head in ("purchase", "churn"):
+        for s in (VAL, TEST):  # judged where they were, and nowhere else
+            assert (
+                np.array_equal(ds.head_mask(s, head)[:k], base.head_mask(s, head))
+                and not ds.head_mask(s, head)[k:].any()
+            )
+        trains = ds.head_mask(TRAIN, head)
+        assert np.array_equal(trains[:k], base.head_mask(TRAIN, head)) and trains[extra].any()
+        assert (ds.records["ts"][trains & extra] < ds.t_split[head]).all()
+    assert ds.data_hash == base.data_hash and ds.summary()["train_only_sources"] == [str(other)]
+    with pytest.raises(ValueError, match="only train-only events"):
+        build_dataset(as_train_only(later), config, train_only_users={TRAIN_ONLY_PREFIX + e.user_id for e in later})
+
+    small = write_jsonl_gz(tmp_path / "small.jsonl.gz", synthetic_events(n_users=20, days=3))
+    rc = cli_main(["train", "--data", str(small), "--train-only-data", str(other), "--out", str(tmp_path / "m"),
+                   "--epochs", "1", "--device", "cpu", "--quiet"])  # fmt: skip
+    assert rc == 0 and f"{n_other} of the train users from --train-only-data" in capsys.readouterr().out
+    assert load_artifact(tmp_path / "m" / "v0001-gru").manifest["train_only_sources"] == [str(other)]
 
 
 @pytest.mark.parametrize("session_gap_s", [1800.0, 3 * 3600.0])  # shorter and longer than the purchase horizon

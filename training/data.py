@@ -11,6 +11,10 @@
   (``split_time``): churn labels need 14 days of future, so churn splits earlier than purchase. With
   ``DataConfig.train_users = "all"`` the val/test users' events train too, where nothing they are trained on
   reaches the earliest t_split (``Dataset.head_mask``).
+- Train-only users (``load_dataset``'s ``train_only_paths``, ``intentstream train --train-only-data``): another
+  simulation's or period's users, whose events before t_split train and who are never validated or tested. Their
+  ids are namespaced, and the period, t_split and labels' end come from the main files alone, so the main users'
+  split and judged positions are those of the main files without them.
 - Censored labels (the horizon runs past the end of the data) are NaN and masked from losses and metrics.
 """
 
@@ -21,7 +25,8 @@ import functools
 import hashlib
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Set as AbstractSet
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +93,8 @@ class Dataset:
     t_split: dict[str, int]  # per head: "purchase", "churn"
     data_hash: str
     sources: list[str]
+    train_only_sources: list[str] = field(default_factory=list)  # files whose users only train (``load_dataset``)
+    train_only_users: int = 0  # how many of the users are those (TRAIN whatever their hash)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -150,6 +157,9 @@ class Dataset:
             "days": round((self.t_end - self.t_start) / DAY_MS, 3),
             "train_users": self.config.train_users,
         }
+        if self.train_only_users:
+            out["train_only_users"] = self.train_only_users
+            out["train_only_sources"] = list(self.train_only_sources)
         for s, name in enumerate(SPLIT_NAMES):
             p = self.purchase[self.head_mask(s, "purchase")]
             c = self.churn[self.head_mask(s, "churn")]
@@ -298,8 +308,15 @@ def _unpack_labels(labels, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def build_dataset(
-    events: Sequence[Event], config: DataConfig, data_hash: str = "", sources: Sequence[str] = ()
+    events: Sequence[Event],
+    config: DataConfig,
+    data_hash: str = "",
+    sources: Sequence[str] = (),
+    train_only_users: AbstractSet[str] = frozenset(),
+    train_only_sources: Sequence[str] = (),
 ) -> Dataset:
+    """The dataset of ``events``. ``train_only_users`` (ids among them) are TRAIN whatever their hash, and the period
+    (t_start, t_end: the labels' end and t_split) is the other users' alone."""
     if not events:
         raise ValueError("no events to train or evaluate on")
     records, order = encode_events(events, config.featurizer)
@@ -309,10 +326,16 @@ def build_dataset(
     uidx = np.fromiter((events[i].user_id for i in order), object, len(order))
     first[1:] = uidx[1:] != uidx[:-1]
     user_start = np.append(np.flatnonzero(first), len(records)).astype(np.int64)
-    t_start, t_end = int(records["ts"].min()), int(records["ts"].max())
+    extra = np.fromiter((u in train_only_users for u in user_ids), bool, len(user_ids))
+    own_ts = records["ts"][~np.repeat(extra, np.diff(user_start))]
+    if not len(own_ts):
+        raise ValueError("only train-only events: the main data files hold no event to split and judge")
+    t_start, t_end = int(own_ts.min()), int(own_ts.max())
     purchase, churn, order_value = make_labels(records, user_start, config, t_end)
     if not data_hash:
         data_hash = hashlib.sha256(records.tobytes()).hexdigest()
+    split = user_split(user_ids, config)
+    split[extra] = TRAIN
     return Dataset(
         config=config,
         records=records,
@@ -320,7 +343,7 @@ def build_dataset(
         source_index=order.astype(np.int64),
         user_ids=user_ids,
         user_start=user_start,
-        user_split=user_split(user_ids, config),
+        user_split=split,
         purchase=purchase,
         churn=churn,
         order_value=order_value,
@@ -332,12 +355,39 @@ def build_dataset(
         },
         data_hash=data_hash,
         sources=list(sources),
+        train_only_sources=list(train_only_sources),
+        train_only_users=int(extra.sum()),
     )
 
 
-def load_dataset(paths: Sequence[Path | str], config: DataConfig, fmt: str = "auto") -> Dataset:
+TRAIN_ONLY_PREFIX = "train-only:"
+
+
+def as_train_only(events: Iterable[Event]) -> list[Event]:
+    """Events of train-only users with every id namespaced: a user of another simulation or period is never taken
+    for a main user of the same id (the simulator's ids repeat across seeds), nor its events for duplicates."""
+    p = TRAIN_ONLY_PREFIX
+    return [
+        replace(e, event_id=p + e.event_id, user_id=p + e.user_id, session_id=e.session_id and p + e.session_id)
+        for e in events
+    ]
+
+
+def load_dataset(
+    paths: Sequence[Path | str], config: DataConfig, fmt: str = "auto", train_only_paths: Sequence[Path | str] = ()
+) -> Dataset:
+    """The dataset of ``paths``; the users of ``train_only_paths`` only train (``build_dataset``). The data hash is
+    the main files' (evaluate compares it with the model's), the train-only files are in ``train_only_sources``."""
     events = read_events(paths, fmt)
-    return build_dataset(events, config, data_hash=files_hash(paths), sources=[str(p) for p in paths])
+    extra = as_train_only(read_events(train_only_paths, fmt)) if train_only_paths else []
+    return build_dataset(
+        events + extra,
+        config,
+        data_hash=files_hash(paths),
+        sources=[str(p) for p in paths],
+        train_only_users={e.user_id for e in extra},
+        train_only_sources=[str(p) for p in train_only_paths],
+    )
 
 
 # ---- training chunks -------------------------------------------------------------------------------

@@ -578,6 +578,11 @@ def train_ensemble(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> Trai
     return finish(model, ds, Tensors(ds), cfg, device, metrics, history, t0)
 
 
+def _train_only_note(summary: dict) -> str:
+    n = summary.get("train_only_users", 0)
+    return f"; {n} of the train users from --train-only-data" if n else ""
+
+
 def publish(result: TrainResult, ds: Dataset, cfg: TrainConfig, out: Path) -> Path:
     return save_artifact(
         result.model,
@@ -594,6 +599,7 @@ def publish(result: TrainResult, ds: Dataset, cfg: TrainConfig, out: Path) -> Pa
             "train_config": asdict(cfg),
             "history": _finite(result.history),
             "sources": ds.sources,
+            "train_only_sources": ds.train_only_sources,
         },
     )
 
@@ -702,6 +708,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "'all' (validation and test users' events train too where nothing trained on reaches the earliest judged "
         "period, as the engine scores users it was trained on; the judged positions are the same)",
     )
+    parser.add_argument(
+        "--train-only-data",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="more users who only train: their events before t_split train, they are never validated, tested or "
+        "calibrated on (another simulation's or period's users, in --format). Their ids are kept apart from --data's "
+        "(the simulator's repeat across seeds); --data alone sets the period, t_split and the split of its users, "
+        "so its judged positions are unchanged",
+    )
     parser.add_argument("--horizon-s", type=float, default=DataConfig().horizon_s, help="purchase label horizon")
     parser.add_argument("--churn-days", type=float, default=DataConfig().churn_days, help="churn label horizon")
     parser.add_argument(
@@ -779,13 +795,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     out = args.out or settings.model_dir
     t0 = time.perf_counter()
-    ds = load_dataset(args.data, data_cfg, args.format)
+    ds = load_dataset(args.data, data_cfg, args.format, args.train_only_data)
     load_s = time.perf_counter() - t0
     s = ds.summary()
     print(
         f"data: {s['events']} events, {s['users']} users, {s['days']} days; users train/val/test "
         f"{s['train']['users']}/{s['val']['users']}/{s['test']['users']} (the events of "
-        f"{s['train']['users_trained_on']} train); t_split at day "
+        f"{s['train']['users_trained_on']} train{_train_only_note(s)}); t_split at day "
         f"{(ds.t_split['purchase'] - ds.t_start) / 86_400_000:.1f} (purchase), "
         f"{(ds.t_split['churn'] - ds.t_start) / 86_400_000:.1f} (churn) ({load_s:.1f} s)"
     )
