@@ -26,6 +26,7 @@ from training.data import (
     DataConfig,
     as_train_only,
     build_dataset,
+    files_hash,
     load_dataset,
     make_chunks,
 )
@@ -141,7 +142,8 @@ def test_train_only_users_train_and_leave_the_main_split_and_judged_positions_un
     ds = load_dataset([main], config, train_only_paths=[other])
     n_main, n_other = base.n_users, len({e.user_id for e in later})
     assert {e.user_id for e in later} <= set(base.user_ids)  # the ids collide: user0, user1, ...
-    assert ds.n_users == n_main + n_other and ds.train_only_users == n_other
+    assert ds.n_users == n_main + n_other and ds.user_train_only is not None
+    assert ds.user_train_only.tolist() == [False] * n_main + [True] * n_other
     assert ds.user_ids[:n_main] == base.user_ids and np.array_equal(ds.user_split[:n_main], base.user_split)
     assert (
         all(u.startswith(TRAIN_ONLY_PREFIX) for u in ds.user_ids[n_main:]) and (ds.user_split[n_main:] == TRAIN).all()
@@ -163,7 +165,16 @@ def test_train_only_users_train_and_leave_the_main_split_and_judged_positions_un
         trains = ds.head_mask(TRAIN, head)
         assert np.array_equal(trains[:k], base.head_mask(TRAIN, head)) and trains[extra].any()
         assert (ds.records["ts"][trains & extra] < ds.t_split[head]).all()
-    assert ds.data_hash == base.data_hash and ds.summary()["train_only_sources"] == [str(other)]
+    assert ds.data_hash == base.data_hash and ds.summary()["train_only"]["sources"] == [str(other)]
+    assert 0 < ds.summary()["train_only"]["users_trained_on"] <= n_other
+    # A train-only file that stops before the main data's end has its labels and targets end where it does, as if
+    # loaded alone: a purchase or a return after its end is unknown, not absent.
+    early = write_jsonl_gz(tmp_path / "early.jsonl.gz", [e for e in later if e.ts < base.t_end - 3 * DAY_MS])
+    with_early, alone = load_dataset([main], config, train_only_paths=[early]), load_dataset([early], config)
+    assert with_early.train_only_end == alone.t_end < base.t_end
+    for got, want in ((with_early.purchase, alone.purchase), (with_early.churn, alone.churn),
+                      (next_event_targets(with_early)[0], next_event_targets(alone)[0])):  # fmt: skip
+        assert np.array_equal(got[k:], want, equal_nan=True)
     with pytest.raises(ValueError, match="only train-only events"):
         build_dataset(as_train_only(later), config, train_only_users={TRAIN_ONLY_PREFIX + e.user_id for e in later})
 
@@ -171,7 +182,8 @@ def test_train_only_users_train_and_leave_the_main_split_and_judged_positions_un
     rc = cli_main(["train", "--data", str(small), "--train-only-data", str(other), "--out", str(tmp_path / "m"),
                    "--epochs", "1", "--device", "cpu", "--quiet"])  # fmt: skip
     assert rc == 0 and f"{n_other} of the train users from --train-only-data" in capsys.readouterr().out
-    assert load_artifact(tmp_path / "m" / "v0001-gru").manifest["train_only_sources"] == [str(other)]
+    manifest = load_artifact(tmp_path / "m" / "v0001-gru").manifest
+    assert manifest["train_only_sources"] == [str(other)] and manifest["train_only_data_hash"] == files_hash([other])
 
 
 @pytest.mark.parametrize("session_gap_s", [1800.0, 3 * 3600.0])  # shorter and longer than the purchase horizon

@@ -12,9 +12,10 @@
   ``DataConfig.train_users = "all"`` the val/test users' events train too, where nothing they are trained on
   reaches the earliest t_split (``Dataset.head_mask``).
 - Train-only users (``load_dataset``'s ``train_only_paths``, ``intentstream train --train-only-data``): another
-  simulation's or period's users, whose events before t_split train and who are never validated or tested. Their
-  ids are namespaced, and the period, t_split and labels' end come from the main files alone, so the main users'
-  split and judged positions are those of the main files without them.
+  simulation's users, whose events before t_split train and who are never validated or tested. Their ids are
+  namespaced, and the period, t_split and labels' end come from the main files alone, so the main users' split and
+  judged positions are those of the main files without them. Their labels end where their own events do (at most
+  where the main files' do).
 - Censored labels (the horizon runs past the end of the data) are NaN and masked from losses and metrics.
 """
 
@@ -24,8 +25,7 @@ import argparse
 import functools
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -94,7 +94,16 @@ class Dataset:
     data_hash: str
     sources: list[str]
     train_only_sources: list[str] = field(default_factory=list)  # files whose users only train (``load_dataset``)
-    train_only_users: int = 0  # how many of the users are those (TRAIN whatever their hash)
+    train_only_hash: str = ""  # sha256 of those files (the manifest names them beside data_hash)
+    user_train_only: np.ndarray | None = None  # bool [U]: the users of those files (TRAIN whatever their hash)
+    train_only_end: int = 0  # where their labels end: their last event, at most t_end
+
+    def data_end(self) -> np.ndarray:
+        """int64 [N]: the end of the data each record's labels and targets may look to (t_end, or train_only_end)."""
+        end = np.full(len(self), self.t_end, dtype=np.int64)
+        if self.user_train_only is not None:
+            end[self.user_train_only[self.record_user]] = self.train_only_end
+        return end
 
     def __len__(self) -> int:
         return len(self.records)
@@ -157,9 +166,13 @@ class Dataset:
             "days": round((self.t_end - self.t_start) / DAY_MS, 3),
             "train_users": self.config.train_users,
         }
-        if self.train_only_users:
-            out["train_only_users"] = self.train_only_users
-            out["train_only_sources"] = list(self.train_only_sources)
+        if self.user_train_only is not None and self.user_train_only.any():
+            trained_on = np.unique(self.record_user[self.loss_mask(TRAIN)])
+            out["train_only"] = {
+                "users": int(self.user_train_only.sum()),
+                "users_trained_on": int(self.user_train_only[trained_on].sum()),
+                "sources": list(self.train_only_sources),
+            }
         for s, name in enumerate(SPLIT_NAMES):
             p = self.purchase[self.head_mask(s, "purchase")]
             c = self.churn[self.head_mask(s, "churn")]
@@ -312,8 +325,9 @@ def build_dataset(
     config: DataConfig,
     data_hash: str = "",
     sources: Sequence[str] = (),
-    train_only_users: AbstractSet[str] = frozenset(),
+    train_only_users: Container[str] = frozenset(),
     train_only_sources: Sequence[str] = (),
+    train_only_hash: str = "",
 ) -> Dataset:
     """The dataset of ``events``. ``train_only_users`` (ids among them) are TRAIN whatever their hash, and the period
     (t_start, t_end: the labels' end and t_split) is the other users' alone."""
@@ -331,7 +345,19 @@ def build_dataset(
     if not len(own_ts):
         raise ValueError("only train-only events: the main data files hold no event to split and judge")
     t_start, t_end = int(own_ts.min()), int(own_ts.max())
-    purchase, churn, order_value = make_labels(records, user_start, config, t_end)
+    # Each file set's labels end where its events do: train-only users after the main ones (load_dataset's order).
+    n_main = int((~extra).sum())
+    if extra[:n_main].any():
+        raise ValueError("the train-only users must come after the main users (load_dataset's order)")
+    k = int(user_start[n_main])
+    purchase, churn, order_value = make_labels(records[:k], user_start[: n_main + 1], config, t_end)
+    train_only_end = t_end
+    if k < len(records):
+        train_only_end = min(int(records["ts"][k:].max()), t_end)
+        labels = make_labels(records[k:], user_start[n_main:] - k, config, train_only_end)
+        purchase, churn, order_value = (
+            np.concatenate(pair) for pair in zip((purchase, churn, order_value), labels, strict=True)
+        )
     if not data_hash:
         data_hash = hashlib.sha256(records.tobytes()).hexdigest()
     split = user_split(user_ids, config)
@@ -356,7 +382,9 @@ def build_dataset(
         data_hash=data_hash,
         sources=list(sources),
         train_only_sources=list(train_only_sources),
-        train_only_users=int(extra.sum()),
+        train_only_hash=train_only_hash,
+        user_train_only=extra,
+        train_only_end=train_only_end,
     )
 
 
@@ -366,9 +394,13 @@ TRAIN_ONLY_PREFIX = "train-only:"
 def as_train_only(events: Iterable[Event]) -> list[Event]:
     """Events of train-only users with every id namespaced: a user of another simulation or period is never taken
     for a main user of the same id (the simulator's ids repeat across seeds), nor its events for duplicates."""
-    p = TRAIN_ONLY_PREFIX
     return [
-        replace(e, event_id=p + e.event_id, user_id=p + e.user_id, session_id=e.session_id and p + e.session_id)
+        replace(
+            e,
+            event_id=TRAIN_ONLY_PREFIX + e.event_id,
+            user_id=TRAIN_ONLY_PREFIX + e.user_id,
+            session_id=e.session_id and TRAIN_ONLY_PREFIX + e.session_id,
+        )
         for e in events
     ]
 
@@ -376,8 +408,9 @@ def as_train_only(events: Iterable[Event]) -> list[Event]:
 def load_dataset(
     paths: Sequence[Path | str], config: DataConfig, fmt: str = "auto", train_only_paths: Sequence[Path | str] = ()
 ) -> Dataset:
-    """The dataset of ``paths``; the users of ``train_only_paths`` only train (``build_dataset``). The data hash is
-    the main files' (evaluate compares it with the model's), the train-only files are in ``train_only_sources``."""
+    """The dataset of ``paths``; the users of ``train_only_paths`` only train (``build_dataset``). Those files form one
+    set of users, as the main files do. The data hash is the main files' (evaluate compares it with the model's); the
+    train-only files have their own."""
     events = read_events(paths, fmt)
     extra = as_train_only(read_events(train_only_paths, fmt)) if train_only_paths else []
     return build_dataset(
@@ -387,6 +420,7 @@ def load_dataset(
         sources=[str(p) for p in paths],
         train_only_users={e.user_id for e in extra},
         train_only_sources=[str(p) for p in train_only_paths],
+        train_only_hash=files_hash(train_only_paths) if train_only_paths else "",
     )
 
 

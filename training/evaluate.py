@@ -366,6 +366,11 @@ def _notes(ds: Dataset, models: list[LoadedModel], report: dict, heads: tuple[st
             "the test period is a few hours."
         )
     for m in models:
+        if m.manifest.get("train_only_sources"):
+            notes.append(
+                f"{m.path.name} also trained on other users (--train-only-data {' '.join(m.manifest['train_only_sources'])}): "
+                "the baselines here are fitted without them, so part of its lead may be that data."
+            )
         if m.manifest.get("data_hash") != ds.data_hash:
             notes.append(
                 f"{m.path.name} was trained on other data (data_hash {str(m.manifest.get('data_hash'))[:12]}…): all of "

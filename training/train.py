@@ -201,7 +201,7 @@ def next_event_targets(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     has_next[:-1] = np.diff(ds.record_user) == 0
     session_end = ds.session_end()
     next_type = np.append(rec["type"][1:], 0).astype(np.int64)
-    data_outlasts = ds.t_end >= session_deadline(rec["ts"].astype(np.int64), ds.config.featurizer.session_gap_ms)
+    data_outlasts = ds.data_end() >= session_deadline(rec["ts"].astype(np.int64), ds.config.featurizer.session_gap_ms)
     ended = session_end & (has_next | data_outlasts)
     move = np.where(ended, N_TYPES, np.where(has_next & ~session_end, next_type, -1))
     gap = np.where(has_next & ~session_end, np.log1p(np.append(rec["gap_s"][1:], 0).astype(np.float64)), np.nan)
@@ -579,8 +579,12 @@ def train_ensemble(ds: Dataset, cfg: TrainConfig, progress: bool = True) -> Trai
 
 
 def _train_only_note(summary: dict) -> str:
-    n = summary.get("train_only_users", 0)
-    return f"; {n} of the train users from --train-only-data" if n else ""
+    extra = summary.get("train_only")
+    if not extra:
+        return ""
+    return (
+        f"; {extra['users']} of the train users from --train-only-data, {extra['users_trained_on']} of them trained on"
+    )
 
 
 def publish(result: TrainResult, ds: Dataset, cfg: TrainConfig, out: Path) -> Path:
@@ -600,6 +604,7 @@ def publish(result: TrainResult, ds: Dataset, cfg: TrainConfig, out: Path) -> Pa
             "history": _finite(result.history),
             "sources": ds.sources,
             "train_only_sources": ds.train_only_sources,
+            "train_only_data_hash": ds.train_only_hash,
         },
     )
 
@@ -714,9 +719,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="FILE",
         help="more users who only train: their events before t_split train, they are never validated, tested or "
-        "calibrated on (another simulation's or period's users, in --format). Their ids are kept apart from --data's "
-        "(the simulator's repeat across seeds); --data alone sets the period, t_split and the split of its users, "
-        "so its judged positions are unchanged",
+        "calibrated on (e.g. another simulation's users, in --format; the files form one set of users). Their ids are "
+        "kept apart from --data's (the simulator's repeat across seeds); --data alone sets the period, t_split and the "
+        "split of its users, so its judged positions are unchanged",
     )
     parser.add_argument("--horizon-s", type=float, default=DataConfig().horizon_s, help="purchase label horizon")
     parser.add_argument("--churn-days", type=float, default=DataConfig().churn_days, help="churn label horizon")
@@ -795,7 +800,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     out = args.out or settings.model_dir
     t0 = time.perf_counter()
-    ds = load_dataset(args.data, data_cfg, args.format, args.train_only_data)
+    try:
+        ds = load_dataset(args.data, data_cfg, args.format, args.train_only_data)
+    except ValueError as exc:  # e.g. no events in the files
+        print(f"intentstream train: {exc}")
+        return 2
     load_s = time.perf_counter() - t0
     s = ds.summary()
     print(
