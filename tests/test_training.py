@@ -184,6 +184,11 @@ def test_train_only_users_train_and_leave_the_main_split_and_judged_positions_un
     assert rc == 0 and f"{n_other} of the train users from --train-only-data" in capsys.readouterr().out
     manifest = load_artifact(tmp_path / "m" / "v0001-gru").manifest
     assert manifest["train_only_sources"] == [str(other)] and manifest["train_only_data_hash"] == files_hash([other])
+    # evaluate fits its baselines on --data alone, and says that the model had more users
+    assert cli_main(["evaluate", "--model", str(tmp_path / "m"), "--data", str(small), "--out", str(tmp_path / "r"),
+                     "--quiet"]) == 0  # fmt: skip
+    notes = json.loads((tmp_path / "r" / "report.json").read_text())["notes"]
+    assert any(f"also trained on other users (--train-only-data {other})" in n for n in notes)
 
 
 @pytest.mark.parametrize("session_gap_s", [1800.0, 3 * 3600.0])  # shorter and longer than the purchase horizon
