@@ -13,9 +13,9 @@
   reaches the earliest t_split (``Dataset.head_mask``).
 - Train-only users (``load_dataset``'s ``train_only_paths``, ``intentstream train --train-only-data``): another
   simulation's users, whose events before t_split train and who are never validated or tested. Their ids are
-  namespaced, and the period, t_split and labels' end come from the main files alone, so the main users' split and
-  judged positions are those of the main files without them. Their labels end where their own events do (at most
-  where the main files' do).
+  namespaced, and the period and t_split come from the main files alone, so the main users' split, labels and judged
+  positions are those of the main files without them. Their own labels end where their events do (at most where the
+  main files' do).
 - Censored labels (the horizon runs past the end of the data) are NaN and masked from losses and metrics.
 """
 
@@ -85,6 +85,7 @@ class Dataset:
     user_ids: list[str]  # [U] in first-seen order
     user_start: np.ndarray  # int64 [U + 1]: records of user u are user_start[u]:user_start[u + 1]
     user_split: np.ndarray  # uint8 [U]: TRAIN, VAL or TEST
+    user_train_only: np.ndarray  # bool [U]: users of train-only files (``load_dataset``), TRAIN whatever their hash
     purchase: np.ndarray  # float32 [N]: 1/0, NaN when censored
     churn: np.ndarray  # float32 [N]: 1/0, NaN when censored
     order_value: np.ndarray  # float32 [N]: value of the next purchase within the horizon, NaN when none
@@ -95,15 +96,11 @@ class Dataset:
     sources: list[str]
     train_only_sources: list[str] = field(default_factory=list)  # files whose users only train (``load_dataset``)
     train_only_hash: str = ""  # sha256 of those files (the manifest names them beside data_hash)
-    user_train_only: np.ndarray | None = None  # bool [U]: the users of those files (TRAIN whatever their hash)
     train_only_end: int = 0  # where their labels end: their last event, at most t_end
 
     def data_end(self) -> np.ndarray:
         """int64 [N]: the end of the data each record's labels and targets may look to (t_end, or train_only_end)."""
-        end = np.full(len(self), self.t_end, dtype=np.int64)
-        if self.user_train_only is not None:
-            end[self.user_train_only[self.record_user]] = self.train_only_end
-        return end
+        return np.where(self.user_train_only[self.record_user], self.train_only_end, self.t_end).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -166,8 +163,8 @@ class Dataset:
             "days": round((self.t_end - self.t_start) / DAY_MS, 3),
             "train_users": self.config.train_users,
         }
-        if self.user_train_only is not None and self.user_train_only.any():
-            trained_on = np.unique(self.record_user[self.loss_mask(TRAIN)])
+        trained_on = np.unique(self.record_user[self.loss_mask(TRAIN)])
+        if self.user_train_only.any():
             out["train_only"] = {
                 "users": int(self.user_train_only.sum()),
                 "users_trained_on": int(self.user_train_only[trained_on].sum()),
@@ -187,7 +184,7 @@ class Dataset:
                 "churn_base_rate": _rate(c),
             }
         # Whose events train: the train users, or (train_users "all") every user with a position before t_split.
-        out["train"]["users_trained_on"] = int(np.unique(self.record_user[self.loss_mask(TRAIN)]).size)
+        out["train"]["users_trained_on"] = int(trained_on.size)
         return out
 
 
@@ -370,6 +367,7 @@ def build_dataset(
         user_ids=user_ids,
         user_start=user_start,
         user_split=split,
+        user_train_only=extra,
         purchase=purchase,
         churn=churn,
         order_value=order_value,
@@ -383,7 +381,6 @@ def build_dataset(
         sources=list(sources),
         train_only_sources=list(train_only_sources),
         train_only_hash=train_only_hash,
-        user_train_only=extra,
         train_only_end=train_only_end,
     )
 
